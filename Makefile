@@ -1,0 +1,55 @@
+# Everything installs idempotently, as root, on a fresh Debian 12 machine.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+KREL := $(shell uname -r)
+DEB_PACKAGES := bpfcc-tools python3-bpfcc linux-headers-amd64 redis-server redis-tools \
+	memcached prometheus iproute2 strace python3-venv python3-pyverbs rdma-core ibverbs-utils
+
+.PHONY: setup demo test lint bench clean-setup
+
+setup: $(VENV)/.installed kernel-headers tracefs
+
+/var/lib/apt/.supervise-packages:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@systemctl disable --now redis-server memcached prometheus >/dev/null 2>&1 || true
+	@touch $@
+
+# Kernels without a headers package borrow Debian's generic tree: build -> *-amd64, source -> *-common.
+.PHONY: kernel-headers
+kernel-headers: /var/lib/apt/.supervise-packages
+	@if [ ! -e /lib/modules/$(KREL)/build/include ]; then \
+		amd=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
+		common=$$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -1); \
+		echo "kernel headers: borrowing $$amd for $(KREL)"; \
+		mkdir -p /lib/modules/$(KREL); \
+		ln -sfn $$amd /lib/modules/$(KREL)/build; \
+		ln -sfn $$common /lib/modules/$(KREL)/source; \
+	fi
+
+.PHONY: tracefs
+tracefs:
+	@mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
+
+$(VENV)/.installed: pyproject.toml /var/lib/apt/.supervise-packages
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+demo: setup
+	@$(VENV)/bin/supervise demo
+
+test: setup
+	@$(VENV)/bin/ruff check .
+	@$(PY) -m pytest -q tests
+
+lint: setup
+	@$(VENV)/bin/ruff check .
+
+bench: setup
+	@for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
