@@ -1,0 +1,150 @@
+"""The replica's log: segment files plus a bounded cache of recent entries, and the promise file.
+
+Thread-safety: every method takes the store's own lock, so the leader can fsync (``sync``) outside
+the consensus lock while other threads keep reading; appends wait for the fsync (group commit).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+from consensus.codec import Entry
+from consensus.segments import SegmentCorruptError, SegmentLog
+
+_PROMISE = struct.Struct("<QI")
+
+
+class LogStore:
+    def __init__(self, directory: Path, fsync: bool, cache_bytes: int = 16 << 20,
+                 segment_bytes: int = 64 << 20) -> None:
+        self.dir = Path(directory)
+        self.fsync = fsync
+        self._lock = threading.RLock()
+        self.seg = SegmentLog(self.dir / "log", fsync=fsync, segment_bytes=segment_bytes)
+        self._cache: dict[int, Entry] = {}
+        self._cache_first = self.seg.last_index + 1
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self.last_index = self.seg.last_index
+        self.last_ballot = self.seg.last_ballot
+        self.durable_index = self.last_index
+        self.promised = self._load_promise()
+
+    # ---- promise ------------------------------------------------------------------------------
+    def _load_promise(self) -> int:
+        path = self.dir / "promise"
+        if not path.exists():
+            return 0
+        data = path.read_bytes()
+        if len(data) != _PROMISE.size:
+            raise SegmentCorruptError(path, 0, f"promise file has {len(data)} bytes, not {_PROMISE.size}")
+        ballot, crc = _PROMISE.unpack(data)
+        if zlib.crc32(data[:8]) != crc:
+            raise SegmentCorruptError(path, 0, "promise checksum mismatch")
+        return ballot
+
+    def save_promise(self, ballot: int) -> None:
+        """Persist the promised ballot before it is acted on (atomic rename)."""
+        path = self.dir / "promise"
+        tmp = self.dir / "promise.tmp"
+        body = struct.pack("<Q", ballot)
+        data = body + struct.pack("<I", zlib.crc32(body))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if self.fsync:
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        self.promised = ballot
+
+    # ---- log ----------------------------------------------------------------------------------
+    def ballot_at(self, index: int) -> int:
+        if index <= 0:
+            return 0
+        with self._lock:
+            e = self._cache.get(index)
+            return e.ballot if e is not None else self.seg.ballot_at(index)
+
+    def first_index_of_ballot(self, index: int) -> int:
+        with self._lock:
+            return self.seg.first_index_of_ballot(index)
+
+    def append(self, entries: list[Entry]) -> None:
+        with self._lock:
+            self.seg.append(entries)
+            for e in entries:
+                self._cache[e.index] = e
+                self._cache_bytes += len(e.payload) + 64
+            self.last_index = entries[-1].index
+            self.last_ballot = entries[-1].ballot
+            if not self.fsync:
+                self.durable_index = self.last_index
+            while self._cache_bytes > self._cache_limit and self._cache_first <= self.last_index:
+                old = self._cache.pop(self._cache_first, None)
+                if old is not None:
+                    self._cache_bytes -= len(old.payload) + 64
+                self._cache_first += 1
+
+    def sync(self) -> int:
+        """Make everything appended so far durable; return the durable index."""
+        with self._lock:
+            target = self.last_index
+            self.seg.sync()
+            self.durable_index = target
+            return self.durable_index
+
+    def truncate_from(self, index: int) -> None:
+        with self._lock:
+            self.seg.truncate_from(index)
+            for i in range(index, self.last_index + 1):
+                old = self._cache.pop(i, None)
+                if old is not None:
+                    self._cache_bytes -= len(old.payload) + 64
+            self.last_index = self.seg.last_index
+            self.last_ballot = self.seg.last_ballot
+            self._cache_first = min(self._cache_first, self.last_index + 1)
+            self.durable_index = min(self.durable_index, self.last_index)
+
+    def entry(self, index: int) -> Entry | None:
+        with self._lock:
+            e = self._cache.get(index)
+            if e is not None:
+                return e
+            if index > self.last_index or index < 1:
+                return None
+            got = self.seg.read_range(index, index)
+            return got[0] if got else None
+
+    def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        """Entries lo..hi (inclusive), at least one if any exist, at most ~max_bytes of payload."""
+        with self._lock:
+            hi = min(hi, self.last_index)
+            out: list[Entry] = []
+            if lo > hi:
+                return out
+            if lo >= self._cache_first:
+                total = 0
+                for i in range(lo, hi + 1):
+                    e = self._cache[i]
+                    out.append(e)
+                    total += len(e.payload) + 48
+                    if total >= max_bytes:
+                        break
+                return out
+            return self.seg.read_range(lo, hi, max_bytes)
+
+    def close(self) -> None:
+        with self._lock:
+            self.seg.close()
