@@ -1,0 +1,325 @@
+// Socket syscall capture and gating for supervised processes.
+//
+// Loaded by tracer/probes.py with bcc. SNAPLEN (bytes of payload copied into each event) is
+// passed as a -D flag. Only syscall tracepoint arguments and user memory are read: no kernel
+// structs, so borrowed kernel headers cannot skew offsets.
+
+#include <uapi/linux/ptrace.h>
+
+#ifndef SNAPLEN
+#define SNAPLEN 4096
+#endif
+
+#define MODE_OBSERVE 1
+#define MODE_GATE 2
+
+#define SOCK_LISTEN 1
+#define SOCK_CONN 2
+
+#define DIR_IN 0
+#define DIR_OUT 1
+#define DIR_CTL 2
+
+#define SIGSTOP_NR 19
+#define MSG_PEEK_FLAG 2
+#define ECONNRESET_NR 104
+#define ETIMEDOUT_NR 110
+
+enum call {
+    C_ACCEPT = 1, C_ACCEPT4, C_READ, C_READV, C_RECVFROM, C_RECVMSG,
+    C_WRITE, C_WRITEV, C_SENDTO, C_SENDMSG, C_SENDFILE,
+    C_CLOSE, C_SHUTDOWN, C_DUP, C_DUP2, C_DUP3, C_LISTEN,
+};
+
+struct sock_key {
+    u32 tgid;
+    s32 fd;
+};
+
+struct sock_val {
+    u64 conn;
+    u32 kind;
+    u32 pad;
+};
+
+struct saved_args {
+    u32 call;
+    s32 fd;
+    u64 buf;      // flat buffer, iovec array, msghdr or sockaddr, depending on call
+    u64 count;    // buffer length or iovec count
+    u64 addrlen;  // accept: user pointer to the address length
+    u32 flags;
+    u32 pad;
+};
+
+struct event {
+    u64 ts_ns;
+    u64 seq;
+    u64 conn;
+    s64 ret;
+    u64 buf;
+    u64 count;
+    u32 tgid;
+    u32 tid;
+    u32 call;
+    s32 fd;
+    u32 data_len;
+    u8 dir;
+    u8 gated;
+    u8 input;
+    u8 peer_len;
+    u8 peer[28];   // struct sockaddr_in / sockaddr_in6 as returned by accept
+    u8 data[SNAPLEN];
+};
+
+BPF_HASH(tgids, u32, u32, 1024);                 // supervised tgid -> mode
+BPF_HASH(tids, u32, u8, 65536);                  // seized thread ids (gating applies only to these)
+BPF_HASH(socks, struct sock_key, struct sock_val, 65536);
+BPF_HASH(args, u32, struct saved_args, 65536);   // tid -> arguments saved at syscall entry
+BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2: lost events
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline u64 next_counter(u32 idx) {
+    u64 *v = counters.lookup(&idx);
+    if (!v)
+        return 0;
+    return __sync_fetch_and_add(v, 1) + 1;
+}
+
+static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrlen, u32 flags) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u32 tid = (u32)id;
+    if (!tgids.lookup(&tgid))
+        return 0;
+    struct sock_key key = {.tgid = tgid, .fd = fd};
+    struct sock_val *sv = socks.lookup(&key);
+    if (!sv)
+        return 0;
+    if ((call == C_ACCEPT || call == C_ACCEPT4) && sv->kind != SOCK_LISTEN)
+        return 0;
+    struct saved_args a = {.call = call, .fd = fd, .buf = buf, .count = count,
+                           .addrlen = addrlen, .flags = flags};
+    args.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int save_untracked(u32 call, s32 fd, u64 count) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u32 tid = (u32)id;
+    if (!tgids.lookup(&tgid))
+        return 0;
+    struct saved_args a = {.call = call, .fd = fd, .count = count};
+    args.update(&tid, &a);
+    return 0;
+}
+
+// First user buffer of the call: flat buffer, iovec[0] or msghdr->msg_iov[0].
+static __always_inline void first_buffer(struct saved_args *a, u64 *base, u64 *len) {
+    u64 iov[2] = {0, 0};
+    u64 msg_iov = 0;
+    switch (a->call) {
+    case C_READ: case C_RECVFROM: case C_WRITE: case C_SENDTO:
+        *base = a->buf;
+        *len = a->count;
+        return;
+    case C_READV: case C_WRITEV:
+        if (a->count == 0)
+            break;
+        bpf_probe_read_user(iov, sizeof(iov), (void *)a->buf);
+        *base = iov[0];
+        *len = iov[1];
+        return;
+    case C_RECVMSG: case C_SENDMSG:
+        bpf_probe_read_user(&msg_iov, sizeof(msg_iov), (void *)(a->buf + 16));
+        if (!msg_iov)
+            break;
+        bpf_probe_read_user(iov, sizeof(iov), (void *)msg_iov);
+        *base = iov[0];
+        *len = iov[1];
+        return;
+    }
+    *base = 0;
+    *len = 0;
+}
+
+static __always_inline int finish(s64 ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u32 tid = (u32)id;
+    struct saved_args *a = args.lookup(&tid);
+    if (!a)
+        return 0;
+    u32 call = a->call;
+    struct sock_key key = {.tgid = tgid, .fd = a->fd};
+    struct sock_val *sv = socks.lookup(&key);
+    u64 conn = sv ? sv->conn : 0;
+    u8 dir = DIR_CTL;
+    u8 input = 0;
+    s32 fd = a->fd;
+
+    switch (call) {
+    case C_ACCEPT: case C_ACCEPT4: {
+        if (ret < 0)
+            goto out;
+        struct sock_key nk = {.tgid = tgid, .fd = (s32)ret};
+        struct sock_val nv = {.conn = next_counter(1), .kind = SOCK_CONN};
+        socks.update(&nk, &nv);
+        conn = nv.conn;
+        input = 1;
+        break;
+    }
+    case C_LISTEN: {
+        if (ret != 0)
+            goto out;
+        struct sock_val lv = {.conn = 0, .kind = SOCK_LISTEN};
+        socks.update(&key, &lv);
+        break;
+    }
+    case C_READ: case C_READV: case C_RECVFROM: case C_RECVMSG:
+        if (!sv || sv->kind != SOCK_CONN)
+            goto out;
+        if (ret < 0 && ret != -ECONNRESET_NR && ret != -ETIMEDOUT_NR)
+            goto out;
+        dir = DIR_IN;
+        input = (a->flags & MSG_PEEK_FLAG) ? 0 : 1;
+        break;
+    case C_WRITE: case C_WRITEV: case C_SENDTO: case C_SENDMSG: case C_SENDFILE:
+        if (!sv || sv->kind != SOCK_CONN || ret <= 0)
+            goto out;
+        dir = DIR_OUT;
+        break;
+    case C_CLOSE:
+        if (!sv || ret != 0)
+            goto out;
+        socks.delete(&key);
+        break;
+    case C_SHUTDOWN:
+        if (!sv)
+            goto out;
+        break;
+    case C_DUP: case C_DUP2: case C_DUP3: {
+        if (!sv || ret < 0 || ret == a->fd)
+            goto out;
+        struct sock_key dk = {.tgid = tgid, .fd = (s32)ret};
+        struct sock_val dv = *sv;
+        socks.update(&dk, &dv);
+        fd = (s32)ret;
+        break;
+    }
+    default:
+        goto out;
+    }
+
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        next_counter(2);
+        goto out;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->seq = next_counter(0);
+    e->conn = conn;
+    e->ret = ret;
+    e->buf = a->buf;
+    e->count = a->count;
+    e->tgid = tgid;
+    e->tid = tid;
+    e->call = call;
+    e->fd = fd;
+    e->dir = dir;
+    e->input = input;
+    e->gated = 0;
+    e->peer_len = 0;
+    e->data_len = 0;
+
+    if ((call == C_ACCEPT || call == C_ACCEPT4) && a->buf) {
+        bpf_probe_read_user(e->peer, sizeof(e->peer), (void *)a->buf);
+        e->peer_len = sizeof(e->peer);
+    }
+    if ((dir == DIR_IN || dir == DIR_OUT) && ret > 0) {
+        u64 base = 0, len = 0;
+        first_buffer(a, &base, &len);
+        u64 n = (u64)ret < len ? (u64)ret : len;
+        if (n > SNAPLEN)
+            n = SNAPLEN;
+        if (base && n > 0 && n <= SNAPLEN) {
+            if (bpf_probe_read_user(e->data, n, (void *)base) == 0)
+                e->data_len = n;
+        }
+    }
+
+    if (input) {
+        u32 *mode = tgids.lookup(&tgid);
+        if (mode && *mode == MODE_GATE && tids.lookup(&tid)) {
+            e->gated = 1;
+            bpf_send_signal_thread(SIGSTOP_NR);
+        }
+    }
+    events.ringbuf_submit(e, 0);
+out:
+    args.delete(&tid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) {
+    return save(C_ACCEPT, args->fd, (u64)args->upeer_sockaddr, 0, (u64)args->upeer_addrlen, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) {
+    return save(C_ACCEPT4, args->fd, (u64)args->upeer_sockaddr, 0, (u64)args->upeer_addrlen, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_listen) { return save_untracked(C_LISTEN, args->fd, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_listen) { return finish(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) {
+    return save(C_READ, args->fd, (u64)args->buf, args->count, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) {
+    return save(C_READV, args->fd, (u64)args->vec, args->vlen, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) {
+    return save(C_RECVFROM, args->fd, (u64)args->ubuf, args->size, 0, args->flags);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) {
+    return save(C_RECVMSG, args->fd, (u64)args->msg, 0, 0, args->flags);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) {
+    return save(C_WRITE, args->fd, (u64)args->buf, args->count, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) {
+    return save(C_WRITEV, args->fd, (u64)args->vec, args->vlen, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) {
+    return save(C_SENDTO, args->fd, (u64)args->buff, args->len, 0, args->flags);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
+    return save(C_SENDMSG, args->fd, (u64)args->msg, 0, 0, args->flags);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) {
+    return save(C_SENDFILE, args->out_fd, 0, args->count, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return finish(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) { return save(C_CLOSE, args->fd, 0, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_close) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_shutdown) {
+    return save(C_SHUTDOWN, args->fd, 0, args->how, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_shutdown) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup) { return save(C_DUP, args->fildes, 0, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return save(C_DUP2, args->oldfd, 0, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup2) { return finish(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return save(C_DUP3, args->oldfd, 0, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { return finish(args->ret); }

@@ -1,0 +1,122 @@
+"""Socket events as the tracer hands them to its caller."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Call(IntEnum):
+    """Syscall ids shared with tracer/bpf/sockets.c (enum call)."""
+
+    ACCEPT = 1
+    ACCEPT4 = 2
+    READ = 3
+    READV = 4
+    RECVFROM = 5
+    RECVMSG = 6
+    WRITE = 7
+    WRITEV = 8
+    SENDTO = 9
+    SENDMSG = 10
+    SENDFILE = 11
+    CLOSE = 12
+    SHUTDOWN = 13
+    DUP = 14
+    DUP2 = 15
+    DUP3 = 16
+    LISTEN = 17
+
+    @property
+    def syscall(self) -> str:
+        return "sendfile" if self is Call.SENDFILE else self.name.lower()
+
+
+ACCEPTS = frozenset({Call.ACCEPT, Call.ACCEPT4})
+READS = frozenset({Call.READ, Call.READV, Call.RECVFROM, Call.RECVMSG})
+VECTORED = frozenset({Call.READV, Call.WRITEV})
+MSGHDR = frozenset({Call.RECVMSG, Call.SENDMSG})
+
+
+class Direction(IntEnum):
+    IN = 0
+    OUT = 1
+    CTL = 2
+
+    @property
+    def label(self) -> str:
+        return ("in", "out", "ctl")[self]
+
+
+@dataclass(eq=False)
+class SocketEvent:
+    """One socket syscall of a supervised process, as it returned in the kernel.
+
+    ``input`` events (accept, read with data, EOF or reset) are the ones that replication must
+    agree on; in gate mode their thread is held until ``Tracer.release`` is called.
+    ``data`` holds the payload: whole for held inputs, up to the snap length otherwise.
+    """
+
+    seq: int
+    t: float
+    pid: int
+    tid: int
+    call: Call
+    fd: int
+    ret: int
+    conn: int
+    dir: Direction
+    input: bool
+    gated: bool
+    data: bytes = b""
+    peer: str | None = None
+    escaped: bool = False
+    released: bool = field(default=False, repr=False)
+    buf: int = field(default=0, repr=False)
+    count: int = field(default=0, repr=False)
+
+    @property
+    def is_eof(self) -> bool:
+        """The peer closed (read returned 0) or reset the connection."""
+        return self.call in READS and self.ret <= 0
+
+    def to_json(self) -> dict:
+        import base64
+
+        doc = {
+            "t": round(self.t, 6),
+            "pid": self.pid,
+            "tid": self.tid,
+            "call": self.call.syscall,
+            "fd": self.fd,
+            "ret": self.ret,
+            "conn": self.conn,
+            "peer": self.peer,
+            "dir": self.dir.label,
+        }
+        if self.data:
+            doc["data"] = base64.b64encode(self.data).decode()
+        if self.gated:
+            doc["gated"] = True
+        if self.escaped:
+            doc["escaped"] = True
+        return doc
+
+
+def format_sockaddr(raw: bytes) -> str | None:
+    """``ip:port`` from a struct sockaddr_in / sockaddr_in6 as accept() wrote it."""
+    if len(raw) < 8:
+        return None
+    family = struct.unpack_from("=H", raw)[0]
+    port = struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return f"{socket.inet_ntoa(raw[4:8])}:{port}"
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        addr = ipaddress.IPv6Address(raw[8:24])
+        if addr.ipv4_mapped:
+            return f"{addr.ipv4_mapped}:{port}"
+        return f"[{addr}]:{port}"
+    return None

@@ -1,0 +1,157 @@
+"""The eBPF side of the tracer: loads tracer/bpf/sockets.c with bcc and manages its maps."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+BPF_SOURCE = Path(__file__).with_name("bpf") / "sockets.c"
+MODE_OBSERVE = 1
+MODE_GATE = 2
+SOCK_LISTEN = 1
+SOCK_CONN = 2
+BPF_NOEXIST = 1
+PREFILL_CONN_BASE = 1 << 40
+MAX_SNAPLEN = 65536
+RINGBUF_PAGES = 4096  # 16 MiB
+
+
+class ProbeError(Exception):
+    """The eBPF programs could not be compiled or attached."""
+
+
+def event_struct(snaplen: int) -> type[ctypes.Structure]:
+    class RawEvent(ctypes.Structure):
+        _fields_ = [
+            ("ts_ns", ctypes.c_uint64),
+            ("seq", ctypes.c_uint64),
+            ("conn", ctypes.c_uint64),
+            ("ret", ctypes.c_int64),
+            ("buf", ctypes.c_uint64),
+            ("count", ctypes.c_uint64),
+            ("tgid", ctypes.c_uint32),
+            ("tid", ctypes.c_uint32),
+            ("call", ctypes.c_uint32),
+            ("fd", ctypes.c_int32),
+            ("data_len", ctypes.c_uint32),
+            ("dir", ctypes.c_uint8),
+            ("gated", ctypes.c_uint8),
+            ("input", ctypes.c_uint8),
+            ("peer_len", ctypes.c_uint8),
+            ("peer", ctypes.c_uint8 * 28),
+            ("data", ctypes.c_uint8 * snaplen),
+        ]
+
+    return RawEvent
+
+
+class Probes:
+    """Compiled and attached socket probes with their maps.
+
+    bcc attaches every ``TRACEPOINT_PROBE`` when the program loads; closing detaches them.
+    """
+
+    def __init__(self, snaplen: int = 4096) -> None:
+        if not 1 <= snaplen <= MAX_SNAPLEN:
+            raise ValueError(f"snap length must be 1..{MAX_SNAPLEN}, not {snaplen}")
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise ProbeError(f"bcc is not importable ({exc}); run 'supervise doctor'") from None
+        cflags = [f"-DSNAPLEN={snaplen}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", "-w"]
+        try:
+            self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
+        except Exception as exc:
+            raise ProbeError(
+                f"could not compile or load {BPF_SOURCE.name}: {exc}; run 'supervise doctor'"
+            ) from None
+        self.snaplen = snaplen
+        self.RawEvent = event_struct(snaplen)
+        self.tgids = self.bpf["tgids"]
+        self.tids = self.bpf["tids"]
+        self.socks = self.bpf["socks"]
+        self.counters = self.bpf["counters"]
+        self._prefill_next = PREFILL_CONN_BASE + 1
+
+    def open_events(self, callback: Callable[[ctypes.Structure], None]) -> int:
+        """Route ring-buffer records to ``callback``; returns an fd that polls readable when
+        records are waiting."""
+        raw_type = ctypes.POINTER(self.RawEvent)
+
+        def on_record(_ctx: object, data: int, _size: int) -> int:
+            callback(ctypes.cast(data, raw_type).contents)
+            return 0
+
+        self.bpf["events"].open_ring_buffer(on_record)
+        libbpf = ctypes.CDLL("libbpf.so.1")
+        libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
+        libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
+        return libbpf.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
+
+    def consume(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    def supervise_tgid(self, tgid: int, mode: int) -> None:
+        self.tgids[ctypes.c_uint32(tgid)] = ctypes.c_uint32(mode)
+
+    def forget_tgid(self, tgid: int) -> None:
+        self.tgids.pop(ctypes.c_uint32(tgid), None)
+        for key in [k for k in self.socks.keys() if k.tgid == tgid]:
+            self.socks.pop(key, None)
+
+    def trace_tid(self, tid: int) -> None:
+        self.tids[ctypes.c_uint32(tid)] = ctypes.c_uint8(1)
+
+    def untrace_tid(self, tid: int) -> None:
+        self.tids.pop(ctypes.c_uint32(tid), None)
+
+    def add_socket(self, tgid: int, fd: int, kind: int) -> int:
+        """Track an fd found at attach time unless the probes already track it; returns its
+        conn id (0 for listeners)."""
+        from bcc import libbcc
+
+        key = self.socks.Key(tgid, fd)
+        conn = 0 if kind == SOCK_LISTEN else self._prefill_next
+        leaf = self.socks.Leaf(conn, kind, 0)
+        rc = libbcc.lib.bpf_update_elem(
+            self.socks.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_NOEXIST
+        )
+        if rc == 0:
+            if kind == SOCK_CONN:
+                self._prefill_next += 1
+            return conn
+        existing = self.socks.get(key)
+        return existing.conn if existing is not None else 0
+
+    def copy_sockets(self, from_tgid: int, to_tgid: int) -> None:
+        """A forked child holds its parent's sockets under the same conn ids."""
+        for fd, (conn, kind) in self.sockets_of(from_tgid).items():
+            self.socks[self.socks.Key(to_tgid, fd)] = self.socks.Leaf(conn, kind, 0)
+
+    def drop_socket(self, tgid: int, fd: int) -> None:
+        self.socks.pop(self.socks.Key(tgid, fd), None)
+
+    def sockets_of(self, tgid: int) -> dict[int, tuple[int, int]]:
+        """fd -> (conn, kind) for a tgid."""
+        return {k.fd: (v.conn, v.kind) for k, v in self.socks.items() if k.tgid == tgid}
+
+    def lost_events(self) -> int:
+        return int(self.counters[ctypes.c_int(2)].value)
+
+    def close(self) -> None:
+        for table in (self.tgids, self.tids):
+            table.clear()
+        self.bpf.cleanup()
+
+
+def bpf_available() -> tuple[bool, str]:
+    """Whether the probes compile and load here (used by the doctor)."""
+    if os.geteuid() != 0:
+        return False, "not root"
+    try:
+        Probes(snaplen=64).close()
+    except ProbeError as exc:
+        return False, str(exc)
+    return True, "compiled and attached"

@@ -1,0 +1,142 @@
+"""What /proc says about a process: threads, socket fds, TCP state, tracer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+PF_KTHREAD = 0x00200000
+TCP_ESTABLISHED = 1
+TCP_LISTEN = 10
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    inode: int
+    local: str
+    remote: str
+    state: int
+
+
+def exists(pid: int) -> bool:
+    return os.path.isdir(f"/proc/{pid}")
+
+
+def is_kernel_thread(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return bool(int(fields[6]) & PF_KTHREAD)
+
+
+def status_field(pid: int, name: str) -> str | None:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == name:
+                return value.strip()
+    return None
+
+
+def tracer_pid(pid: int) -> int:
+    """The pid tracing ``pid`` (0 when none); a tracer of any of its threads counts."""
+    for tid in threads(pid):
+        try:
+            traced_by = int(status_field(tid, "TracerPid") or 0)
+        except FileNotFoundError:
+            continue
+        if traced_by:
+            return traced_by
+    return 0
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return []
+
+
+def pending_signals(tid: int) -> int:
+    """The thread's private pending-signal mask (SigPnd)."""
+    try:
+        return int(status_field(tid, "SigPnd") or "0", 16)
+    except FileNotFoundError:
+        return 0
+
+
+def socket_fds(pid: int) -> dict[int, int]:
+    """fd -> socket inode for every socket the process holds."""
+    found: dict[int, int] = {}
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            target = os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found[int(name)] = int(target[8:-1])
+    return found
+
+
+def _decode_addr(hexaddr: str) -> str:
+    ip_hex, port_hex = hexaddr.split(":")
+    port = int(port_hex, 16)
+    raw = bytes.fromhex(ip_hex)
+    if len(raw) == 4:
+        return f"{socket.inet_ntoa(struct.pack('<I', struct.unpack('>I', raw)[0]))}:{port}"
+    words = struct.unpack("<4I", raw)
+    packed = struct.pack(">4I", *words)
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return f"{socket.inet_ntoa(packed[12:])}:{port}"
+    return f"[{socket.inet_ntop(socket.AF_INET6, packed)}]:{port}"
+
+
+def tcp_sockets(pid: int) -> dict[int, TcpSocket]:
+    """inode -> TCP socket, from the process's own network namespace."""
+    found: dict[int, TcpSocket] = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    inode = int(cols[9])
+                    if inode:
+                        found[inode] = TcpSocket(
+                            inode, _decode_addr(cols[1]), _decode_addr(cols[2]), int(cols[3], 16)
+                        )
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def tcp_fds(pid: int) -> dict[int, TcpSocket]:
+    """fd -> TCP socket for the process's TCP sockets (listening and connected)."""
+    table = tcp_sockets(pid)
+    return {fd: table[inode] for fd, inode in socket_fds(pid).items() if inode in table}
+
+
+def listening_addresses(pid: int) -> list[str]:
+    return sorted({s.local for s in tcp_fds(pid).values() if s.state == TCP_LISTEN})
+
+
+def peer_of(pid: int, fd: int) -> str | None:
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not target.startswith("socket:["):
+        return None
+    sock = tcp_sockets(pid).get(int(target[8:-1]))
+    return sock.remote if sock else None

@@ -1,0 +1,613 @@
+"""Capture and gate a process's socket syscalls from outside it.
+
+One thread, the tracer thread, owns every ptrace call. It waits (epoll) on the BPF ring buffer,
+a SIGCHLD signalfd and a wake-up eventfd, pairs each gated input event with the SIGSTOP that
+the probe sent its thread, and restarts the thread when the caller releases the event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from . import procfs
+from . import ptrace_ops as pt
+from .events import ACCEPTS, MSGHDR, READS, VECTORED, Call, Direction, SocketEvent, format_sockaddr
+from .probes import MODE_GATE, MODE_OBSERVE, SOCK_CONN, SOCK_LISTEN, Probes
+from .signalfd import SigchldFd
+
+log = logging.getLogger("tracer")
+
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+BACKSTOP_SECONDS = 0.02
+STOP_SPIN_SECONDS = 0.0005
+
+
+class Mode(Enum):
+    OBSERVE = "observe"
+    GATE = "gate"
+
+
+class AttachError(Exception):
+    """The target cannot be attached; the message is one line for the operator."""
+
+
+@dataclass
+class TracerStats:
+    events: int = 0
+    inputs: int = 0
+    held: int = 0
+    released: int = 0
+    escapes: int = 0
+    threads: int = 0
+    bpf_lost: int = 0
+
+
+class _Thread:
+    """What the tracer knows about one seized thread."""
+
+    __slots__ = ("tid", "tgid", "gate_stopped", "pending", "group_stopped")
+
+    def __init__(self, tid: int, tgid: int) -> None:
+        self.tid = tid
+        self.tgid = tgid
+        self.gate_stopped = False
+        self.pending: SocketEvent | None = None
+        self.group_stopped = False
+
+
+class Tracer:
+    """Attach to (or launch) a process and report its socket events.
+
+    ``on_event`` is called on the tracer thread for every event; it must not block. In gate
+    mode each input event's thread stays stopped until ``release(event)``, which any thread may
+    call. ``on_exit(status)`` is called when the traced process is gone.
+    """
+
+    def __init__(
+        self,
+        mode: Mode,
+        on_event: Callable[[SocketEvent], None],
+        snaplen: int = 4096,
+        on_exit: Callable[[int | None], None] | None = None,
+        on_escape: Callable[[SocketEvent], None] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.on_event = on_event
+        self.on_exit = on_exit
+        self.on_escape = on_escape
+        self.snaplen = snaplen
+        self.stats = TracerStats()
+        self.pid = 0
+        self.child: subprocess.Popen | None = None
+        self._threads: dict[int, _Thread] = {}
+        self._tgids: set[int] = set()
+        self._peers: dict[int, str] = {}
+        self._releases: list[SocketEvent] = []
+        self._releases_lock = threading.Lock()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_ident = 0
+        self._batch: list[SocketEvent] = []
+        self._clock_offset = time.time() - time.monotonic()
+        self.probes: Probes | None = None
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def attach(self, pid: int, timeout: float = 30.0) -> None:
+        """Seize every thread of a running process; returns once gating is in force."""
+        check_attachable(pid)
+        self._start(lambda: self._attach(pid), timeout)
+
+    def launch(self, argv: Sequence[str], timeout: float = 30.0) -> int:
+        """Start ``argv`` under the tracer; returns its pid."""
+        self._start(lambda: self._launch(list(argv)), timeout)
+        return self.pid
+
+    def release(self, event: SocketEvent) -> None:
+        """Let the thread held for ``event`` return from its syscall."""
+        if threading.get_ident() == self._thread_ident:
+            self._release_now(event)
+            return
+        with self._releases_lock:
+            self._releases.append(event)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def detach(self, timeout: float = 10.0) -> None:
+        """Release every thread, remove the probes and leave the process running."""
+        self._stopping.set()
+        os.eventfd_write(self._wake_fd, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the tracer thread ends (detach or process exit)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- tracer thread ----------------------------------------------------------------------
+
+    def _start(self, setup: Callable[[], None], timeout: float) -> None:
+        self._thread = threading.Thread(target=self._main, args=(setup,), name="tracer", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.detach()
+            raise AttachError("attaching took too long; the target may be stopped or frozen")
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
+
+    def _main(self, setup: Callable[[], None]) -> None:
+        self._thread_ident = threading.get_ident()
+        sigchld = SigchldFd()
+        try:
+            self.probes = Probes(self.snaplen)
+            ring_fd = self.probes.open_events(self._on_raw_event)
+            setup()
+        except BaseException as exc:  # reported to the caller of attach()/launch()
+            self._error = exc if isinstance(exc, (AttachError, pt.ThreadGone)) else AttachError(str(exc))
+            self._teardown_probes()
+            sigchld.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = select.epoll()
+        for fd in (ring_fd, sigchld.fd, self._wake_fd):
+            poller.register(fd, select.EPOLLIN)
+        exit_status: int | None = None
+        try:
+            while not self._stopping.is_set() and self._tgids:
+                poller.poll(BACKSTOP_SECONDS)
+                sigchld.drain()
+                self._drain_wake()
+                self._pump_events()
+                self._reap_all()
+                self._apply_releases()
+            if self._tgids:
+                self._detach_all()
+            else:
+                exit_status = self._exit_status
+        except Exception:
+            log.exception("tracer thread failed; detaching")
+            self._detach_all()
+            raise
+        finally:
+            poller.close()
+            sigchld.close()
+            self._teardown_probes()
+            if not self._stopping.is_set() and self.on_exit is not None:
+                self.on_exit(exit_status)
+
+    _exit_status: int | None = None
+
+    def _teardown_probes(self) -> None:
+        if self.probes is not None:
+            self.stats.bpf_lost = self.probes.lost_events()
+            self.probes.close()
+            self.probes = None
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+
+    # ---- attaching --------------------------------------------------------------------------
+
+    def _options(self) -> int:
+        opts = pt.FOLLOW
+        if self.mode is Mode.GATE:
+            opts |= pt.O_EXITKILL
+        return opts
+
+    def _attach(self, pid: int) -> None:
+        self.pid = pid
+        self._supervise(pid)
+        self._prefill_sockets(pid)
+        self._seize_threads(pid)
+
+    def _launch(self, argv: list[str]) -> None:
+        try:
+            self.child = subprocess.Popen(argv, preexec_fn=_stop_self)  # noqa: PLW1509
+        except OSError as exc:
+            raise AttachError(f"cannot start {argv[0]}: {exc.strerror}") from None
+        pid = self.child.pid
+        _, status = pt.wait_tid(pid, nohang=False)
+        if not os.WIFSTOPPED(status):
+            raise AttachError(f"{argv[0]} exited before it could be traced")
+        self.pid = pid
+        self._supervise(pid)
+        pt.seize(pid, self._options())
+        self._adopt(pid, pid)
+        os.kill(pid, signal.SIGCONT)
+
+    def _supervise(self, tgid: int) -> None:
+        assert self.probes is not None
+        mode = MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
+        self.probes.supervise_tgid(tgid, mode)
+        self._tgids.add(tgid)
+
+    def _prefill_sockets(self, tgid: int) -> None:
+        assert self.probes is not None
+        for fd, sock in procfs.tcp_fds(tgid).items():
+            if sock.state == procfs.TCP_LISTEN:
+                self.probes.add_socket(tgid, fd, SOCK_LISTEN)
+            elif sock.state == procfs.TCP_ESTABLISHED:
+                conn = self.probes.add_socket(tgid, fd, SOCK_CONN)
+                self._peers[conn] = sock.remote
+
+    def _seize_threads(self, pid: int) -> None:
+        quiet_passes = 0
+        while quiet_passes < 2:
+            found_new = False
+            for tid in procfs.threads(pid):
+                if tid in self._threads:
+                    continue
+                try:
+                    pt.seize(tid, self._options())
+                except pt.ThreadGone:
+                    continue
+                except Exception as exc:
+                    raise AttachError(f"cannot seize thread {tid} of pid {pid}: {exc}") from None
+                self._adopt(tid, pid)
+                found_new = True
+            quiet_passes = 0 if found_new else quiet_passes + 1
+        if not self._threads:
+            raise AttachError(f"pid {pid} exited while attaching")
+
+    def _adopt(self, tid: int, tgid: int) -> None:
+        """Record a seized thread; only now may the probe gate it."""
+        assert self.probes is not None
+        self._threads[tid] = _Thread(tid, tgid)
+        self.probes.trace_tid(tid)
+        self.stats.threads = len(self._threads)
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def _on_raw_event(self, raw) -> None:
+        peer = None
+        call = Call(raw.call)
+        if call in ACCEPTS and raw.peer_len:
+            peer = format_sockaddr(bytes(raw.peer))
+        self._batch.append(
+            SocketEvent(
+                seq=raw.seq,
+                t=raw.ts_ns / 1e9 + self._clock_offset,
+                pid=raw.tgid,
+                tid=raw.tid,
+                call=call,
+                fd=raw.fd,
+                ret=raw.ret,
+                conn=raw.conn,
+                dir=Direction(raw.dir),
+                input=bool(raw.input),
+                gated=bool(raw.gated),
+                data=bytes(raw.data[: raw.data_len]),
+                peer=peer,
+                buf=raw.buf,
+                count=raw.count,
+            )
+        )
+
+    def _pump_events(self) -> None:
+        assert self.probes is not None
+        self.probes.consume()
+        batch, self._batch = self._batch, []
+        for event in batch:
+            self._handle(event)
+
+    def _handle(self, event: SocketEvent) -> None:
+        self.stats.events += 1
+        self._track_connection(event)
+        if event.input:
+            self.stats.inputs += 1
+            if event.dir is Direction.IN and event.ret > len(event.data):
+                self._complete_payload(event)
+        thread = self._threads.get(event.tid)
+        if thread is not None and thread.pending is not None and not thread.gate_stopped:
+            self._escaped(thread)
+        if event.gated and thread is not None:
+            thread.pending = event
+            self.stats.held += 1
+            self._await_gate_stop(thread)
+        self.on_event(event)
+
+    def _track_connection(self, event: SocketEvent) -> None:
+        if event.call in ACCEPTS:
+            if event.peer is None:
+                event.peer = procfs.peer_of(event.pid, event.fd)
+            if event.peer:
+                self._peers[event.conn] = event.peer
+        elif event.call is Call.LISTEN:
+            self._check_listener(event)
+        else:
+            event.peer = self._peers.get(event.conn)
+            if event.call is Call.CLOSE:
+                self._peers.pop(event.conn, None)
+
+    def _check_listener(self, event: SocketEvent) -> None:
+        """listen() marks any socket; keep only TCP listeners."""
+        assert self.probes is not None
+        if event.fd not in procfs.tcp_fds(event.pid):
+            self.probes.drop_socket(event.pid, event.fd)
+
+    def _complete_payload(self, event: SocketEvent) -> None:
+        """Read the whole input from the process: the thread has not run user code since."""
+        if not event.gated and event.call not in READS:
+            return
+        limit = event.ret if event.gated else min(event.ret, self.snaplen)
+        try:
+            if event.call in VECTORED:
+                event.data = pt.read_iovecs(event.pid, event.buf, event.count, limit)
+            elif event.call in MSGHDR:
+                header = pt.read_memory(event.pid, event.buf + 16, 16)
+                iov = int.from_bytes(header[:8], "little")
+                iovlen = int.from_bytes(header[8:], "little")
+                event.data = pt.read_iovecs(event.pid, iov, iovlen, limit)
+            else:
+                event.data = pt.read_memory(event.pid, event.buf, limit)
+        except OSError as exc:
+            log.warning("could not read %d input bytes of pid %d: %s", limit, event.pid, exc)
+
+    def _escaped(self, thread: _Thread) -> None:
+        assert thread.pending is not None
+        lost = thread.pending
+        lost.escaped = True
+        thread.pending = None
+        self.stats.escapes += 1
+        if not lost.released:
+            self.stats.held -= 1
+        log.error(
+            "escape: thread %d of pid %d ran on past held %s on fd %d without stopping "
+            "(was it sent SIGCONT?)", thread.tid, lost.pid, lost.call.syscall, lost.fd,
+        )
+        if self.on_escape is not None:
+            self.on_escape(lost)
+
+    def _await_gate_stop(self, thread: _Thread) -> None:
+        """The stop follows its event within microseconds; catch it without a syscall round."""
+        deadline = time.monotonic() + STOP_SPIN_SECONDS
+        while not thread.gate_stopped and time.monotonic() < deadline:
+            tid, status = pt.wait_tid(thread.tid, nohang=True)
+            if tid:
+                self._on_wait(tid, status)
+                if thread.tid not in self._threads:
+                    return
+
+    # ---- releasing --------------------------------------------------------------------------
+
+    def _apply_releases(self) -> None:
+        if not self._releases:
+            return
+        with self._releases_lock:
+            todo, self._releases = self._releases, []
+        for event in todo:
+            self._release_now(event)
+
+    def _release_now(self, event: SocketEvent) -> None:
+        thread = self._threads.get(event.tid)
+        if thread is None or thread.pending is not event:
+            return
+        if event.released:
+            return
+        event.released = True
+        self.stats.held -= 1
+        self.stats.released += 1
+        if thread.gate_stopped:
+            thread.pending = None
+            thread.gate_stopped = False
+            self._cont(thread.tid, 0)
+
+    def _cont(self, tid: int, sig: int) -> None:
+        try:
+            pt.cont(tid, sig)
+        except pt.ThreadGone:
+            self._forget_thread(tid)
+
+    # ---- ptrace stops -----------------------------------------------------------------------
+
+    def _reap_all(self) -> None:
+        while True:
+            tid, status = pt.wait_any(nohang=True)
+            if not tid:
+                return
+            self._on_wait(tid, status)
+
+    def _on_wait(self, tid: int, status: int) -> None:
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._on_thread_exit(tid, status)
+            return
+        if not os.WIFSTOPPED(status):
+            return
+        thread = self._threads.get(tid)
+        if thread is None:
+            thread = self._adopt_unknown(tid)
+            if thread is None:
+                return
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == 0:
+            self._on_signal_stop(thread, sig)
+        elif event == pt.EVENT_STOP:
+            if sig in STOP_SIGNALS:
+                thread.group_stopped = True
+                self._listen(tid)
+            else:
+                thread.group_stopped = False
+                self._cont(tid, 0)
+        elif event in (pt.EVENT_CLONE, pt.EVENT_FORK, pt.EVENT_VFORK):
+            self._on_new_task(thread, event)
+            self._cont(tid, 0)
+        elif event == pt.EVENT_EXEC:
+            self._prefill_sockets(thread.tgid)
+            self._cont(tid, 0)
+        else:
+            self._cont(tid, 0)
+
+    def _on_signal_stop(self, thread: _Thread, sig: int) -> None:
+        if sig == signal.SIGSTOP:
+            try:
+                _, code = pt.siginfo_code(thread.tid)
+            except pt.ThreadGone:
+                self._forget_thread(thread.tid)
+                return
+            if code == pt.SI_KERNEL:
+                self._on_gate_stop(thread)
+                return
+        self._cont(thread.tid, sig)
+
+    def _on_gate_stop(self, thread: _Thread) -> None:
+        pending = thread.pending
+        if pending is not None and pending.released:
+            thread.pending = None  # released before its stop arrived
+            self._cont(thread.tid, 0)
+            return
+        if pending is None and self._stopping.is_set():
+            self._cont(thread.tid, 0)
+            return
+        thread.gate_stopped = True
+
+    def _listen(self, tid: int) -> None:
+        try:
+            pt.listen(tid)
+        except pt.ThreadGone:
+            self._forget_thread(tid)
+
+    def _on_new_task(self, parent: _Thread, event: int) -> None:
+        assert self.probes is not None
+        new_tid = pt.event_msg(parent.tid)
+        if event == pt.EVENT_CLONE:
+            if new_tid not in self._threads:
+                self._adopt(new_tid, parent.tgid)
+            return
+        mode = MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
+        self.probes.supervise_tgid(new_tid, mode)
+        self._tgids.add(new_tid)
+        self.probes.copy_sockets(parent.tgid, new_tid)
+        if new_tid not in self._threads:
+            self._adopt(new_tid, new_tid)
+
+    def _adopt_unknown(self, tid: int) -> _Thread | None:
+        """A stop from a thread whose creation event has not been seen yet."""
+        try:
+            tgid = int(procfs.status_field(tid, "Tgid") or 0)
+        except FileNotFoundError:
+            return None
+        if tgid not in self._tgids:
+            return None
+        self._adopt(tid, tgid)
+        return self._threads[tid]
+
+    def _on_thread_exit(self, tid: int, status: int) -> None:
+        thread = self._threads.get(tid)
+        self._forget_thread(tid)
+        if thread is not None and tid == thread.tgid:
+            self._exit_status = os.waitstatus_to_exitcode(status)
+            self._tgids.discard(tid)
+            if self.probes is not None:
+                self.probes.forget_tgid(tid)
+        if self.child is not None and tid == self.child.pid:
+            self.child.returncode = os.waitstatus_to_exitcode(status)
+
+    def _forget_thread(self, tid: int) -> None:
+        thread = self._threads.pop(tid, None)
+        if thread is None:
+            return
+        if thread.pending is not None and not thread.pending.released:
+            self.stats.held -= 1
+        if self.probes is not None:
+            self.probes.untrace_tid(tid)
+        self.stats.threads = len(self._threads)
+
+    # ---- detaching --------------------------------------------------------------------------
+
+    def _detach_all(self) -> None:
+        """Stop gating, then detach thread by thread so that no SIGSTOP is left behind."""
+        assert self.probes is not None
+        for tgid in list(self._tgids):
+            self.probes.tgids.pop(self.probes.tgids.Key(tgid), None)
+        self._pump_events()
+        for thread in list(self._threads.values()):
+            if thread.gate_stopped:
+                self._detach_one(thread.tid, 0)
+            else:
+                try:
+                    pt.interrupt(thread.tid)
+                except pt.ThreadGone:
+                    self._forget_thread(thread.tid)
+        deadline = time.monotonic() + 5.0
+        while self._threads and time.monotonic() < deadline:
+            tid, status = pt.wait_any(nohang=True)
+            if not tid:
+                time.sleep(0.0005)
+                continue
+            self._on_detach_wait(tid, status)
+        for tgid in list(self._tgids):
+            self.probes.forget_tgid(tgid)
+        self._tgids.clear()
+        if self._threads:
+            log.error("threads %s did not stop for detach", sorted(self._threads))
+
+    def _on_detach_wait(self, tid: int, status: int) -> None:
+        if tid not in self._threads:
+            return
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._forget_thread(tid)
+            return
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == 0:
+            if sig == signal.SIGSTOP and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
+                self._detach_one(tid, 0)
+            else:
+                self._detach_one(tid, sig)
+            return
+        if procfs.pending_signals(tid) & (1 << (signal.SIGSTOP - 1)):
+            self._cont(tid, 0)  # a probe's SIGSTOP is still queued: let it surface, then drop it
+            return
+        self._detach_one(tid, 0)
+
+    def _detach_one(self, tid: int, sig: int) -> None:
+        try:
+            pt.detach(tid, sig)
+        except pt.ThreadGone:
+            pass
+        self._forget_thread(tid)
+
+
+def _stop_self() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def check_attachable(pid: int) -> None:
+    """Refuse, with one line for the operator, what cannot or must not be attached."""
+    if os.geteuid() != 0:
+        raise AttachError("must run as root (ptrace and BPF need CAP_SYS_PTRACE and CAP_BPF)")
+    if pid <= 0 or not procfs.exists(pid):
+        raise AttachError(f"no process with pid {pid}")
+    if procfs.is_kernel_thread(pid):
+        raise AttachError(f"pid {pid} ({procfs.comm(pid)}) is a kernel thread; nothing to trace")
+    if pid == os.getpid():
+        raise AttachError(f"pid {pid} is this supervisor itself")
+    tracer = procfs.tracer_pid(pid)
+    if tracer:
+        raise AttachError(
+            f"pid {pid} is already traced by pid {tracer} ({procfs.comm(tracer)}); detach it first"
+        )
