@@ -1,1 +1,11 @@
+"""Multi-Paxos log replicated by one-sided writes over rdma/ (see README.md in this package).
 
+Payloads are opaque bytes; this package knows nothing of syscalls.
+"""
+
+from consensus.errors import LeadershipLost, NotLeader, ReplicaClosed
+from consensus.replica import Peer, Replica, ReplicaConfig
+from consensus.segments import SegmentCorruptError
+
+__all__ = ["LeadershipLost", "NotLeader", "Peer", "Replica", "ReplicaClosed", "ReplicaConfig",
+           "SegmentCorruptError"]

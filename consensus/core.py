@@ -1,0 +1,345 @@
+"""The Multi-Paxos state machine of one replica (leader election, replication, commit).
+
+Ballots are ``round * n + node_id``, unique per node. Phase 1 (VOTE_REQ/VOTE_RESP) runs once per
+leadership: a replica promises a ballot higher than any it has seen, persisting the promise before
+it answers, and only to a candidate whose log is at least as up to date as its own (last ballot,
+then last index), as DARE does. Every entry that may have been chosen is therefore already in the
+new leader's log; the leader re-proposes its whole uncommitted tail under its own ballot and
+appends a no-op of its ballot before anything new. It counts acceptances only for entries of its
+own ballot (the no-op first), so an older tail commits with it, never by itself.
+
+The leader writes entries straight into each follower's inbox ring (see transport.py). A follower
+accepts only from a writer whose ballot is at least its promise, validates every entry (canary,
+crc, contiguity, the previous entry's ballot), persists per the durability setting and answers
+with the index it accepted up to. One lock guards the state; fsync of a leader's own log runs
+outside it (group commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from consensus import codec, wire
+from consensus.codec import Entry
+from consensus.errors import LeadershipLost, NotLeader
+from consensus.logstore import LogStore
+
+log = logging.getLogger(__name__)
+
+LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
+MAX_FRAME_PAYLOAD = 256 << 10
+
+
+class Core:
+    def __init__(self, name: str, names: list[str], store: LogStore, send: Callable[[str, int, bytes], bool],
+                 heartbeat_s: float, election_s: float, max_frame: int,
+                 on_role: Callable[[str, int, str | None], None], on_commit_advance: Callable[[int], None],
+                 metrics) -> None:
+        self.name = name
+        self.names = names
+        self.n = len(names)
+        self.my_id = names.index(name)
+        self.peers = [p for p in names if p != name]
+        self.majority = self.n // 2 + 1
+        self.store = store
+        self._send = send
+        self.heartbeat_s = heartbeat_s
+        self.election_s = election_s
+        self.max_frame = min(max_frame, MAX_FRAME_PAYLOAD)
+        self._on_role = on_role
+        self._on_commit_advance = on_commit_advance
+        self.m = metrics
+        self.mu = threading.Lock()
+        self.role = FOLLOWER
+        self.leader: str | None = None
+        self.commit_index = 0
+        self.transferring = False
+        self._granted = 0
+        self._votes: set[str] = set()
+        self._deadline = time.monotonic() + self._random_timeout() + election_s
+        self._pending: dict[int, Future] = {}
+        self.next_index = dict.fromkeys(self.peers, 1)
+        self.match = dict.fromkeys(self.peers, 0)
+        self.inflight: dict[str, float] = {}
+        self.last_sent = dict.fromkeys(self.peers, 0.0)
+        self.last_heard = dict.fromkeys(self.peers, 0.0)
+        self._rng = random.Random()
+
+    @property
+    def ballot(self) -> int:
+        return self.store.promised
+
+    def _random_timeout(self) -> float:
+        return self.election_s * (1 + random.random())
+
+    # ---- role changes (called with mu held) -------------------------------------------------
+    def _set_role(self, role: str, leader: str | None) -> None:
+        changed = (role, leader) != (self.role, self.leader)
+        if self.role == LEADER and role != LEADER:
+            self._fail_pending(LeadershipLost(leader))
+            self.transferring = False
+        self.role, self.leader = role, leader
+        if changed:
+            self.m.role(role, self.ballot, leader)
+            self._on_role(role, self.ballot, leader)
+
+    def _promise(self, ballot: int) -> None:
+        if ballot > self.store.promised:
+            self.store.save_promise(ballot)  # durable before any answer leaves
+
+    def _step_down(self, ballot: int, leader: str | None) -> None:
+        self._promise(ballot)
+        self._deadline = time.monotonic() + self._random_timeout()
+        self._set_role(FOLLOWER, leader)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pend, self._pending = self._pending, {}
+        for fut in pend.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def start_election(self) -> None:
+        rnd = self.store.promised // self.n + 1
+        ballot = rnd * self.n + self.my_id
+        self._promise(ballot)
+        self._granted = ballot
+        self._votes = {self.name}
+        self._deadline = time.monotonic() + self._random_timeout()
+        self._set_role(CANDIDATE, None)
+        log.info("%s: election with ballot %d", self.name, ballot)
+        req = wire.enc_vote_req(wire.VoteReq(ballot, self.store.last_index, self.store.last_ballot))
+        for p in self.peers:
+            self._send(p, wire.VOTE_REQ, req)
+        if len(self._votes) >= self.majority:
+            self._become_leader()
+
+    def _become_leader(self) -> None:
+        now = time.monotonic()
+        for p in self.peers:
+            self.next_index[p] = self.store.last_index + 1
+            self.match[p] = 0
+            self.last_heard[p] = now
+        self.inflight.clear()
+        self._set_role(LEADER, self.name)
+        self.m.leader_change()
+        log.info("%s: leader with ballot %d, log up to %d", self.name, self.ballot, self.store.last_index)
+        # re-propose the uncommitted tail under this ballot: the no-op of this ballot commits it
+        self.store.append([Entry(self.store.last_index + 1, self.ballot, codec.KIND_NOOP, b"")])
+        self.store.sync()
+        for p in self.peers:
+            self._replicate(p, now)
+        self._advance_commit()
+
+    # ---- proposals ----------------------------------------------------------------------------
+    def propose(self, payloads: list[bytes]) -> list[Future]:
+        """Append under the lock and replicate; the caller then runs ``sync_self`` outside it."""
+        if self.role != LEADER or self.transferring:
+            raise NotLeader(None if self.transferring else self.leader)
+        first = self.store.last_index + 1
+        entries = [Entry(first + k, self.ballot, codec.KIND_DATA, p) for k, p in enumerate(payloads)]
+        self.store.append(entries)
+        futs = []
+        for e in entries:
+            fut: Future = Future()
+            self._pending[e.index] = fut
+            futs.append(fut)
+        now = time.monotonic()
+        for p in self.peers:
+            if p not in self.inflight:
+                self._replicate(p, now)
+        return futs
+
+    def after_sync(self) -> None:
+        if self.role == LEADER:
+            self._advance_commit()
+
+    # ---- replication (leader) -----------------------------------------------------------------
+    def _replicate(self, p: str, now: float) -> None:
+        nxt = self.next_index[p]
+        last = self.store.last_index
+        entries = self.store.entries(nxt, last, self.max_frame) if nxt <= last else []
+        prev = nxt - 1
+        records = codec.encode_many(entries)
+        body = wire.enc_append(self.ballot, self.commit_index, prev, self.store.ballot_at(prev), records,
+                               len(entries))
+        if self._send(p, wire.APPEND, body):
+            self.last_sent[p] = now
+            if entries:
+                self.m.batch.observe(len(entries))
+                self.inflight[p] = now
+                self.next_index[p] = entries[-1].index + 1
+
+    def _advance_commit(self) -> None:
+        if self.role != LEADER:
+            return
+        acks = sorted([self.store.durable_index] + [self.match[p] for p in self.peers], reverse=True)
+        n = acks[self.majority - 1]
+        if n > self.commit_index and self.store.ballot_at(n) == self.ballot:
+            self._commit_to(n)
+
+    def _commit_to(self, n: int) -> None:
+        old = self.commit_index
+        self.commit_index = n
+        done = []
+        for i in range(old + 1, n + 1):
+            fut = self._pending.pop(i, None)
+            if fut is not None:
+                done.append((i, fut))
+        for i, fut in done:
+            if not fut.done():
+                fut.set_result(i)
+        self._on_commit_advance(n)
+
+    # ---- incoming messages (receive thread) ---------------------------------------------------
+    def on_frame(self, peer: str, mtype: int, body: bytes) -> None:
+        with self.mu:
+            if mtype == wire.APPEND:
+                self._on_append(peer, wire.dec_append(body))
+            elif mtype == wire.APPEND_RESP:
+                self._on_append_resp(peer, wire.dec_append_resp(body))
+            elif mtype == wire.VOTE_REQ:
+                self._on_vote_req(peer, wire.dec_vote_req(body))
+            elif mtype == wire.VOTE_RESP:
+                self._on_vote_resp(peer, wire.dec_vote_resp(body))
+            elif mtype == wire.TIMEOUT_NOW:
+                if wire.dec_timeout_now(body) == self.ballot and self.leader == peer:
+                    log.info("%s: leadership handed over by %s", self.name, peer)
+                    self.start_election()
+
+    def _reply(self, peer: str, ok: bool, index: int) -> None:
+        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok)
+        self._send(peer, wire.APPEND_RESP, wire.enc_append_resp(m))
+
+    def _on_append(self, peer: str, m: wire.Append) -> None:
+        st = self.store
+        if m.ballot < st.promised:
+            self._reply(peer, False, 0)  # tells a deposed leader the newer ballot
+            return
+        if m.ballot > st.promised or self.role != FOLLOWER or self.leader != peer:
+            self._step_down(m.ballot, peer)
+        self._deadline = time.monotonic() + self._random_timeout()
+        if m.prev_index > st.last_index:
+            self._reply(peer, False, st.last_index)
+            return
+        if m.prev_index > 0 and st.ballot_at(m.prev_index) != m.prev_ballot:
+            hint = max(self.commit_index, st.first_index_of_ballot(m.prev_index) - 1)
+            self._reply(peer, False, min(hint, m.prev_index - 1))
+            return
+        new: list[Entry] = []
+        for k, e in enumerate(m.entries):
+            if e.index <= st.last_index:
+                if st.ballot_at(e.index) == e.ballot:
+                    continue
+                if e.index <= self.commit_index:
+                    log.error("%s: refusing to overwrite committed index %d", self.name, e.index)
+                    return
+                st.truncate_from(e.index)
+            new = list(m.entries[k:])
+            break
+        if new:
+            st.append(new)
+        if st.durable_index < st.last_index:
+            st.sync()
+        matched = m.prev_index + len(m.entries)
+        commit = min(m.commit, matched)
+        if commit > self.commit_index:
+            self._commit_to(commit)
+        self._reply(peer, True, matched)
+
+    def _on_append_resp(self, peer: str, m: wire.AppendResp) -> None:
+        if m.ballot > self.ballot:
+            self._step_down(m.ballot, None)
+            return
+        if self.role != LEADER or m.ballot != self.ballot:
+            return
+        now = time.monotonic()
+        self.last_heard[peer] = now
+        if m.ok:
+            if m.index > self.match[peer]:
+                self.match[peer] = m.index
+                self.m.lag(peer, self.store.last_index - m.index)
+            if self.next_index[peer] <= m.index:
+                self.next_index[peer] = m.index + 1
+            if self.next_index[peer] - 1 <= m.index:
+                self.inflight.pop(peer, None)
+            self._advance_commit()
+        else:
+            self.next_index[peer] = max(self.match[peer], min(m.index, self.next_index[peer] - 1)) + 1
+            self.inflight.pop(peer, None)
+        if peer not in self.inflight and self.next_index[peer] <= self.store.last_index:
+            self._replicate(peer, now)
+
+    def _on_vote_req(self, peer: str, m: wire.VoteReq) -> None:
+        st = self.store
+        if m.ballot > st.promised:
+            up_to_date = (m.last_ballot, m.last_index) >= (st.last_ballot, st.last_index)
+            self._step_down(m.ballot, None)
+            if up_to_date:
+                self._granted = m.ballot
+                self._deadline = time.monotonic() + self._random_timeout()
+        granted = m.ballot == st.promised and self._granted == m.ballot
+        self._send(peer, wire.VOTE_RESP, wire.enc_vote_resp(wire.VoteResp(st.promised, granted)))
+
+    def _on_vote_resp(self, peer: str, m: wire.VoteResp) -> None:
+        if m.ballot > self.ballot:
+            self._step_down(m.ballot, None)
+            return
+        if self.role == CANDIDATE and m.granted and m.ballot == self.ballot:
+            self._votes.add(peer)
+            if len(self._votes) >= self.majority:
+                self._become_leader()
+
+    # ---- timers -------------------------------------------------------------------------------
+    def tick(self) -> None:
+        with self.mu:
+            now = time.monotonic()
+            if self.role == LEADER:
+                if self.store.durable_index < self.store.last_index:
+                    self.store.sync()
+                    self._advance_commit()
+                retry = max(4 * self.heartbeat_s, 0.05)
+                for p in self.peers:
+                    t = self.inflight.get(p)
+                    if t is not None and now - t > retry:
+                        self.inflight.pop(p)
+                        self.next_index[p] = self.match[p] + 1
+                    if now - self.last_sent[p] >= self.heartbeat_s or (
+                            p not in self.inflight and self.next_index[p] <= self.store.last_index):
+                        self._replicate(p, now)
+                    self.m.lag(p, self.store.last_index - self.match[p])
+                heard = 1 + sum(1 for p in self.peers if now - self.last_heard[p] < self.election_s * 2)
+                if heard < self.majority:
+                    log.warning("%s: lost contact with a majority, stepping down", self.name)
+                    self._step_down(self.ballot, None)
+            elif now >= self._deadline:
+                self.start_election()
+
+    def transfer(self) -> str | None:
+        """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""
+        with self.mu:
+            if self.role != LEADER:
+                return None
+            now = time.monotonic()
+            live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
+            if 1 + len(live) < self.majority or not live:
+                return None
+            target = max(live, key=lambda p: self.match[p])
+            self.transferring = True
+            self._replicate(target, now)
+            if self.match[target] == self.store.last_index:
+                self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
+            return target
+
+    def transfer_poke(self, target: str) -> None:
+        with self.mu:
+            if self.role == LEADER and self.transferring and self.match[target] == self.store.last_index:
+                self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
+
+    def transfer_abort(self) -> None:
+        with self.mu:
+            self.transferring = False

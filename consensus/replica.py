@@ -1,0 +1,250 @@
+"""The Replica API: configuration, proposals, in-order delivery, status, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from consensus import codec
+from consensus.core import LEADER, Core
+from consensus.errors import NotLeader, ReplicaClosed
+from consensus.logstore import LogStore
+from consensus.metrics import Metrics
+from consensus.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Peer:
+    name: str
+    endpoint: str  # "host:port" of its rdma listener
+
+
+@dataclass
+class ReplicaConfig:
+    name: str
+    endpoint: str
+    peers: list[Peer]
+    data_dir: Path
+    transport: str = "auto"
+    secret: bytes = b""
+    durability: Literal["fsync", "memory"] = "fsync"
+    heartbeat_ms: int = 20
+    election_timeout_ms: int = 300
+    log_region_bytes: int = 64 << 20
+
+
+class Replica:
+    """One member of a replicated log.
+
+    ``on_commit(index, payload)`` runs on one delivery thread, in log order, once per index per
+    Replica lifetime; a replica started from an existing data directory delivers its log again
+    from index 1. Internal no-op entries (one per leadership) are not given to ``on_commit``; pass
+    ``on_noop(index)`` to see them (so that delivered indices plus no-ops are contiguous).
+    """
+
+    def __init__(self, config: ReplicaConfig, on_commit: Callable[[int, bytes], None],
+                 on_role_change: Callable[[str, int, str | None], None] | None = None,
+                 on_noop: Callable[[int], None] | None = None,
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        self.config = config
+        self._on_commit = on_commit
+        self._on_role_change = on_role_change
+        self._on_noop = on_noop
+        names = sorted([config.name] + [p.name for p in config.peers])
+        if len(set(names)) != len(names):
+            raise ValueError(f"replica names must be unique: {names}")
+        self._names = names
+        self._peers = [p.name for p in config.peers]
+        self.metrics = Metrics(config.name, self._peers, registry)
+        self._fsync = config.durability == "fsync"
+        if config.durability not in ("fsync", "memory"):
+            raise ValueError(f"durability must be 'fsync' or 'memory', not {config.durability!r}")
+        self._stop = threading.Event()
+        self._cv = threading.Condition()
+        self.applied_index = 0
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._closed = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        n = len(self._names)
+        cache = max(1 << 20, cfg.log_region_bytes // 4)
+        self.store = LogStore(Path(cfg.data_dir), fsync=self._fsync, cache_bytes=cache)
+        endpoints = {cfg.name: cfg.endpoint, **{p.name: p.endpoint for p in cfg.peers}}
+        area = cfg.log_region_bytes // max(1, n - 1)
+        self.transport = Transport(cfg.name, endpoints, cfg.transport, cfg.secret, area, self._on_frame)
+        self.core = Core(cfg.name, self._names, self.store, self.transport.send, cfg.heartbeat_ms / 1000,
+                         cfg.election_timeout_ms / 1000, self.transport.max_body(), self._role_changed,
+                         self._commit_advanced, self.metrics)
+        self.metrics.role("follower", self.store.promised, None)
+        self.transport.start()
+        self._started = True
+        for fn, what in ((self._tick_loop, "tick"), (self._deliver_loop, "deliver")):
+            t = threading.Thread(target=fn, name=f"{cfg.name}-{what}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if not self._started:
+            return
+        self.transport.close()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+        with self.core.mu:
+            self.core._fail_pending(ReplicaClosed("replica closed"))
+        self.store.close()
+
+    # ---- state --------------------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        return self.core.role
+
+    @property
+    def ballot(self) -> int:
+        return self.core.ballot
+
+    @property
+    def leader(self) -> str | None:
+        return self.core.leader
+
+    @property
+    def commit_index(self) -> int:
+        return self.core.commit_index
+
+    @property
+    def durable_index(self) -> int:
+        return self.store.durable_index
+
+    @property
+    def last_index(self) -> int:
+        return self.store.last_index
+
+    def peer_status(self) -> dict[str, dict]:
+        """Per peer: reachable (connected both ways and heard lately when leading), match_index,
+        lag (entries behind our last index; meaningful on the leader)."""
+        now = time.monotonic()
+        out = {}
+        with self.core.mu:
+            leading = self.core.role == LEADER
+            last = self.store.last_index
+            for p in self._peers:
+                heard = now - self.core.last_heard[p] < self.core.election_s
+                reach = self.transport.connected(p) and (heard or not leading)
+                match = self.core.match[p] if leading else None
+                out[p] = {"reachable": reach, "match_index": match,
+                          "lag": (last - match) if match is not None else None}
+        return out
+
+    # ---- proposals ----------------------------------------------------------------------------
+    def propose(self, payload: bytes) -> Future:
+        """Future of the committed index; fails with NotLeader(leader) when not leading."""
+        if self._closed or not self._started:
+            fut: Future = Future()
+            fut.set_exception(ReplicaClosed("replica not running"))
+            return fut
+        t0 = time.perf_counter()
+        try:
+            with self.core.mu:
+                fut = self.core.propose([bytes(payload)])[0]
+        except NotLeader as exc:
+            fut = Future()
+            fut.set_exception(exc)
+            return fut
+        self.metrics.proposals.inc()
+        lat = self.metrics.latency
+        fut.add_done_callback(lambda f: f.exception() or lat.observe(time.perf_counter() - t0))
+        if self._fsync:
+            self.store.sync()
+            with self.core.mu:
+                self.core.after_sync()
+        return fut
+
+    def step_down(self, timeout: float) -> bool:
+        """Hand leadership to the most caught-up reachable peer; True once another leads."""
+        target = self.core.transfer()
+        if target is None:
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.core.role != LEADER:
+                return True
+            self.core.transfer_poke(target)
+            time.sleep(0.005)
+        self.core.transfer_abort()
+        return self.core.role != LEADER
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _on_frame(self, peer: str, mtype: int, body: bytes) -> None:
+        self.core.on_frame(peer, mtype, body)
+
+    def _role_changed(self, role: str, ballot: int, leader: str | None) -> None:
+        if self._on_role_change is not None:
+            try:
+                self._on_role_change(role, ballot, leader)
+            except Exception:  # noqa: BLE001 - a callback bug must not break consensus
+                log.exception("on_role_change")
+
+    def _commit_advanced(self, n: int) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _tick_loop(self) -> None:
+        period = max(0.002, self.config.heartbeat_ms / 2000)
+        k = 0
+        while not self._stop.wait(period):
+            try:
+                self.core.tick()
+            except Exception:  # noqa: BLE001
+                log.exception("tick")
+            k += 1
+            if k % 10 == 0:
+                m = self.metrics
+                m.commit_index.set(self.core.commit_index)
+                m.applied_index.set(self.applied_index)
+                m.durable_index.set(self.store.durable_index)
+                for p in self._peers:
+                    m.reachable(p, self.transport.connected(p))
+
+    def _deliver_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop.is_set() and self.core.commit_index <= self.applied_index:
+                    self._cv.wait(0.5)
+                if self._stop.is_set():
+                    return
+                hi = self.core.commit_index
+            while self.applied_index < hi and not self._stop.is_set():
+                batch = self.store.entries(self.applied_index + 1, hi, 1 << 20)
+                if not batch:
+                    log.error("entry %d missing from the log", self.applied_index + 1)
+                    self._stop.wait(0.1)
+                    break
+                for e in batch:
+                    try:
+                        if e.kind == codec.KIND_DATA:
+                            self._on_commit(e.index, e.payload)
+                        elif self._on_noop is not None:
+                            self._on_noop(e.index)
+                    except Exception:  # noqa: BLE001
+                        log.exception("on_commit(%d)", e.index)
+                    self.applied_index = e.index
+                    self.metrics.commits.inc()

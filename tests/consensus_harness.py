@@ -1,0 +1,245 @@
+"""Replica processes for the consensus tests and benchmark.
+
+Child side (``python tests/consensus_harness.py CONFIG.json``): runs one Replica, records every
+applied entry to ``applied`` (one line per index: ``D <index> <payload hex>`` or ``N <index>`` for
+a no-op, written unbuffered so a kill -9 loses nothing that was written), and serves a line
+protocol on a unix socket::
+
+    P <id> <hex>   -> "<id> OK <index>" | "<id> NL <leader|->" | "<id> ERR <text>"   (async)
+    S              -> one JSON line of status
+    D <timeout>    -> "OK 1|0" after step_down
+    Q              -> closes the replica and exits
+
+Parent side: :class:`ReplicaProc` and :class:`Cluster` start, kill, restart and talk to them, and
+:func:`check_history` verifies what every incarnation of every replica applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+# ---------------------------------------------------------------------------------------------
+# child
+# ---------------------------------------------------------------------------------------------
+def _child(cfg_path: str) -> None:
+    import logging
+
+    from consensus import NotLeader, Peer, Replica, ReplicaConfig
+
+    spec = json.loads(Path(cfg_path).read_text())
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {spec['name']} %(threadName)s %(levelname)s %(message)s")
+    record = spec.get("record", True)
+    fd = os.open(spec["applied"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if record else -1
+
+    def on_commit(index: int, payload: bytes) -> None:
+        if record:
+            os.write(fd, b"D %d %s\n" % (index, payload.hex().encode()))
+
+    def on_noop(index: int) -> None:
+        if record:
+            os.write(fd, b"N %d\n" % index)
+
+    cfg = ReplicaConfig(
+        name=spec["name"], endpoint=spec["endpoint"],
+        peers=[Peer(n, e) for n, e in spec["peers"].items()], data_dir=Path(spec["data_dir"]),
+        transport=spec["transport"], secret=bytes.fromhex(spec["secret"]), durability=spec["durability"],
+        heartbeat_ms=spec.get("heartbeat_ms", 20), election_timeout_ms=spec.get("election_timeout_ms", 300),
+        log_region_bytes=spec.get("log_region_bytes", 8 << 20))
+    rep = Replica(cfg, on_commit, on_noop=on_noop)
+    rep.start()
+    sock_path = spec["socket"]
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock_path)
+    srv.listen(64)
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        wlock = threading.Lock()
+
+        def reply(line: str) -> None:
+            with wlock, contextlib.suppress(OSError):
+                conn.sendall(line.encode() + b"\n")
+
+        f = conn.makefile("rb")
+        for raw in f:
+            parts = raw.decode().split()
+            if not parts:
+                continue
+            op = parts[0]
+            if op == "P":
+                rid = parts[1]
+                fut = rep.propose(bytes.fromhex(parts[2]) if len(parts) > 2 else b"")
+
+                def done(fu, rid=rid) -> None:
+                    exc = fu.exception()
+                    if exc is None:
+                        reply(f"{rid} OK {fu.result()}")
+                    elif isinstance(exc, NotLeader):
+                        reply(f"{rid} NL {exc.leader or '-'}")
+                    else:
+                        reply(f"{rid} ERR {type(exc).__name__}")
+                fut.add_done_callback(done)
+            elif op == "S":
+                st = {"name": rep.config.name, "role": rep.role, "ballot": rep.ballot, "leader": rep.leader,
+                      "commit": rep.commit_index, "applied": rep.applied_index, "durable": rep.durable_index,
+                      "last": rep.last_index, "peers": rep.peer_status(), "pid": os.getpid()}
+                reply(json.dumps(st))
+            elif op == "D":
+                reply(f"OK {int(rep.step_down(float(parts[1])))}")
+            elif op == "Q":
+                stop.set()
+                reply("BYE")
+                break
+        conn.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(0.2):
+        pass
+    rep.close()
+    srv.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    """A synchronous connection to one replica's control socket (one request at a time)."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.f = self.sock.makefile("rb")
+        self.n = 0
+
+    def call(self, line: str) -> str:
+        self.sock.sendall(line.encode() + b"\n")
+        got = self.f.readline()
+        if not got:
+            raise ConnectionError("replica closed the connection")
+        return got.decode().strip()
+
+    def propose(self, payload: bytes) -> tuple[str, str]:
+        self.n += 1
+        parts = self.call(f"P {self.n} {payload.hex()}").split()
+        return parts[1], parts[2] if len(parts) > 2 else ""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@dataclass
+class ReplicaProc:
+    name: str
+    spec: dict
+    workdir: Path
+    netns: str | None = None
+    proc: subprocess.Popen | None = None
+    incarnation: int = 0
+    applied_files: list[Path] = field(default_factory=list)
+
+    @property
+    def socket_path(self) -> str:
+        return str(self.workdir / f"{self.name}.sock")
+
+    def start(self) -> None:
+        self.incarnation += 1
+        applied = self.workdir / f"applied-{self.name}-{self.incarnation}.log"
+        self.applied_files.append(applied)
+        spec = dict(self.spec, applied=str(applied), socket=self.socket_path)
+        cfg = self.workdir / f"{self.name}.json"
+        cfg.write_text(json.dumps(spec))
+        cmd = [PY, str(REPO / "tests" / "consensus_harness.py"), str(cfg)]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        err = open(self.workdir / f"{self.name}-{self.incarnation}.err", "wb")  # noqa: SIM115
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                     start_new_session=True)
+        err.close()
+        deadline = time.monotonic() + 15
+        while not os.path.exists(self.socket_path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start: {self.stderr_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start")
+            time.sleep(0.02)
+
+    def stderr_tail(self, n: int = 4000) -> str:
+        path = self.workdir / f"{self.name}-{self.incarnation}.err"
+        return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        try:
+            c = Client(self.socket_path, timeout=timeout)
+            c.call("Q")
+            c.close()
+            self.proc.wait(timeout)
+        except Exception:  # noqa: BLE001 - fall back to SIGKILL
+            self.kill()
+
+    def status(self, timeout: float = 2.0) -> dict | None:
+        if not self.alive():
+            return None
+        try:
+            c = Client(self.socket_path, timeout=timeout)
+            try:
+                return json.loads(c.call("S"))
+            finally:
+                c.close()
+        except (OSError, ValueError, ConnectionError):
+            return None
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    _child(sys.argv[1])
