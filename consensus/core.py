@@ -246,10 +246,10 @@ class Core:
         if st.durable_index < st.last_index:
             st.sync()
         matched = m.prev_index + len(m.entries)
+        self._reply(peer, True, matched)  # first: the leader waits for it, delivery does not
         commit = min(m.commit, matched)
         if commit > self.commit_index:
             self._commit_to(commit)
-        self._reply(peer, True, matched)
 
     def _on_append_resp(self, peer: str, m: wire.AppendResp) -> None:
         if m.ballot > self.ballot:

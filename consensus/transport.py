@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import struct
 import threading
 import time
@@ -40,6 +41,9 @@ SLOT = 64
 _SLOT = struct.Struct("<QQQI")
 RECV_DEPTH = 256
 _MSG_LIMIT = RECV_DEPTH - 32
+# Failpoint for tests: this fraction of frames carrying entries is written torn (a random tail
+# of the frame never reaches the peer, as when a writer dies mid-write). Off unless set.
+TORN_WRITES = float(os.environ.get("CONSENSUS_FAULT_TORN_WRITES", "0") or 0)
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Transport:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake: dict[str, threading.Event] = {p: threading.Event() for p in self.peers}
+        self._faults: dict | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,7 +181,10 @@ class Transport:
         o.staging.buf[SLOT + off:SLOT + off + size] = frame
         o.sent += 1
         signaled = o.sent % 32 == 0
-        o.qp.post_write(o.staging, SLOT + off, size, o.addr + SLOT + off, o.rkey, wr_id=o.sent,
+        length = size
+        if TORN_WRITES and mtype == wire.APPEND and len(body) > 64 and random.random() < TORN_WRITES:
+            length = random.randrange(wire.FRAME_HEADER + 48, size)
+        o.qp.post_write(o.staging, SLOT + off, length, o.addr + SLOT + off, o.rkey, wr_id=o.sent,
                         imm_data=off, signaled=signaled)
         o.pos = pos + size
         if signaled:
@@ -224,6 +232,31 @@ class Transport:
                 return
         inc.reported_pos, inc.reported_cnt = inc.consumed_pos, inc.consumed_cnt
 
+    # ---- fault injection (tests) ---------------------------------------------------------------
+    def inject(self, spec: dict) -> None:
+        """Failpoints of the tcp provider on every queue pair, now and after reconnects:
+        ``{"drop": p, "delay": s, "duplicate": p, "seed": n}``; ``{"cut": true}`` breaks every
+        connection once; ``{}`` clears."""
+        spec = dict(spec)
+        cut = spec.pop("cut", False)
+        self._faults = spec or None
+        qps = [o.qp for o in self.out.values() if o is not None]
+        qps += [i.conn.qp for i in list(self.inc.values())]
+        for qp in qps:
+            self._apply_faults(qp)
+            if cut and hasattr(qp, "cut"):
+                _quiet(qp.cut)
+
+    def _apply_faults(self, qp: object) -> None:
+        if not hasattr(qp, "faults"):
+            return
+        if self._faults is None:
+            qp.faults = None
+        else:
+            from rdma.tcp import Faults
+
+            qp.faults = Faults(**self._faults)
+
     # ---- connecting ---------------------------------------------------------------------------
     def _connect_loop(self, peer: str) -> None:
         wake = self._wake[peer]
@@ -264,6 +297,7 @@ class Transport:
             log.warning("%s -> %s: bad handshake data: %s", self.name, peer, exc)
             _quiet(conn.qp.close)
             return
+        self._apply_faults(conn.qp)
         log.info("%s -> %s: connected (epoch %x)", self.name, peer, epoch)
         self.out[peer] = Outgoing(peer, conn, conn.qp, staging, addr, length, rkey, epoch)
 
@@ -290,6 +324,7 @@ class Transport:
                 log.warning("%s: refusing connection: %s", self.name, exc)
                 _quiet(conn.qp.close)
                 continue
+            self._apply_faults(conn.qp)
             inc = Incoming(peer, conn, epoch)
             with self._inc_lock:
                 old = self.inc_by_peer.get(peer)

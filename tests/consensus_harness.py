@@ -101,6 +101,11 @@ def _child(cfg_path: str) -> None:
                       "commit": rep.commit_index, "applied": rep.applied_index, "durable": rep.durable_index,
                       "last": rep.last_index, "peers": rep.peer_status(), "pid": os.getpid()}
                 reply(json.dumps(st))
+            elif op == "B":
+                reply(json.dumps(_bench(rep, parts[1], [float(x) for x in parts[2:]])))
+            elif op == "F":
+                rep.transport.inject(json.loads(" ".join(parts[1:])))
+                reply("OK")
             elif op == "D":
                 reply(f"OK {int(rep.step_down(float(parts[1])))}")
             elif op == "Q":
@@ -126,6 +131,43 @@ def _child(cfg_path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
     os._exit(0)
+
+
+def _bench(rep, kind: str, args: list[float]) -> dict:
+    """In-process measurement on the leader: what the supervisor's propose() call sees."""
+    import random as _random
+
+    if kind == "lat":
+        count, size = int(args[0]), int(args[1])
+        lat = []
+        for _ in range(count):
+            payload = _random.randbytes(size)
+            t0 = time.perf_counter()
+            rep.propose(payload).result(10)
+            lat.append(time.perf_counter() - t0)
+        lat.sort()
+        return {"count": count, "p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+                "mean_us": sum(lat) / len(lat) * 1e6}
+    threads, duration, size = int(args[0]), args[1], int(args[2])
+    done = [0] * threads
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        payload = _random.randbytes(size)
+        while not stop.is_set():
+            rep.propose(payload).result(10)
+            done[k] += 1
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    time.sleep(duration)
+    stop.set()
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {"ops": sum(done), "seconds": elapsed, "ops_per_s": sum(done) / elapsed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +233,8 @@ class ReplicaProc:
         err = open(self.workdir / f"{self.name}-{self.incarnation}.err", "wb")  # noqa: SIM115
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+        env = dict(os.environ, **self.spec.get("env", {}))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=env,
                                      start_new_session=True)
         err.close()
         deadline = time.monotonic() + 15

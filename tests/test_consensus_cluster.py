@@ -4,14 +4,11 @@ hand-over, durability settings and catch-up from segment files."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from consensus_cluster import Cluster, Load, check_history, settle  # noqa: E402
-from consensus_harness import Client  # noqa: E402
+from tests.consensus_cluster import Cluster, Load, check_history, settle
+from tests.consensus_harness import Client
 
 
 @pytest.mark.parametrize("n", [3, 5])

@@ -1,0 +1,179 @@
+"""Consensus benchmark: commit latency (one proposer) and throughput (32 proposers), 64 B payloads,
+3 replicas in separate processes on this host, over shm and tcp, beside PySyncObj (3 nodes,
+separate processes, same payloads) measured in the same run.
+
+Proposals are made inside the leader's process, through the same call the supervisor uses
+(``Replica.propose(...).result()``; PySyncObj: a ``@replicated`` method with ``sync=True``).
+
+    .venv/bin/python bench/bench_consensus.py [--quick]
+
+Prints a table, writes bench/results/consensus.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PAYLOAD = 64
+THREADS = 32
+
+
+# ---- PySyncObj node (child process) --------------------------------------------------------
+def pso_node(me: str, others: list[str]) -> None:
+    from pysyncobj import SyncObj, SyncObjConf, replicated
+
+    class Log(SyncObj):
+        def __init__(self) -> None:
+            super().__init__(me, others, SyncObjConf(dynamicMembershipChange=False))
+            self.n = 0
+
+        @replicated
+        def put(self, data: bytes) -> int:
+            self.n += 1
+            return self.n
+
+    obj = Log()
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "status":
+            out = {"leader": bool(obj._isLeader()), "ready": obj.isReady()}
+        elif cmd[0] == "lat":
+            count, size = int(cmd[1]), int(cmd[2])
+            lat = []
+            for _ in range(count):
+                payload = random.randbytes(size)
+                t0 = time.perf_counter()
+                obj.put(payload, sync=True, timeout=10)
+                lat.append(time.perf_counter() - t0)
+            lat.sort()
+            out = {"count": count, "p50_us": lat[len(lat) // 2] * 1e6,
+                   "p99_us": lat[int(len(lat) * .99)] * 1e6}
+        elif cmd[0] == "tput":
+            threads, duration, size = int(cmd[1]), float(cmd[2]), int(cmd[3])
+            done = [0] * threads
+            stop = threading.Event()
+
+            def worker(k: int, size: int = size, stop: threading.Event = stop, done: list = done) -> None:
+                payload = random.randbytes(size)
+                while not stop.is_set():
+                    obj.put(payload, sync=True, timeout=10)
+                    done[k] += 1
+
+            ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            time.sleep(duration)
+            stop.set()
+            for t in ts:
+                t.join()
+            el = time.perf_counter() - t0
+            out = {"ops": sum(done), "seconds": el, "ops_per_s": sum(done) / el}
+        else:
+            break
+        print(json.dumps(out), flush=True)
+    os._exit(0)
+
+
+def run_pysyncobj(lat_count: int, duration: float) -> dict:
+    from tests.consensus_harness import free_port
+
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    procs = []
+    try:
+        for a in addrs:
+            others = [x for x in addrs if x != a]
+            procs.append(subprocess.Popen([sys.executable, __file__, "--pso-node", a, *others],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO))
+
+        def ask(p: subprocess.Popen, line: str) -> dict:
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+            return json.loads(p.stdout.readline())
+
+        deadline = time.monotonic() + 30
+        leader = None
+        while leader is None and time.monotonic() < deadline:
+            for p in procs:
+                st = ask(p, "status")
+                if st["leader"] and st["ready"]:
+                    leader = p
+            time.sleep(0.1)
+        if leader is None:
+            raise RuntimeError("PySyncObj elected no leader")
+        ask(leader, f"lat 50 {PAYLOAD}")  # warm-up
+        lat = ask(leader, f"lat {lat_count} {PAYLOAD}")
+        tput = ask(leader, f"tput {THREADS} {duration} {PAYLOAD}")
+        return {"p50_us": lat["p50_us"], "p99_us": lat["p99_us"], "ops_per_s": tput["ops_per_s"]}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def run_ours(transport: str, durability: str, lat_count: int, duration: float) -> dict:
+    from tests.consensus_cluster import Cluster
+    from tests.consensus_harness import Client
+
+    with Cluster(3, transport, durability, record=False, log_region_bytes=64 << 20) as c:
+        c.start()
+        lead = c.leader()
+        cl = Client(c.reps[lead].socket_path, timeout=300)
+        cl.call(f"B lat 50 {PAYLOAD}")  # warm-up
+        lat = json.loads(cl.call(f"B lat {lat_count} {PAYLOAD}"))
+        tput = json.loads(cl.call(f"B tput {THREADS} {duration} {PAYLOAD}"))
+        cl.close()
+        for r in c.reps.values():
+            r.stop()
+        return {"p50_us": lat["p50_us"], "p99_us": lat["p99_us"], "ops_per_s": tput["ops_per_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--pso-node", nargs="+")
+    args = ap.parse_args()
+    if args.pso_node:
+        pso_node(args.pso_node[0], args.pso_node[1:])
+        return
+    lat_count, duration = (500, 2.0) if args.quick else (2000, 5.0)
+    rows = {}
+    for name, fn in [
+        ("consensus shm memory", lambda: run_ours("shm", "memory", lat_count, duration)),
+        ("consensus shm fsync", lambda: run_ours("shm", "fsync", lat_count, duration)),
+        ("consensus tcp memory", lambda: run_ours("tcp", "memory", lat_count, duration)),
+        ("pysyncobj tcp", lambda: run_pysyncobj(lat_count, duration)),
+    ]:
+        print(f"running {name} ...", flush=True)
+        rows[name] = fn()
+    base = rows["pysyncobj tcp"]
+    print(f"\n{'system':24} {'p50 µs':>9} {'p99 µs':>9} {'ops/s (32 prop.)':>17} {'× PySyncObj':>12}")
+    for name, r in rows.items():
+        r["throughput_ratio_vs_pysyncobj"] = r["ops_per_s"] / base["ops_per_s"]
+        r["p50_ratio_vs_pysyncobj"] = r["p50_us"] / base["p50_us"]
+        print(f"{name:24} {r['p50_us']:9.0f} {r['p99_us']:9.0f} {r['ops_per_s']:17.0f} "
+              f"{r['throughput_ratio_vs_pysyncobj']:12.2f}")
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"payload_bytes": PAYLOAD, "proposers": THREADS, "latency_samples": lat_count,
+           "throughput_seconds": duration, "host_cpus": os.cpu_count(), "results": rows,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "consensus.json").write_text(json.dumps(doc, indent=2))
+    print(f"\nwrote {out / 'consensus.json'}")
+
+
+if __name__ == "__main__":
+    main()
