@@ -17,11 +17,13 @@ outside it (group commit).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from consensus import codec, wire
@@ -55,6 +57,7 @@ class Core:
         self._on_commit_advance = on_commit_advance
         self.m = metrics
         self.mu = threading.Lock()
+        self._queue: deque[tuple[bytes, Future, float]] = deque()
         self.role = FOLLOWER
         self.leader: str | None = None
         self.commit_index = 0
@@ -62,7 +65,7 @@ class Core:
         self._granted = 0
         self._votes: set[str] = set()
         self._deadline = time.monotonic() + self._random_timeout() + election_s
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, tuple[Future, float]] = {}
         self.next_index = dict.fromkeys(self.peers, 1)
         self.match = dict.fromkeys(self.peers, 0)
         self.inflight: dict[str, float] = {}
@@ -99,9 +102,12 @@ class Core:
 
     def _fail_pending(self, exc: Exception) -> None:
         pend, self._pending = self._pending, {}
-        for fut in pend.values():
+        for fut, _ in pend.values():
             if not fut.done():
                 fut.set_exception(exc)
+        while self._queue:
+            _, fut, _ = self._queue.popleft()
+            fut.set_exception(exc)
 
     def start_election(self) -> None:
         rnd = self.store.promised // self.n + 1
@@ -136,27 +142,63 @@ class Core:
         self._advance_commit()
 
     # ---- proposals ----------------------------------------------------------------------------
-    def propose(self, payloads: list[bytes]) -> list[Future]:
-        """Append under the lock and replicate; the caller then runs ``sync_self`` outside it."""
+    # Proposers never wait for the lock: they queue the payload and whoever holds the lock (or
+    # gets it without waiting) drains the queue into one batch. Every holder re-checks the queue
+    # after releasing (``locked``), so nothing queued is stranded.
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.mu.acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self.mu.release()
+        while self._queue and self.mu.acquire(False):
+            try:
+                drained = self._drain()
+            finally:
+                self.mu.release()
+            if drained and self.store.fsync:
+                self.store.sync()  # group commit of the leader's own copy, outside the lock
+                with self.mu:
+                    self._advance_commit()
+
+    def submit(self, payload: bytes) -> Future:
+        fut: Future = Future()
         if self.role != LEADER or self.transferring:
-            raise NotLeader(None if self.transferring else self.leader)
+            fut.set_exception(NotLeader(None if self.transferring else self.leader))
+            return fut
+        self._queue.append((payload, fut, time.perf_counter()))
+        if self.mu.acquire(False):
+            self._release()
+        return fut
+
+    def _drain(self) -> bool:
+        q = self._queue
+        batch = []
+        while q:
+            batch.append(q.popleft())
+        if not batch:
+            return False
+        if self.role != LEADER or self.transferring:
+            exc = NotLeader(None if self.transferring else self.leader)
+            for _, fut, _ in batch:
+                fut.set_exception(exc)
+            return False
         first = self.store.last_index + 1
-        entries = [Entry(first + k, self.ballot, codec.KIND_DATA, p) for k, p in enumerate(payloads)]
+        b = self.ballot
+        entries = [Entry(first + k, b, codec.KIND_DATA, p) for k, (p, _, _) in enumerate(batch)]
         self.store.append(entries)
-        futs = []
-        for e in entries:
-            fut: Future = Future()
-            self._pending[e.index] = fut
-            futs.append(fut)
+        pend = self._pending
+        for k, (_, fut, t0) in enumerate(batch):
+            pend[first + k] = (fut, t0)
         now = time.monotonic()
         for p in self.peers:
             if p not in self.inflight:
                 self._replicate(p, now)
-        return futs
-
-    def after_sync(self) -> None:
-        if self.role == LEADER:
-            self._advance_commit()
+        return True
 
     # ---- replication (leader) -----------------------------------------------------------------
     def _replicate(self, p: str, now: float) -> None:
@@ -185,19 +227,28 @@ class Core:
     def _commit_to(self, n: int) -> None:
         old = self.commit_index
         self.commit_index = n
-        done = []
-        for i in range(old + 1, n + 1):
-            fut = self._pending.pop(i, None)
-            if fut is not None:
-                done.append((i, fut))
-        for i, fut in done:
-            if not fut.done():
-                fut.set_result(i)
+        pend = self._pending
+        if pend:
+            now = time.perf_counter()
+            observe = self.m.latency.observe
+            for i in range(old + 1, n + 1):
+                got = pend.pop(i, None)
+                if got is not None:
+                    fut, t0 = got
+                    if not fut.done():
+                        fut.set_result(i)
+                    observe(now - t0)
         self._on_commit_advance(n)
 
     # ---- incoming messages (receive thread) ---------------------------------------------------
     def on_frame(self, peer: str, mtype: int, body: bytes) -> None:
-        with self.mu:
+        if mtype == wire.APPEND_RESP:
+            with self.locked():
+                self._on_append_resp(peer, wire.dec_append_resp(body))
+            if not self.store.fsync:
+                self.store.flush()  # the leader's own records reach the page cache once per round
+            return
+        with self.locked():
             if mtype == wire.APPEND:
                 self._on_append(peer, wire.dec_append(body))
             elif mtype == wire.APPEND_RESP:
@@ -243,8 +294,10 @@ class Core:
             break
         if new:
             st.append(new)
-        if st.durable_index < st.last_index:
-            st.sync()
+            if st.fsync:
+                st.sync()
+            else:
+                st.flush()
         matched = m.prev_index + len(m.entries)
         self._reply(peer, True, matched)  # first: the leader waits for it, delivery does not
         commit = min(m.commit, matched)
@@ -296,7 +349,8 @@ class Core:
 
     # ---- timers -------------------------------------------------------------------------------
     def tick(self) -> None:
-        with self.mu:
+        self.store.flush()
+        with self.locked():
             now = time.monotonic()
             if self.role == LEADER:
                 if self.store.durable_index < self.store.last_index:
@@ -321,7 +375,7 @@ class Core:
 
     def transfer(self) -> str | None:
         """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""
-        with self.mu:
+        with self.locked():
             if self.role != LEADER:
                 return None
             now = time.monotonic()
@@ -336,10 +390,10 @@ class Core:
             return target
 
     def transfer_poke(self, target: str) -> None:
-        with self.mu:
+        with self.locked():
             if self.role == LEADER and self.transferring and self.match[target] == self.store.last_index:
                 self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
 
     def transfer_abort(self) -> None:
-        with self.mu:
+        with self.locked():
             self.transferring = False

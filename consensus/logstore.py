@@ -105,6 +105,10 @@ class LogStore:
             self.durable_index = target
             return self.durable_index
 
+    def flush(self) -> None:
+        with self._lock:
+            self.seg.flush()
+
     def truncate_from(self, index: int) -> None:
         with self._lock:
             self.seg.truncate_from(index)

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from consensus import codec
 from consensus.core import LEADER, Core
-from consensus.errors import NotLeader, ReplicaClosed
+from consensus.errors import ReplicaClosed
 from consensus.logstore import LogStore
 from consensus.metrics import Metrics
 from consensus.transport import Transport
@@ -109,7 +109,7 @@ class Replica:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
-        with self.core.mu:
+        with self.core.locked():
             self.core._fail_pending(ReplicaClosed("replica closed"))
         self.store.close()
 
@@ -143,7 +143,7 @@ class Replica:
         lag (entries behind our last index; meaningful on the leader)."""
         now = time.monotonic()
         out = {}
-        with self.core.mu:
+        with self.core.locked():
             leading = self.core.role == LEADER
             last = self.store.last_index
             for p in self._peers:
@@ -161,21 +161,8 @@ class Replica:
             fut: Future = Future()
             fut.set_exception(ReplicaClosed("replica not running"))
             return fut
-        t0 = time.perf_counter()
-        try:
-            with self.core.mu:
-                fut = self.core.propose([bytes(payload)])[0]
-        except NotLeader as exc:
-            fut = Future()
-            fut.set_exception(exc)
-            return fut
+        fut = self.core.submit(bytes(payload))
         self.metrics.proposals.inc()
-        lat = self.metrics.latency
-        fut.add_done_callback(lambda f: f.exception() or lat.observe(time.perf_counter() - t0))
-        if self._fsync:
-            self.store.sync()
-            with self.core.mu:
-                self.core.after_sync()
         return fut
 
     def step_down(self, timeout: float) -> bool:
@@ -247,4 +234,4 @@ class Replica:
                     except Exception:  # noqa: BLE001
                         log.exception("on_commit(%d)", e.index)
                     self.applied_index = e.index
-                    self.metrics.commits.inc()
+                self.metrics.commits.inc(len(batch))

@@ -70,6 +70,7 @@ class SegmentLog:
         self._run_ballot: list[int] = []
         self._fd: int | None = None
         self._dirty = False
+        self._buf = bytearray()  # appended records not yet handed to the kernel
         self.dir.mkdir(parents=True, exist_ok=True)
         self._open()
 
@@ -179,6 +180,7 @@ class SegmentLog:
     def _iter_from(self, lo: int) -> Iterator[Entry]:
         if lo > self.last_index or lo < 1:
             return
+        self.flush()
         k = bisect.bisect_right(self._firsts, lo) - 1
         for seg in self.segments[k:]:
             if seg.last < seg.first:
@@ -213,13 +215,25 @@ class SegmentLog:
             chunks.append(rec)
             self._note(seg, e, off)
             off += len(rec)
-        data = b"".join(chunks)
-        assert self._fd is not None
-        os.write(self._fd, data)
+        self._buf += b"".join(chunks)
         seg.size = off
         self._dirty = True
+        if len(self._buf) >= 1 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand buffered records to the kernel (page cache); ``sync`` also makes them durable."""
+        if self._buf:
+            assert self._fd is not None
+            view = memoryview(self._buf)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            view.release()
+            self._buf.clear()
 
     def _rotate(self, first: int) -> None:
+        self.flush()
         if self._fd is not None:
             if self.fsync and self._dirty:
                 os.fsync(self._fd)
@@ -228,6 +242,7 @@ class SegmentLog:
         self._new_segment(first)
 
     def sync(self) -> None:
+        self.flush()
         if self._dirty and self._fd is not None:
             self._dirty = False
             if self.fsync:
@@ -237,6 +252,7 @@ class SegmentLog:
         """Remove every entry with index >= ``index``."""
         if index > self.last_index:
             return
+        self.flush()
         while len(self.segments) > 1 and self.segments[-1].first >= index:
             seg = self.segments.pop()
             self._firsts.pop()
