@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ SLOT = 64
 _SLOT = struct.Struct("<QQQI")
 RECV_DEPTH = 256
 _MSG_LIMIT = RECV_DEPTH - 32
+_OUTQ_LIMIT = 4096
+_CREDIT = -1
 # Failpoint for tests: this fraction of frames carrying entries is written torn (a random tail
 # of the frame never reaches the peer, as when a writer dies mid-write). Off unless set.
 TORN_WRITES = float(os.environ.get("CONSENSUS_FAULT_TORN_WRITES", "0") or 0)
@@ -95,6 +98,9 @@ class Transport:
         self._threads: list[threading.Thread] = []
         self._wake: dict[str, threading.Event] = {p: threading.Event() for p in self.peers}
         self._faults: dict | None = None
+        self.async_send = False
+        self._outq: dict[str, deque] = {p: deque() for p in self.peers}
+        self._outq_wake = {p: threading.Event() for p in self.peers}
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +116,10 @@ class Transport:
         private = json.dumps({"name": self.name, "areas": areas}, separators=(",", ":")).encode()
         self.listener = cm.Listener(self.ctx, self.pd, self.endpoints[self.name], self.secret,
                                     self.send_cq, self.recv_cq, private_data=private)
+        self.async_send = self.ctx.provider == "tcp"
+        if self.async_send:
+            for p in self.peers:
+                self._spawn(lambda p=p: self._sender_loop(p), f"send-{p}")
         self._spawn(self._accept_loop, "accept")
         self._spawn(self._recv_loop, "recv")
         for p in self.peers:
@@ -122,7 +132,7 @@ class Transport:
 
     def close(self) -> None:
         self._stop.set()
-        for ev in self._wake.values():
+        for ev in [*self._wake.values(), *self._outq_wake.values()]:
             ev.set()
         try:
             self.listener.close()
@@ -151,10 +161,21 @@ class Transport:
         return (self.area_bytes - SLOT) // 4
 
     def send(self, peer: str, mtype: int, body: bytes) -> bool:
-        """Write one frame into ``peer``'s inbox ring for us; False if it cannot go now."""
+        """Write one frame into ``peer``'s inbox ring for us; False if it cannot go now.
+
+        With a provider whose posts can block (tcp: a full socket buffer during a partition,
+        injected delays) the frame goes through the peer's sender thread instead, so that one
+        unreachable peer never stalls the consensus lock."""
         o = self.out.get(peer)
         if o is None or o.broken:
             return False
+        if self.async_send:
+            q = self._outq[peer]
+            if len(q) >= _OUTQ_LIMIT:
+                return False
+            q.append((mtype, body))
+            self._outq_wake[peer].set()
+            return True
         with o.lock:
             try:
                 return self._send_locked(o, mtype, body)
@@ -223,14 +244,40 @@ class Transport:
             return
         body = struct.pack("<QQQ", inc.epoch, inc.consumed_pos, inc.consumed_cnt)
         raw = body + struct.pack("<I", zlib.crc32(body))
+        inc.reported_pos, inc.reported_cnt = inc.consumed_pos, inc.consumed_cnt
+        if self.async_send:
+            self._outq[inc.peer].append((_CREDIT, raw))
+            self._outq_wake[inc.peer].set()
+            return
+        self._write_credit(o, raw)
+
+    def _write_credit(self, o: Outgoing, raw: bytes) -> None:
         with o.lock:
             try:
                 o.staging.buf[0:len(raw)] = raw
                 o.qp.post_write(o.staging, 0, len(raw), o.addr, o.rkey, wr_id=0, signaled=False)
             except Exception:  # noqa: BLE001
                 self._break(o)
-                return
-        inc.reported_pos, inc.reported_cnt = inc.consumed_pos, inc.consumed_cnt
+
+    def _sender_loop(self, peer: str) -> None:
+        q, wake = self._outq[peer], self._outq_wake[peer]
+        while not self._stop.is_set():
+            wake.wait(0.5)
+            wake.clear()
+            while q:
+                mtype, body = q.popleft()
+                o = self.out.get(peer)
+                if o is None or o.broken:
+                    continue
+                if mtype == _CREDIT:
+                    self._write_credit(o, body)
+                    continue
+                with o.lock:
+                    try:
+                        self._send_locked(o, mtype, body)
+                    except Exception as exc:  # noqa: BLE001
+                        log.info("%s -> %s: send failed: %s", self.name, peer, exc)
+                        self._break(o)
 
     # ---- fault injection (tests) ---------------------------------------------------------------
     def inject(self, spec: dict) -> None:
