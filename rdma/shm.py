@@ -259,7 +259,7 @@ class ShmQP(QueuePair):
         self._state = QPState.INIT
         self._stats = ctx.stats
         self._rcache: dict[int, tuple] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # receive-queue consumption and state changes
         self._peer_dead = False
         self._dead_reported = False
         self._sock: socket.socket | None = None
@@ -521,7 +521,10 @@ class ShmQP(QueuePair):
         self._to_err()
 
     def _peer_gone(self) -> None:
-        self._peer_dead = True
+        with self._lock:
+            if self._state is QPState.ERR:  # our own shutdown after an error, not a death
+                return
+            self._peer_dead = True
         self._to_err()
 
     def _to_err(self) -> None:

@@ -446,7 +446,7 @@ class TcpQP(QueuePair):
                     raise _Gone(f"unknown opcode {op}")
         except (_Gone, OSError):
             pass
-        if not self._closed:
+        if not self._closed and self._state is not QPState.ERR:  # not a cut of our own
             self._to_err(gone=True)
 
     def _on_response(self, op: int, seq: int, status: int, length: int) -> None:
