@@ -42,6 +42,7 @@ class Peer:
         prefix_argv: Sequence[str] = (),
         handshake_timeout: float = 2.0,
     ) -> None:
+        self.provider = provider
         argv = [*prefix_argv, sys.executable, PEER_SCRIPT, provider, host, secret.hex(), json.dumps(regions)]
         argv.append(str(handshake_timeout))
         self.proc = subprocess.Popen(

@@ -48,6 +48,7 @@ def test_one_sided_writes_across_three_namespaces(cluster):
     assert a.wait(1)[0][:2] == [3, int(WCStatus.SUCCESS)]
     assert b.read("log", 128, 5) == b"reply"
 
+
 def test_partition_moves_queue_pair_to_err(cluster):
     hosts, (a, b, _) = cluster
     qb = b.call("connect", a.endpoint)
