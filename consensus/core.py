@@ -53,6 +53,7 @@ class Core:
         self.heartbeat_s = heartbeat_s
         self.election_s = election_s
         self.max_frame = min(max_frame, MAX_FRAME_PAYLOAD)
+        self.max_payload = max_frame - 256  # one entry must fit in one frame
         self._on_role = on_role
         self._on_commit_advance = on_commit_advance
         self.m = metrics
@@ -167,6 +168,9 @@ class Core:
 
     def submit(self, payload: bytes) -> Future:
         fut: Future = Future()
+        if len(payload) > self.max_payload:
+            fut.set_exception(ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}"))
+            return fut
         if self.role != LEADER or self.transferring:
             fut.set_exception(NotLeader(None if self.transferring else self.leader))
             return fut

@@ -156,7 +156,10 @@ class Replica:
 
     # ---- proposals ----------------------------------------------------------------------------
     def propose(self, payload: bytes) -> Future:
-        """Future of the committed index; fails with NotLeader(leader) when not leading."""
+        """Future of the committed index; fails with NotLeader(leader) when not leading,
+        LeadershipLost when leadership ends before it commits (outcome unknown: it may still
+        commit under the next leader), ValueError when larger than a quarter of the log region
+        share of one peer (log_region_bytes / (n - 1) / 4)."""
         if self._closed or not self._started:
             fut: Future = Future()
             fut.set_exception(ReplicaClosed("replica not running"))

@@ -410,6 +410,7 @@ class Transport:
                     inc.conn.qp.post_recv(self.scratch, 0, 0, wr_id=wc.wr_id)
                 except Exception:  # noqa: BLE001
                     log.debug("repost failed", exc_info=True)
+                inc.consumed_cnt += 1  # the receive is consumed even when the frame is torn
                 try:
                     mtype, epoch, pos, body = wire.decode_frame(views[inc.peer], wc.imm_data or 0)
                 except wire.BadFrame as exc:
@@ -418,7 +419,6 @@ class Transport:
                 if epoch != inc.epoch:
                     continue
                 inc.consumed_pos = max(inc.consumed_pos, pos + wire.frame_size(len(body)))
-                inc.consumed_cnt += 1
                 try:
                     self.on_frame(inc.peer, mtype, body)
                 except Exception:  # noqa: BLE001 - one bad message must not stop the replica
