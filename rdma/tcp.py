@@ -74,6 +74,7 @@ _F_IMM = 1
 MAX_SEND_WR = 4096
 MAX_MSG = 1 << 30
 RNR_TIMEOUT = 0.1
+SPIN = float(os.environ.get("RDMA_TCP_SPIN_US", "150")) * 1e-6
 KEEPALIVE = (1, 1, 3)  # idle, interval, probes
 USER_TIMEOUT_MS = 4000
 _REMOTE_WRITE, _REMOTE_READ, _LOCAL_WRITE = int(Access.REMOTE_WRITE), int(Access.REMOTE_READ), 1
@@ -144,8 +145,8 @@ class TcpContext(Context):
         return pd
 
     def create_cq(self, depth: int = 1024) -> SoftCQ:
-        # No spinning: the producer is a thread of this process and needs the GIL to deliver.
-        cq = SoftCQ(mmap.mmap(-1, 4096), spin=0)
+        # The producer is a thread of this process: spin yielding the GIL, then sleep.
+        cq = SoftCQ(mmap.mmap(-1, 4096), spin=SPIN, yield_in_spin=True)
         self._objs.append(cq)
         return cq
 
