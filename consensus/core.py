@@ -300,10 +300,10 @@ class Core:
             st.append(new)
             if st.fsync:
                 st.sync()
-            else:
-                st.flush()
         matched = m.prev_index + len(m.entries)
         self._reply(peer, True, matched)  # first: the leader waits for it, delivery does not
+        if new and not st.fsync:
+            st.flush()  # memory durability: acknowledged in memory, then handed to the page cache
         commit = min(m.commit, matched)
         if commit > self.commit_index:
             self._commit_to(commit)

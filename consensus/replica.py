@@ -198,9 +198,10 @@ class Replica:
             self._cv.notify()
 
     def _tick_loop(self) -> None:
-        period = max(0.002, self.config.heartbeat_ms / 2000)
+        fast = max(0.002, self.config.heartbeat_ms / 2000)  # leader: heartbeats and retries
+        slow = max(fast, min(self.config.heartbeat_ms * 2, self.config.election_timeout_ms / 8) / 1000)
         k = 0
-        while not self._stop.wait(period):
+        while not self._stop.wait(fast if self.core.role == LEADER else slow):
             try:
                 self.core.tick()
             except Exception:  # noqa: BLE001

@@ -43,6 +43,9 @@ _SLOT = struct.Struct("<QQQI")
 RECV_DEPTH = 256
 _MSG_LIMIT = RECV_DEPTH - 32
 _OUTQ_LIMIT = 4096
+# Poll (yielding) this long after traffic before sleeping on the completion channel. Off by
+# default: on a 2-core host the spinning steals the core the peer needs (see README.md).
+SPIN_S = float(os.environ.get("CONSENSUS_SPIN_US", "0")) / 1e6
 _CREDIT = -1
 # Failpoint for tests: this fraction of frames carrying entries is written torn (a random tail
 # of the frame never reaches the peer, as when a writer dies mid-write). Off unless set.
@@ -99,6 +102,7 @@ class Transport:
         self._wake: dict[str, threading.Event] = {p: threading.Event() for p in self.peers}
         self._faults: dict | None = None
         self.async_send = False
+        self.spin_while: Callable[[], bool] | None = None
         self._outq: dict[str, deque] = {p: deque() for p in self.peers}
         self._outq_wake = {p: threading.Event() for p in self.peers}
 
@@ -322,7 +326,7 @@ class Transport:
                     self._report(inc, force=True)
                 with o.lock:
                     _quiet(self._drain_send_cq)
-            wake.wait(0.05 if self.out[peer] is not None else 0.1)
+            wake.wait(0.2 if self.out[peer] is not None else 0.1)
             wake.clear()
 
     def _try_connect(self, peer: str) -> None:
@@ -386,9 +390,24 @@ class Transport:
     # ---- receiving ----------------------------------------------------------------------------
     def _recv_loop(self) -> None:
         views = {p: mr.buf[SLOT:] for p, mr in self.inbox.items()}
+        cq = self.recv_cq
+        spin_s = SPIN_S
+        busy = self.spin_while
+        last = 0.0
         while not self._stop.is_set():
             try:
-                wcs = self.recv_cq.wait(timeout=0.5, max_entries=64)
+                wcs = cq.poll(64)
+                if not wcs:
+                    # Shortly after traffic (or while the owner says so) poll, yielding the core
+                    # and the GIL between polls: a futex wakeup costs more than a round trip.
+                    now = time.monotonic()
+                    if now - last < spin_s or (busy is not None and busy()):
+                        os.sched_yield()
+                        continue
+                    wcs = cq.wait(timeout=0.5, max_entries=64)
+                    if not wcs:
+                        continue
+                last = time.monotonic()
             except Exception:  # noqa: BLE001
                 if self._stop.is_set():
                     return
