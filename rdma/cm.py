@@ -243,7 +243,8 @@ class Listener:
                 _send_frame(sock, {"t": "reject", "reason": "authentication failed"})
                 raise _Refuse("bad_secret", "connector's proof does not match the cluster secret")
             qp = self._ctx._cm_prepare(self._pd, self._scq, self._rcq)  # type: ignore[attr-defined]
-            params, priv = self._ctx._cm_params(qp), _b64(self._private)  # type: ignore[attr-defined]
+            params = self._ctx._cm_params(qp, sock, False)  # type: ignore[attr-defined]
+            priv = _b64(self._private)
             proof = _mac(k, b"S", nc, ns, _canon(params, priv))
             _send_frame(sock, {"t": "accept", "params": params, "private": priv, "proof": proof})
             msg = _recv_frame(sock, deadline, "params")
@@ -255,7 +256,7 @@ class Listener:
             if not isinstance(msg.get("params"), dict):
                 raise _Refuse("garbage", "connection parameters are not an object")
             sock.settimeout(None)
-            self._ctx._cm_complete(qp, sock, msg["params"])  # type: ignore[attr-defined]
+            self._ctx._cm_complete(qp, sock, msg["params"], False)  # type: ignore[attr-defined]
             _send_frame(sock, {"t": "ready"})
             conn = Connection(qp, peer_private, peer)
             if self._closed:
@@ -328,7 +329,7 @@ def connect(
         if not isinstance(acc.get("params"), dict):
             raise _Refuse("garbage", "listener's parameters are not an object")
         qp = ctx._cm_prepare(pd, send_cq, recv_cq)  # type: ignore[attr-defined]
-        params, priv = ctx._cm_params(qp), _b64(private_data)  # type: ignore[attr-defined]
+        params, priv = ctx._cm_params(qp, sock, True), _b64(private_data)  # type: ignore[attr-defined]
         _send_frame(
             sock,
             {
@@ -340,7 +341,7 @@ def connect(
         )
         _recv_frame(sock, deadline, "ready")
         sock.settimeout(None)
-        ctx._cm_complete(qp, sock, acc["params"])  # type: ignore[attr-defined]
+        ctx._cm_complete(qp, sock, acc["params"], True)  # type: ignore[attr-defined]
         conn = Connection(qp, peer_private, endpoint)
         qp = None
         return conn

@@ -230,10 +230,10 @@ class ShmContext(Context):
         self._objs.append(qp)
         return qp
 
-    def _cm_params(self, qp: ShmQP) -> dict:
+    def _cm_params(self, qp: ShmQP, sock: socket.socket, initiator: bool) -> dict:
         return qp.params()
 
-    def _cm_complete(self, qp: ShmQP, sock: socket.socket, peer: dict) -> ShmQP:
+    def _cm_complete(self, qp: ShmQP, sock: socket.socket, peer: dict, initiator: bool) -> ShmQP:
         qp.connect(sock, peer)
         return qp
 

@@ -52,7 +52,13 @@ class SoftCQ(CompletionQueue):
         """Append a completion from any thread of this process and wake a sleeping waiter."""
         self._q.append(wc)
         if self._sleepers:
-            self._bell.ring()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._bell.ring()
+
+    def _sleep(self, seq: int, timeout: float) -> None:
+        self._bell.sleep(seq, timeout)
 
     def add_source(self, source: Callable[[], None]) -> None:
         with self._src_lock:
@@ -110,7 +116,7 @@ class SoftCQ(CompletionQueue):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return []
-                self._bell.sleep(seq, min(remaining, _MAX_SLEEP))
+                self._sleep(seq, min(remaining, _MAX_SLEEP))
             finally:
                 with self._sleep_lock:
                     self._sleepers -= 1
@@ -120,7 +126,7 @@ class SoftCQ(CompletionQueue):
         if self.closed:
             return
         self.closed = True
-        self._bell.ring()
+        self._wake()
 
 
 class SoftMR(MemoryRegion):

@@ -299,10 +299,10 @@ class VerbsContext(Context):
         self._objs.append(qp)
         return qp
 
-    def _cm_params(self, qp: VerbsQP) -> dict:
+    def _cm_params(self, qp: VerbsQP, sock: socket.socket, initiator: bool) -> dict:
         return qp.params()
 
-    def _cm_complete(self, qp: VerbsQP, sock: socket.socket, peer: dict) -> VerbsQP:
+    def _cm_complete(self, qp: VerbsQP, sock: socket.socket, peer: dict, initiator: bool) -> VerbsQP:
         try:
             qp.connect(peer)
         except (KeyError, TypeError, ValueError) as ex:

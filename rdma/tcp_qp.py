@@ -1,0 +1,455 @@
+"""The tcp provider's queue pair (see tcp.py for the protocol, the bounds and the faults).
+
+Two connections per queue pair, one per direction of requests, so that nobody waits for a lock
+held by a blocked sender and a requester reads its own acknowledgements:
+
+* ``req``: our requests go out, their responses come back. Posting threads write it (under
+  ``_slock``); whoever polls or waits on the send CQ reads it, without blocking, in ``_drain``.
+* ``resp``: the peer's requests come in and our responses go out, both by the responder thread,
+  which places payloads straight into the registered regions.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections import deque
+
+from .softcq import FLUSH, OP_READ, OP_RECV, OP_RECV_IMM, OP_SEND, OP_WRITE, SUCCESS, SoftCQ, SoftMR
+from .verbs import Access, MemoryRegion, QPState, QueuePair, VerbsError, WCOpcode, WCStatus, WorkCompletion
+
+HDR = struct.Struct("<BBHIQQII")  # op, flags, status, imm, seq, addr, rkey, length
+WRITE, READ, SEND, ACK, READ_RESP = 1, 2, 3, 0x81, 0x82
+F_IMM = 1
+MAX_SEND_WR = 4096
+MAX_MSG = 1 << 30
+RNR_TIMEOUT = 0.1
+_REMOTE_WRITE, _REMOTE_READ, _LOCAL_WRITE = int(Access.REMOTE_WRITE), int(Access.REMOTE_READ), 1
+_SMALL = 65536
+_U64, _U32 = (1 << 64) - 1, (1 << 32) - 1
+_NB = socket.MSG_DONTWAIT
+
+
+class Gone(Exception):
+    """The connection ended or the peer broke the protocol."""
+
+
+class RetryExceeded(Exception):
+    pass
+
+
+class TcpQP(QueuePair):
+    def __init__(self, ctx, pd, scq: SoftCQ, rcq: SoftCQ, qp_num: int) -> None:
+        self._ctx, self._pd, self._scq, self._rcq = ctx, pd, scq, rcq
+        self.qp_num = qp_num
+        self.peer_qp_num = 0
+        self._state = QPState.INIT
+        self._stats = ctx.stats
+        # pending: [seq, wr_id, opcode, signaled, local, offset, length, status or None]
+        self._pending: deque[list] = deque()
+        self._plock = threading.Lock()
+        self._slock = threading.Lock()
+        self._rlock = threading.Lock()
+        self._rq: deque[tuple[int, SoftMR, int, int]] = deque()
+        self._seq = 0
+        self._expect = 0
+        self._peer_gone = False
+        self._dead_reported = False
+        self._req: socket.socket | None = None
+        self._resp: socket.socket | None = None
+        self._rx: threading.Thread | None = None
+        self._closed = False
+        self.faults = None
+        self.chan_listener: socket.socket | None = None
+        self.chan_token = b""
+        # requester-side receive state (a non-blocking frame parser)
+        self._hbuf = bytearray(HDR.size)
+        self._hview = memoryview(self._hbuf)
+        self._hgot = 0
+        self._payload: memoryview | None = None
+        self._pgot = 0
+        self._pent: list | None = None
+
+    @property
+    def state(self) -> QPState:
+        return self._state
+
+    def connect(self, req: socket.socket, resp: socket.socket, peer_qp_num: int) -> None:
+        self.peer_qp_num = peer_qp_num
+        self._req, self._resp = req, resp
+        self._state = QPState.RTS
+        self._scq.add_source(self._drain)
+        self._scq.add_fd(req)  # type: ignore[attr-defined]
+        self._rx = threading.Thread(target=self._serve_loop, name=f"rdma-tcp-qp{self.qp_num}", daemon=True)
+        self._rx.start()
+
+    # -- posting -----------------------------------------------------------------------------
+    def _local_bad(self, local: MemoryRegion, offset: int, length: int, need_write: bool) -> bool:
+        return not (
+            type(local) is SoftMR
+            and local.valid
+            and local.pd is self._pd
+            and (not need_write or local.access & _LOCAL_WRITE)
+            and 0 <= offset <= offset + length <= local.length
+        )
+
+    def post(
+        self, op: int, opcode: WCOpcode, wr_id: int, signaled: bool, local, loff, length, addr, rkey, imm
+    ):
+        if self._state is not QPState.RTS:
+            return self._post_in_err(wr_id, opcode)
+        if self._local_bad(local, loff, length, op == READ):
+            return self._decided(wr_id, opcode, WCStatus.LOC_PROT_ERR)
+        if len(self._pending) >= MAX_SEND_WR:
+            self._drain()
+            if len(self._pending) >= MAX_SEND_WR:
+                raise VerbsError(f"send queue full ({MAX_SEND_WR} outstanding work requests)")
+        flags = 0 if imm is None else F_IMM
+        payload = local.view[loff : loff + length] if op != READ else None
+        with self._slock:
+            with self._plock:
+                seq = self._seq
+                self._seq = seq + 1
+                ent = [seq, wr_id, opcode, signaled, local, loff, length, None]
+                self._pending.append(ent)
+                failed = self._state is not QPState.RTS  # lost a race with an error
+                if failed:
+                    ent[7] = FLUSH
+            if not failed:
+                hdr = HDR.pack(op, flags, 0, (imm or 0) & _U32, seq, addr & _U64, rkey & _U32, length)
+                try:
+                    self._transmit(hdr, payload)
+                except RetryExceeded:
+                    with self._plock:
+                        ent[7] = WCStatus.RETRY_EXC_ERR
+                    failed = True
+                except OSError:
+                    pass  # the broken connection is seen by the responder thread and by _drain
+        if failed:
+            self._to_err(gone=False)
+
+    def post_write(
+        self,
+        local: MemoryRegion,
+        local_offset: int,
+        length: int,
+        remote_addr: int,
+        rkey: int,
+        wr_id: int,
+        imm_data: int | None = None,
+        signaled: bool = True,
+    ) -> None:
+        st = self._stats
+        st[0] += 1
+        st[1] += length
+        self.post(WRITE, OP_WRITE, wr_id, signaled, local, local_offset, length, remote_addr, rkey, imm_data)
+
+    def post_read(
+        self,
+        local: MemoryRegion,
+        local_offset: int,
+        length: int,
+        remote_addr: int,
+        rkey: int,
+        wr_id: int,
+        signaled: bool = True,
+    ) -> None:
+        self.post(READ, OP_READ, wr_id, signaled, local, local_offset, length, remote_addr, rkey, None)
+
+    def post_send(
+        self,
+        local: MemoryRegion,
+        local_offset: int,
+        length: int,
+        wr_id: int,
+        imm_data: int | None = None,
+        signaled: bool = True,
+    ) -> None:
+        self.post(SEND, OP_SEND, wr_id, signaled, local, local_offset, length, 0, 0, imm_data)
+
+    def _transmit(self, hdr: bytes, payload: memoryview | None) -> None:
+        sock = self._req
+        f = self.faults
+        if f is not None:
+            tries = 0
+            while f.drop and f.rng.random() < f.drop:
+                tries += 1
+                if tries > f.retry_cnt:
+                    raise RetryExceeded
+                time.sleep(f.rto)
+            if f.delay:
+                time.sleep(f.rng.uniform(0, f.delay))
+        for _ in range(2 if f is not None and f.duplicate and f.rng.random() < f.duplicate else 1):
+            if payload is None:
+                sock.sendall(hdr)  # type: ignore[union-attr]
+            elif len(payload) <= _SMALL:
+                sock.sendall(hdr + payload)  # type: ignore[union-attr, operator]
+            else:
+                sock.sendall(hdr)  # type: ignore[union-attr]
+                sock.sendall(payload)  # type: ignore[union-attr]
+
+    def post_recv(self, local: MemoryRegion, local_offset: int, length: int, wr_id: int) -> None:
+        if self._local_bad(local, local_offset, length, True):
+            raise VerbsError("post_recv: buffer outside the region, foreign PD or no LOCAL_WRITE access")
+        if self._state is QPState.ERR:
+            self._rcq.push(WorkCompletion(wr_id, FLUSH, OP_RECV, self.qp_num))
+            return
+        self._rq.append((wr_id, local, local_offset, length))  # type: ignore[arg-type]
+
+    def cut(self) -> None:
+        """Fault injection: break both connections now (both queue pairs enter ERR)."""
+        for s in (self._req, self._resp):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # -- completions -------------------------------------------------------------------------
+    def _decided(self, wr_id: int, opcode: WCOpcode, status: WCStatus) -> None:
+        with self._plock:
+            self._pending.append([-1, wr_id, opcode, True, None, 0, 0, status])
+        self._to_err(gone=False)
+
+    def _post_in_err(self, wr_id: int, opcode: WCOpcode) -> None:
+        status = FLUSH
+        if self._peer_gone and not self._dead_reported:
+            self._dead_reported = True
+            status = WCStatus.RETRY_EXC_ERR
+        with self._plock:
+            self._pending.append([-1, wr_id, opcode, True, None, 0, 0, status])
+        self._retire()
+
+    def _retire(self) -> None:
+        """Complete decided work requests at the head of the send queue, in posting order."""
+        out = []
+        with self._plock:
+            p = self._pending
+            while p and p[0][7] is not None:
+                out.append(p.popleft())
+        for _, wr_id, opcode, signaled, _, _, length, status in out:
+            if status is SUCCESS:
+                if signaled:
+                    self._scq.push(WorkCompletion(wr_id, SUCCESS, opcode, self.qp_num, length))
+            else:
+                self._stats[2] += 1
+                self._scq.push(WorkCompletion(wr_id, status, opcode, self.qp_num))
+
+    def _to_err(self, gone: bool) -> None:
+        with self._plock:
+            first = gone and not self._dead_reported and self._state is not QPState.ERR
+            self._state = QPState.ERR
+            if gone:
+                self._peer_gone = True
+            for ent in self._pending:
+                if ent[7] is None:
+                    ent[7] = WCStatus.RETRY_EXC_ERR if first else FLUSH
+                    if first:
+                        self._dead_reported = True
+                    first = False
+        self._retire()
+        while self._rq:
+            try:
+                wr_id = self._rq.popleft()[0]
+            except IndexError:
+                break
+            self._rcq.push(WorkCompletion(wr_id, FLUSH, OP_RECV, self.qp_num))
+        if self._req is not None:
+            self._scq.remove_fd(self._req)  # type: ignore[attr-defined]
+        self.cut()
+
+    # -- the requester's side of ``req``: responses, read without blocking ------------------
+    def _drain(self) -> None:
+        """CQ source: parse whatever responses have arrived; never blocks."""
+        if self._req is None or self._state is not QPState.RTS or not self._rlock.acquire(blocking=False):
+            return
+        try:
+            self._drain_locked()
+        except (Gone, OSError):
+            if self._state is QPState.RTS:
+                self._to_err(gone=True)
+        finally:
+            self._rlock.release()
+
+    def _drain_locked(self) -> None:
+        sock = self._req
+        while True:
+            if self._payload is None:
+                try:
+                    r = sock.recv_into(self._hview[self._hgot :], HDR.size - self._hgot, _NB)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    return
+                if r == 0:
+                    raise Gone("connection closed")
+                self._hgot += r
+                if self._hgot < HDR.size:
+                    continue
+                self._hgot = 0
+                op, _, status, _, seq, _, _, length = HDR.unpack(self._hbuf)
+                self._on_response(op, seq, status, length)
+            else:
+                try:
+                    r = sock.recv_into(self._payload[self._pgot :], len(self._payload) - self._pgot, _NB)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    return
+                if r == 0:
+                    raise Gone("connection closed")
+                self._pgot += r
+                if self._pgot == len(self._payload):
+                    ent, self._payload, self._pent = self._pent, None, None
+                    if ent is not None:
+                        ent[7] = SUCCESS
+                        self._retire()
+
+    def _on_response(self, op: int, seq: int, status: int, length: int) -> None:
+        if op not in (ACK, READ_RESP) or length > MAX_MSG:
+            raise Gone(f"bad response opcode {op}")
+        with self._plock:
+            ent = next((e for e in self._pending if e[7] is None), None)
+        if ent is None or ent[0] != seq:
+            if ent is None or seq < ent[0]:  # a re-ack of a duplicate
+                if op == READ_RESP and length:
+                    self._expect_payload(memoryview(bytearray(length)), None)
+                return
+            raise Gone(f"response for sequence {seq}, expected {ent[0]}")
+        try:
+            wc_status = WCStatus(status)
+        except ValueError:
+            wc_status = WCStatus.BAD_RESP_ERR
+        if op == READ_RESP and wc_status is SUCCESS:
+            local, loff = ent[4], ent[5]
+            if length == ent[6] and local.valid:
+                if length:
+                    return self._expect_payload(local.view[loff : loff + length], ent)
+            else:
+                if length:
+                    self._expect_payload(memoryview(bytearray(length)), None)
+                wc_status = WCStatus.LOC_PROT_ERR
+        ent[7] = wc_status
+        if wc_status is SUCCESS:
+            self._retire()
+        else:
+            self._to_err(gone=False)
+
+    def _expect_payload(self, view: memoryview, ent: list | None) -> None:
+        self._payload, self._pgot, self._pent = view, 0, ent
+
+    # -- the responder: the peer's requests on ``resp`` --------------------------------------
+    def _recv_into(self, view: memoryview) -> None:
+        sock = self._resp
+        n = len(view)
+        got = 0
+        while got < n:
+            r = sock.recv_into(view[got:], n - got)  # type: ignore[union-attr]
+            if r == 0:
+                raise Gone("connection closed")
+            got += r
+
+    def _discard(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
+        while n > 0:
+            k = min(n, len(scratch))
+            self._recv_into(scratch[:k])
+            n -= k
+
+    def _serve_loop(self) -> None:
+        hbuf = bytearray(HDR.size)
+        hview = memoryview(hbuf)
+        try:
+            while self._state is QPState.RTS:
+                self._recv_into(hview)
+                op, flags, _, imm, seq, addr, rkey, length = HDR.unpack(hbuf)
+                if length > MAX_MSG or op not in (WRITE, SEND, READ):
+                    raise Gone(f"bad request opcode {op} / length {length}")
+                self._serve(op, flags, imm, seq, addr, rkey, length)
+        except (Gone, OSError):
+            pass
+        if not self._closed and self._state is not QPState.ERR:  # not a cut of our own
+            self._to_err(gone=True)
+
+    def _take_recv(self) -> tuple[int, SoftMR, int, int] | None:
+        deadline = time.monotonic() + RNR_TIMEOUT
+        while True:
+            try:
+                return self._rq.popleft()
+            except IndexError:
+                if time.monotonic() > deadline or self._state is not QPState.RTS:
+                    return None
+                time.sleep(0.0002)
+
+    def _ack(self, seq: int, status: int) -> None:
+        self._resp.sendall(HDR.pack(ACK, 0, status, 0, seq, 0, 0, 0))  # type: ignore[union-attr]
+
+    def _serve(self, op: int, flags: int, imm: int, seq: int, addr: int, rkey: int, length: int) -> None:
+        if seq < self._expect:  # duplicate: acknowledge again, do not execute twice
+            if op != READ:
+                self._discard(length)
+                return self._ack(seq, 0)
+        elif seq != self._expect:
+            raise Gone(f"request sequence {seq}, expected {self._expect}")
+        else:
+            self._expect = seq + 1
+        status = SUCCESS
+        rcq, qpn = self._rcq, self.qp_num
+        if op == SEND:
+            recv = self._take_recv()
+            if recv is None:
+                self._discard(length)
+                status = WCStatus.RNR_RETRY_EXC_ERR
+            elif length > recv[3]:
+                self._discard(length)
+                rcq.push(WorkCompletion(recv[0], WCStatus.LOC_LEN_ERR, OP_RECV, qpn))
+                status = WCStatus.REM_INV_REQ_ERR
+            else:
+                self._recv_into(recv[1].view[recv[2] : recv[2] + length])
+                rcq.push(
+                    WorkCompletion(recv[0], SUCCESS, OP_RECV, qpn, length, imm if flags & F_IMM else None)
+                )
+            return self._ack(seq, int(status))
+        mr = self._pd.mrs.get(rkey)
+        need = _REMOTE_WRITE if op == WRITE else _REMOTE_READ
+        off = addr - mr.addr if mr is not None else -1
+        if mr is None or not mr.valid or not mr.access & need or off < 0 or off + length > mr.length:
+            status = WCStatus.REM_ACCESS_ERR
+        if op == READ:
+            sock = self._resp
+            if status is SUCCESS:
+                hdr = HDR.pack(READ_RESP, 0, 0, 0, seq, 0, 0, length)
+                data = mr.view[off : off + length]  # type: ignore[union-attr]
+                if length <= _SMALL:
+                    sock.sendall(hdr + data)  # type: ignore[union-attr]
+                else:
+                    sock.sendall(hdr)  # type: ignore[union-attr]
+                    sock.sendall(data)  # type: ignore[union-attr]
+            else:
+                sock.sendall(HDR.pack(READ_RESP, 0, int(status), 0, seq, 0, 0, 0))  # type: ignore[union-attr]
+            return
+        recv = None
+        if status is SUCCESS and flags & F_IMM:
+            recv = self._take_recv()
+            if recv is None:
+                status = WCStatus.RNR_RETRY_EXC_ERR
+        if status is SUCCESS:
+            self._recv_into(mr.view[off : off + length])  # type: ignore[union-attr]
+            if recv is not None:
+                rcq.push(WorkCompletion(recv[0], SUCCESS, OP_RECV_IMM, qpn, length, imm))
+        else:
+            self._discard(length)
+        self._ack(seq, int(status))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._state = QPState.ERR
+        if self._req is not None:
+            self._scq.remove_fd(self._req)  # type: ignore[attr-defined]
+            self._scq.remove_source(self._drain)
+        self.cut()
+        if self._rx is not None and self._rx is not threading.current_thread():
+            self._rx.join(timeout=2)
+        for s in (self._req, self._resp, self.chan_listener):
+            if s is not None:
+                s.close()
