@@ -61,6 +61,7 @@ class Core:
         self._queue: deque[tuple[bytes, Future, float]] = deque()
         self.role = FOLLOWER
         self.leader: str | None = None
+        self._notified: tuple = (FOLLOWER, None, store.promised)
         self.commit_index = 0
         self.transferring = False
         self._granted = 0
@@ -83,12 +84,13 @@ class Core:
 
     # ---- role changes (called with mu held) -------------------------------------------------
     def _set_role(self, role: str, leader: str | None) -> None:
-        changed = (role, leader) != (self.role, self.leader)
+        changed = (role, leader, self.ballot) != self._notified
         if self.role == LEADER and role != LEADER:
             self._fail_pending(LeadershipLost(leader))
             self.transferring = False
         self.role, self.leader = role, leader
         if changed:
+            self._notified = (role, leader, self.ballot)
             self.m.role(role, self.ballot, leader)
             self._on_role(role, self.ballot, leader)
 

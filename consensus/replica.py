@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class Replica:
     Replica lifetime; a replica started from an existing data directory delivers its log again
     from index 1. Internal no-op entries (one per leadership) are not given to ``on_commit``; pass
     ``on_noop(index)`` to see them (so that delivered indices plus no-ops are contiguous).
+    ``on_role_change(role, ballot, leader)`` runs on the same delivery thread, in order, after
+    every change of role, ballot or known leader.
     """
 
     def __init__(self, config: ReplicaConfig, on_commit: Callable[[int, bytes], None],
@@ -71,6 +74,7 @@ class Replica:
             raise ValueError(f"durability must be 'fsync' or 'memory', not {config.durability!r}")
         self._stop = threading.Event()
         self._cv = threading.Condition()
+        self._role_events: deque[tuple[str, int, str | None]] = deque()
         self.applied_index = 0
         self._threads: list[threading.Thread] = []
         self._started = False
@@ -187,9 +191,17 @@ class Replica:
         self.core.on_frame(peer, mtype, body)
 
     def _role_changed(self, role: str, ballot: int, leader: str | None) -> None:
+        # called under the consensus lock: hand the event to the delivery thread
         if self._on_role_change is not None:
+            with self._cv:
+                self._role_events.append((role, ballot, leader))
+                self._cv.notify()
+
+    def _deliver_role_events(self) -> None:
+        while self._role_events:
+            role, ballot, leader = self._role_events.popleft()
             try:
-                self._on_role_change(role, ballot, leader)
+                self._on_role_change(role, ballot, leader)  # type: ignore[misc]
             except Exception:  # noqa: BLE001 - a callback bug must not break consensus
                 log.exception("on_role_change")
 
@@ -218,11 +230,13 @@ class Replica:
     def _deliver_loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop.is_set() and self.core.commit_index <= self.applied_index:
+                while not self._stop.is_set() and self.core.commit_index <= self.applied_index \
+                        and not self._role_events:
                     self._cv.wait(0.5)
                 if self._stop.is_set():
                     return
                 hi = self.core.commit_index
+            self._deliver_role_events()
             while self.applied_index < hi and not self._stop.is_set():
                 batch = self.store.entries(self.applied_index + 1, hi, 1 << 20)
                 if not batch:

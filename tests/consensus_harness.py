@@ -60,7 +60,12 @@ def _child(cfg_path: str) -> None:
         transport=spec["transport"], secret=bytes.fromhex(spec["secret"]), durability=spec["durability"],
         heartbeat_ms=spec.get("heartbeat_ms", 20), election_timeout_ms=spec.get("election_timeout_ms", 300),
         log_region_bytes=spec.get("log_region_bytes", 8 << 20))
-    rep = Replica(cfg, on_commit, on_noop=on_noop)
+    rfd = os.open(spec["roles"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def on_role(role: str, ballot: int, leader: str | None) -> None:
+        os.write(rfd, f"{role} {ballot} {leader or '-'}\n".encode())
+
+    rep = Replica(cfg, on_commit, on_role_change=on_role, on_noop=on_noop)
     rep.start()
     sock_path = spec["socket"]
     with contextlib.suppress(FileNotFoundError):
@@ -97,7 +102,8 @@ def _child(cfg_path: str) -> None:
                         reply(f"{rid} ERR {type(exc).__name__}")
                 fut.add_done_callback(done)
             elif op == "S":
-                st = {"name": rep.config.name, "role": rep.role, "ballot": rep.ballot, "leader": rep.leader,
+                st = {"rss": _rss(), "name": rep.config.name, "role": rep.role, "ballot": rep.ballot,
+                      "leader": rep.leader,
                       "commit": rep.commit_index, "applied": rep.applied_index, "durable": rep.durable_index,
                       "last": rep.last_index, "peers": rep.peer_status(), "pid": os.getpid()}
                 reply(json.dumps(st))
@@ -131,6 +137,14 @@ def _child(cfg_path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
     os._exit(0)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _bench(rep, kind: str, args: list[float]) -> dict:
@@ -224,7 +238,8 @@ class ReplicaProc:
         self.incarnation += 1
         applied = self.workdir / f"applied-{self.name}-{self.incarnation}.log"
         self.applied_files.append(applied)
-        spec = dict(self.spec, applied=str(applied), socket=self.socket_path)
+        spec = dict(self.spec, applied=str(applied), socket=self.socket_path,
+                    roles=str(self.workdir / f"roles-{self.name}-{self.incarnation}.log"))
         cfg = self.workdir / f"{self.name}.json"
         cfg.write_text(json.dumps(spec))
         cmd = [PY, str(REPO / "tests" / "consensus_harness.py"), str(cfg)]
@@ -244,6 +259,10 @@ class ReplicaProc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start")
             time.sleep(0.02)
+
+    def roles(self) -> list[tuple[str, int, str]]:
+        path = self.workdir / f"roles-{self.name}-{self.incarnation}.log"
+        return [(a, int(b), c) for a, b, c in (ln.split() for ln in path.read_text().splitlines())]
 
     def stderr_tail(self, n: int = 4000) -> str:
         path = self.workdir / f"{self.name}-{self.incarnation}.err"

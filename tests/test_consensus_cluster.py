@@ -45,6 +45,11 @@ def test_step_down_hands_over_and_memory_durability() -> None:
             load.wait_acks(100)
         settle(c, load)
         check_history(c, load.acked, require_all=c.names)
+        # on_role_change saw the hand-over on both sides, with growing ballots
+        old_roles, new_roles = c.reps[lead].roles(), c.reps[new].roles()
+        assert ("leader" in [r for r, _, _ in old_roles]) and old_roles[-1][0] == "follower"
+        assert new_roles[-1][:1] == ("leader",) and new_roles[-1][2] == new
+        assert new_roles[-1][1] > max(b for r, b, _ in old_roles if r == "leader")
 
 
 def test_catch_up_beyond_the_log_region_from_segment_files() -> None:
@@ -67,3 +72,27 @@ def test_catch_up_beyond_the_log_region_from_segment_files() -> None:
         top = max(acked.values())
         c.wait_applied(top, [victim], timeout=60)
         check_history(c, acked, require_all=c.names)
+
+
+def test_resident_memory_does_not_grow_with_the_log() -> None:
+    with Cluster(3, "shm", "memory", log_region_bytes=1 << 20, record=False) as c:
+        c.start()
+        lead = c.leader()
+        cl = Client(c.reps[lead].socket_path)
+        payload = os.urandom(16 << 10)
+
+        def write(mib: int) -> None:
+            for _ in range(mib * 64):
+                assert cl.propose(payload)[0] == "OK"
+
+        write(8)
+        c.wait_applied(8 * 64)
+        base = {n: s["rss"] for n, s in c.statuses().items()}
+        write(32)
+        c.wait_applied(40 * 64)
+        after = {n: s["rss"] for n, s in c.statuses().items()}
+        cl.close()
+        for n in c.names:  # 32 MiB more log on disk, resident memory about flat
+            assert after[n] - base[n] < 12 << 20, (n, base[n], after[n])
+            log_bytes = sum(p.stat().st_size for p in (c.dir / f"data-{n}" / "log").glob("seg-*"))
+            assert log_bytes > 40 << 20
