@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import threading
 import time
 from collections import deque
@@ -36,7 +35,7 @@ class SoftCQ(CompletionQueue):
     that other processes can ring it.
     """
 
-    def __init__(self, bell_buffer, spin: float = 30e-6, yield_in_spin: bool = False) -> None:
+    def __init__(self, bell_buffer, spin: float = 30e-6) -> None:
         self._q: deque[WorkCompletion] = deque()
         self._sources: list[Callable[[], None]] = []
         self._src_lock = threading.Lock()
@@ -44,7 +43,6 @@ class SoftCQ(CompletionQueue):
         self._sleepers = 0
         self._sleep_lock = threading.Lock()
         self._spin = spin
-        self._yield = yield_in_spin
         self.closed = False
 
     # -- producers -------------------------------------------------------------------------
@@ -95,13 +93,10 @@ class SoftCQ(CompletionQueue):
         deadline = None if timeout is None else now + timeout
         if self._spin:
             spin_end = now + min(self._spin, timeout if timeout is not None else self._spin)
-            yield_ = self._yield
             while time.monotonic() < spin_end:
                 out = self.poll(max_entries)
                 if out:
                     return out
-                if yield_:
-                    os.sched_yield()  # releases the GIL: a producer thread of ours can run
         while not self.closed:
             with self._sleep_lock:
                 self._sleepers += 1

@@ -42,17 +42,17 @@ import secrets
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import metrics
 from .softcq import SoftCQ, SoftMR, check_length
 from .tcp_qp import TcpQP
-from .verbs import Access, Context, MemoryRegion, ProtectionDomain, VerbsError
+from .verbs import Access, Context, MemoryRegion, ProtectionDomain, VerbsError, WorkCompletion
 
 KEEPALIVE = (1, 1, 3)  # idle, interval, probes
 USER_TIMEOUT_MS = 4000
 CHANNEL_TIMEOUT = 5.0
-SPIN = float(os.environ.get("RDMA_TCP_SPIN_US", "0")) * 1e-6
 
 
 @dataclass
@@ -96,34 +96,81 @@ class TcpPD(ProtectionDomain):
 
 
 class TcpCQ(SoftCQ):
-    """Waits in select() on the request connections of its queue pairs (their acknowledgements)
-    and on an eventfd that the responder threads signal (receive completions, flushes)."""
+    """Waits in epoll on the request connections of its queue pairs (their acknowledgements)
+    and on an eventfd that the responder threads signal (receive completions, flushes).
+
+    ``wait`` does not drain before sleeping: epoll reports a connection with data at once, and
+    only that queue pair's responses are parsed, so a round trip costs the same system calls as
+    a plain ping-pong (send, epoll, recv).
+    """
 
     def __init__(self) -> None:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._fds: list[socket.socket] = []
-        super().__init__(mmap.mmap(-1, 4096), spin=SPIN)
+        self._ep = select.epoll()
+        self._ep.register(self._efd, select.EPOLLIN)
+        self._drains: dict[int, Callable[[], None]] = {}
+        super().__init__(mmap.mmap(-1, 4096), spin=0)
 
-    def add_fd(self, sock: socket.socket) -> None:
-        self._fds = [*self._fds, sock]
+    def add_fd(self, sock: socket.socket, drain: Callable[[], None]) -> None:
+        fd = sock.fileno()
+        self._drains[fd] = drain
+        self._ep.register(fd, select.EPOLLIN)
+        self.add_source(drain)
 
-    def remove_fd(self, sock: socket.socket) -> None:
-        self._fds = [s for s in self._fds if s is not sock]
+    def remove_fd(self, sock: socket.socket, drain: Callable[[], None]) -> None:
+        self.remove_source(drain)
+        fd = sock.fileno()
+        if fd >= 0 and self._drains.get(fd) is drain:
+            del self._drains[fd]
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def _wake(self) -> None:
         os.eventfd_write(self._efd, 1)
 
-    def _sleep(self, seq: int, timeout: float) -> None:
-        fds = [s for s in self._fds if s.fileno() >= 0]
+    def _take(self, max_entries: int) -> list[WorkCompletion]:
+        q = self._q
+        out: list[WorkCompletion] = []
         try:
-            r, _, _ = select.select([self._efd, *fds], [], [], timeout)
-        except (OSError, ValueError):  # a socket closed under us: poll again
-            return
-        if self._efd in r:
+            while q and len(out) < max_entries:
+                out.append(q.popleft())
+        except IndexError:
+            pass
+        return out
+
+    def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            # Count as a sleeper only around epoll: completions we push ourselves while draining
+            # need no eventfd wakeup; one pushed by another thread before the count is in the queue.
+            with self._sleep_lock:
+                self._sleepers += 1
             try:
-                os.eventfd_read(self._efd)
-            except BlockingIOError:
-                pass
+                out = self._take(max_entries)
+                if out or self.closed:
+                    return out
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if left <= 0:
+                    return self.poll(max_entries)
+                try:
+                    events = self._ep.poll(left)
+                except (OSError, ValueError):
+                    return self.poll(max_entries)
+            finally:
+                with self._sleep_lock:
+                    self._sleepers -= 1
+            for fd, _ in events:
+                if fd == self._efd:
+                    try:
+                        os.eventfd_read(self._efd)
+                    except BlockingIOError:
+                        pass
+                else:
+                    drain = self._drains.get(fd)
+                    if drain is not None:
+                        drain()
 
     def close(self) -> None:
         if not self.closed:

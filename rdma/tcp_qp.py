@@ -71,6 +71,9 @@ class TcpQP(QueuePair):
         self._payload: memoryview | None = None
         self._pgot = 0
         self._pent: list | None = None
+        # responder-side staging buffer for ``resp``
+        self._bview = memoryview(bytearray(2 * _SMALL))
+        self._bstart = self._bend = 0
 
     @property
     def state(self) -> QPState:
@@ -80,8 +83,7 @@ class TcpQP(QueuePair):
         self.peer_qp_num = peer_qp_num
         self._req, self._resp = req, resp
         self._state = QPState.RTS
-        self._scq.add_source(self._drain)
-        self._scq.add_fd(req)  # type: ignore[attr-defined]
+        self._scq.add_fd(req, self._drain)  # type: ignore[attr-defined]
         self._rx = threading.Thread(target=self._serve_loop, name=f"rdma-tcp-qp{self.qp_num}", daemon=True)
         self._rx.start()
 
@@ -257,7 +259,7 @@ class TcpQP(QueuePair):
                 break
             self._rcq.push(WorkCompletion(wr_id, FLUSH, OP_RECV, self.qp_num))
         if self._req is not None:
-            self._scq.remove_fd(self._req)  # type: ignore[attr-defined]
+            self._scq.remove_fd(self._req, self._drain)  # type: ignore[attr-defined]
         self.cut()
 
     # -- the requester's side of ``req``: responses, read without blocking ------------------
@@ -289,6 +291,8 @@ class TcpQP(QueuePair):
                 self._hgot = 0
                 op, _, status, _, seq, _, _, length = HDR.unpack(self._hbuf)
                 self._on_response(op, seq, status, length)
+                if self._payload is None and not self._awaiting():
+                    return  # nothing outstanding: skip the recv that would say EAGAIN
             else:
                 try:
                     r = sock.recv_into(self._payload[self._pgot :], len(self._payload) - self._pgot, _NB)  # type: ignore[union-attr]
@@ -333,19 +337,59 @@ class TcpQP(QueuePair):
         else:
             self._to_err(gone=False)
 
+    def _awaiting(self) -> bool:
+        p = self._pending
+        return bool(p) and any(e[7] is None for e in p)
+
     def _expect_payload(self, view: memoryview, ent: list | None) -> None:
         self._payload, self._pgot, self._pent = view, 0, ent
 
     # -- the responder: the peer's requests on ``resp`` --------------------------------------
     def _recv_into(self, view: memoryview) -> None:
-        sock = self._resp
+        """Fill ``view`` from ``resp``: buffered bytes first, big remainders straight from the socket."""
         n = len(view)
         got = 0
+        avail = self._bend - self._bstart
+        if avail:
+            k = min(n, avail)
+            view[:k] = self._bview[self._bstart : self._bstart + k]
+            self._bstart += k
+            got = k
+        sock = self._resp
         while got < n:
-            r = sock.recv_into(view[got:], n - got)  # type: ignore[union-attr]
-            if r == 0:
-                raise Gone("connection closed")
-            got += r
+            if n - got >= _SMALL:
+                r = sock.recv_into(view[got:], n - got)  # type: ignore[union-attr]
+                if r == 0:
+                    raise Gone("connection closed")
+                got += r
+            else:
+                self._fill()
+                k = min(n - got, self._bend - self._bstart)
+                view[got : got + k] = self._bview[self._bstart : self._bstart + k]
+                self._bstart += k
+                got += k
+
+    def _fill(self) -> None:
+        """One recv into the staging buffer: a small request usually arrives whole (header and
+        payload in one system call)."""
+        if self._bstart == self._bend:
+            self._bstart = self._bend = 0
+        r = self._resp.recv_into(self._bview[self._bend :], len(self._bview) - self._bend)  # type: ignore[union-attr]
+        if r == 0:
+            raise Gone("connection closed")
+        self._bend += r
+
+    def _header(self) -> tuple:
+        if self._bend - self._bstart < HDR.size:
+            if len(self._bview) - self._bstart < HDR.size:  # compact
+                left = self._bend - self._bstart
+                self._bview[:left] = self._bview[self._bstart : self._bend]
+                self._bstart, self._bend = 0, left
+            while self._bend - self._bstart < HDR.size:
+                self._fill()
+        h = HDR.unpack_from(self._bview, self._bstart)
+        self._bstart += HDR.size
+        return h
 
     def _discard(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
@@ -355,12 +399,9 @@ class TcpQP(QueuePair):
             n -= k
 
     def _serve_loop(self) -> None:
-        hbuf = bytearray(HDR.size)
-        hview = memoryview(hbuf)
         try:
             while self._state is QPState.RTS:
-                self._recv_into(hview)
-                op, flags, _, imm, seq, addr, rkey, length = HDR.unpack(hbuf)
+                op, flags, _, imm, seq, addr, rkey, length = self._header()
                 if length > MAX_MSG or op not in (WRITE, SEND, READ):
                     raise Gone(f"bad request opcode {op} / length {length}")
                 self._serve(op, flags, imm, seq, addr, rkey, length)
@@ -445,8 +486,7 @@ class TcpQP(QueuePair):
         self._closed = True
         self._state = QPState.ERR
         if self._req is not None:
-            self._scq.remove_fd(self._req)  # type: ignore[attr-defined]
-            self._scq.remove_source(self._drain)
+            self._scq.remove_fd(self._req, self._drain)  # type: ignore[attr-defined]
         self.cut()
         if self._rx is not None and self._rx is not threading.current_thread():
             self._rx.join(timeout=2)
