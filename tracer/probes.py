@@ -69,10 +69,11 @@ class Probes:
             ) from None
         self.snaplen = snaplen
         self.RawEvent = event_struct(snaplen)
-        self.tgids = self.bpf["tgids"]
-        self.tids = self.bpf["tids"]
-        self.socks = self.bpf["socks"]
-        self.counters = self.bpf["counters"]
+        self.tgids = self.bpf[b"tgids"]
+        self.tids = self.bpf[b"tids"]
+        self.socks = self.bpf[b"socks"]
+        self.counters = self.bpf[b"counters"]
+        self.args = self.bpf[b"args"]
         self._prefill_next = PREFILL_CONN_BASE + 1
 
     def open_events(self, callback: Callable[[ctypes.Structure], None]) -> int:
@@ -84,7 +85,7 @@ class Probes:
             callback(ctypes.cast(data, raw_type).contents)
             return 0
 
-        self.bpf["events"].open_ring_buffer(on_record)
+        self.bpf[b"events"].open_ring_buffer(on_record)
         libbpf = ctypes.CDLL("libbpf.so.1")
         libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
         libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
@@ -129,6 +130,11 @@ class Probes:
         """A forked child holds its parent's sockets under the same conn ids."""
         for fd, (conn, kind) in self.sockets_of(from_tgid).items():
             self.socks[self.socks.Key(to_tgid, fd)] = self.socks.Leaf(conn, kind, 0)
+
+    def seed_args(self, tid: int, call: int, fd: int, buf: int, count: int, flags: int) -> None:
+        """Arguments of a syscall a thread was already blocked in when the probes loaded, so
+        that its return is captured (and gated) like any other."""
+        self.args[ctypes.c_uint32(tid)] = self.args.Leaf(call, fd, buf, count, 0, flags, 0)
 
     def drop_socket(self, tgid: int, fd: int) -> None:
         self.socks.pop(self.socks.Key(tgid, fd), None)

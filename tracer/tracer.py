@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +28,9 @@ log = logging.getLogger("tracer")
 
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 BACKSTOP_SECONDS = 0.02
+# x86_64 numbers of the input syscalls a thread may be blocked in when we attach
+BLOCKING_INPUTS = {0: Call.READ, 19: Call.READV, 43: Call.ACCEPT, 45: Call.RECVFROM,
+                   47: Call.RECVMSG, 288: Call.ACCEPT4}
 STOP_SPIN_SECONDS = 0.0005
 
 
@@ -87,7 +90,7 @@ class Tracer:
         self.snaplen = snaplen
         self.stats = TracerStats()
         self.pid = 0
-        self.child: subprocess.Popen | None = None
+        self.child_pid = 0
         self._threads: dict[int, _Thread] = {}
         self._tgids: set[int] = set()
         self._peers: dict[int, str] = {}
@@ -224,15 +227,20 @@ class Tracer:
         self._seize_threads(pid)
 
     def _launch(self, argv: list[str]) -> None:
-        try:
-            self.child = subprocess.Popen(argv, preexec_fn=_stop_self)  # noqa: PLW1509
-        except OSError as exc:
-            raise AttachError(f"cannot start {argv[0]}: {exc.strerror}") from None
-        pid = self.child.pid
-        _, status = pt.wait_tid(pid, nohang=False)
+        """Fork, stop the child before it execs, seize it, then let it exec under the tracer."""
+        if shutil.which(argv[0]) is None:
+            raise AttachError(f"cannot start {argv[0]}: command not found")
+        pid = os.fork()
+        if pid == 0:  # child: only async-signal-safe work until exec
+            try:
+                os.kill(os.getpid(), signal.SIGSTOP)
+                os.execvp(argv[0], argv)
+            finally:
+                os._exit(127)
+        _, status = os.waitpid(pid, os.WUNTRACED)
         if not os.WIFSTOPPED(status):
             raise AttachError(f"{argv[0]} exited before it could be traced")
-        self.pid = pid
+        self.pid = self.child_pid = pid
         self._supervise(pid)
         pt.seize(pid, self._options())
         self._adopt(pid, pid)
@@ -267,10 +275,24 @@ class Tracer:
                 except Exception as exc:
                     raise AttachError(f"cannot seize thread {tid} of pid {pid}: {exc}") from None
                 self._adopt(tid, pid)
+                self._seed_blocked_syscall(tid)
                 found_new = True
             quiet_passes = 0 if found_new else quiet_passes + 1
         if not self._threads:
             raise AttachError(f"pid {pid} exited while attaching")
+
+    def _seed_blocked_syscall(self, tid: int) -> None:
+        blocked = procfs.blocked_syscall(tid)
+        if blocked is None or blocked[0] not in BLOCKING_INPUTS:
+            return
+        assert self.probes is not None
+        call = BLOCKING_INPUTS[blocked[0]]
+        fd, buf, count, flags = blocked[1][:4]
+        if call is Call.RECVMSG:
+            count, flags = 0, count
+        elif call is not Call.RECVFROM:
+            flags = 0
+        self.probes.seed_args(tid, call, fd, buf, count, flags)
 
     def _adopt(self, tid: int, tgid: int) -> None:
         """Record a seized thread; only now may the probe gate it."""
@@ -314,6 +336,7 @@ class Tracer:
             self._handle(event)
 
     def _handle(self, event: SocketEvent) -> None:
+        log.debug("event %s", event)
         self.stats.events += 1
         self._track_connection(event)
         if event.input:
@@ -431,6 +454,7 @@ class Tracer:
             self._on_wait(tid, status)
 
     def _on_wait(self, tid: int, status: int) -> None:
+        log.debug("wait tid=%d status=%#x", tid, status)
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             self._on_thread_exit(tid, status)
             return
@@ -479,10 +503,7 @@ class Tracer:
             thread.pending = None  # released before its stop arrived
             self._cont(thread.tid, 0)
             return
-        if pending is None and self._stopping.is_set():
-            self._cont(thread.tid, 0)
-            return
-        thread.gate_stopped = True
+        thread.gate_stopped = True  # its event may still be in the ring buffer
 
     def _listen(self, tid: int) -> None:
         try:
@@ -491,28 +512,37 @@ class Tracer:
             self._forget_thread(tid)
 
     def _on_new_task(self, parent: _Thread, event: int) -> None:
-        assert self.probes is not None
         new_tid = pt.event_msg(parent.tid)
-        if event == pt.EVENT_CLONE:
-            if new_tid not in self._threads:
-                self._adopt(new_tid, parent.tgid)
+        if new_tid in self._threads:
             return
+        if event == pt.EVENT_CLONE:
+            self._adopt(new_tid, parent.tgid)
+        else:
+            self._adopt_process(new_tid, parent.tgid)
+
+    def _adopt_process(self, pid: int, parent_tgid: int) -> None:
+        """A forked child holds its parent's sockets: supervise it like its parent, before it
+        is allowed to run."""
+        assert self.probes is not None
         mode = MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
-        self.probes.supervise_tgid(new_tid, mode)
-        self._tgids.add(new_tid)
-        self.probes.copy_sockets(parent.tgid, new_tid)
-        if new_tid not in self._threads:
-            self._adopt(new_tid, new_tid)
+        self.probes.supervise_tgid(pid, mode)
+        self._tgids.add(pid)
+        self.probes.copy_sockets(parent_tgid, pid)
+        self._adopt(pid, pid)
 
     def _adopt_unknown(self, tid: int) -> _Thread | None:
-        """A stop from a thread whose creation event has not been seen yet."""
+        """A stop from a task whose creation event has not been seen yet."""
         try:
             tgid = int(procfs.status_field(tid, "Tgid") or 0)
+            parent = int(procfs.status_field(tgid, "PPid") or 0)
         except FileNotFoundError:
             return None
-        if tgid not in self._tgids:
+        if tgid in self._tgids:
+            self._adopt(tid, tgid)
+        elif tgid == tid and parent in self._tgids:
+            self._adopt_process(tid, parent)
+        else:
             return None
-        self._adopt(tid, tgid)
         return self._threads[tid]
 
     def _on_thread_exit(self, tid: int, status: int) -> None:
@@ -523,8 +553,6 @@ class Tracer:
             self._tgids.discard(tid)
             if self.probes is not None:
                 self.probes.forget_tgid(tid)
-        if self.child is not None and tid == self.child.pid:
-            self.child.returncode = os.waitstatus_to_exitcode(status)
 
     def _forget_thread(self, tid: int) -> None:
         thread = self._threads.pop(tid, None)

@@ -94,10 +94,10 @@ static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrle
         return 0;
     struct sock_key key = {.tgid = tgid, .fd = fd};
     struct sock_val *sv = socks.lookup(&key);
-    if (!sv)
+    if (!sv || ((call == C_ACCEPT || call == C_ACCEPT4) && sv->kind != SOCK_LISTEN)) {
+        args.delete(&tid);  // never let arguments seeded at attach outlive their syscall
         return 0;
-    if ((call == C_ACCEPT || call == C_ACCEPT4) && sv->kind != SOCK_LISTEN)
-        return 0;
+    }
     struct saved_args a = {.call = call, .fd = fd, .buf = buf, .count = count,
                            .addrlen = addrlen, .flags = flags};
     args.update(&tid, &a);

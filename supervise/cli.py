@@ -1,0 +1,71 @@
+"""The `supervise` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tracer.signalfd import block_sigchld
+
+USAGE = """\
+supervise --pid PID --trace [--json] [--snaplen N]   print a process's socket events
+supervise --trace [--json] [--snaplen N] -- CMD [ARG...]
+supervise doctor                                      what this machine has and lacks
+supervise demo                                        the main job on a built-in default"""
+
+
+class UsageError(Exception):
+    """Bad command line or configuration: one line, exit status 2."""
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supervise", usage=USAGE, add_help=True)
+    p.add_argument("--pid", type=int, help="attach to this running process")
+    p.add_argument("--trace", action="store_true", help="print socket events (nothing is held)")
+    p.add_argument("--json", action="store_true", help="with --trace: JSON Lines output")
+    p.add_argument("--snaplen", type=int, default=4096, help="with --trace: bytes of payload shown")
+    p.add_argument("command", nargs="*", help="command to start under supervision (after --)")
+    return p
+
+
+def _run_main_form(argv: list[str]) -> int:
+    parser = _main_parser()
+    args = parser.parse_args(argv)
+    if not args.trace:
+        parser.error("nothing to do: give --trace (see 'supervise --help')")
+    if args.pid is None and not args.command:
+        parser.error("give --pid PID or a command after --")
+    if args.pid is not None and args.command:
+        parser.error("give either --pid or a command, not both")
+    if not 1 <= args.snaplen <= 65536:
+        parser.error(f"--snaplen must be between 1 and 65536, not {args.snaplen}")
+    from .trace_cmd import run_trace
+
+    return run_trace(args.pid, args.command, args.json, args.snaplen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    block_sigchld()
+    argv = sys.argv[1:] if argv is None else argv
+    from tracer.probes import ProbeError
+    from tracer.tracer import AttachError
+
+    try:
+        if argv and argv[0] == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(argv[1:])
+        if argv and argv[0] == "demo":
+            from .demo import run_demo
+
+            return run_demo(argv[1:])
+        return _run_main_form(argv)
+    except (AttachError, ProbeError, UsageError) as exc:
+        print(f"supervise: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

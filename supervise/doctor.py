@@ -1,0 +1,144 @@
+"""`supervise doctor`: one table of what this machine has and lacks for supervision."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def _kernel_version() -> tuple[int, int]:
+    major, minor = platform.release().split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def check_root() -> Check:
+    ok = os.geteuid() == 0
+    return Check("root", ok, f"euid {os.geteuid()}", "run supervise as root (ptrace and BPF need it)")
+
+
+def check_kernel() -> Check:
+    ok = _kernel_version() >= (5, 8)
+    return Check("kernel", ok, platform.release(), "a kernel >= 5.8 (BPF ring buffer) is needed")
+
+
+def check_tracefs() -> Check:
+    ok = os.path.isdir("/sys/kernel/tracing/events/syscalls")
+    return Check(
+        "tracefs", ok, "/sys/kernel/tracing" if ok else "not mounted",
+        "mount -t tracefs nodev /sys/kernel/tracing",
+    )
+
+
+def check_btf() -> Check:
+    ok = os.path.exists("/sys/kernel/btf/vmlinux")
+    return Check("BTF", ok, "/sys/kernel/btf/vmlinux" if ok else "absent",
+                 "a kernel built with CONFIG_DEBUG_INFO_BTF", required=False)
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc
+    except ImportError as exc:
+        return Check("bcc", False, str(exc),
+                     "apt-get install python3-bpfcc bpfcc-tools; use a venv with --system-site-packages")
+    return Check("bcc", True, os.path.dirname(bcc.__file__))
+
+
+def check_headers() -> Check:
+    build = Path(f"/lib/modules/{platform.release()}/build")
+    ok = (build / "include").is_dir()
+    detail = f"{build} -> {build.resolve()}" if ok else f"{build} missing"
+    return Check("kernel headers", ok, detail,
+                 "make setup (links Debian's linux-headers-amd64 tree when no exact package exists)")
+
+
+def check_compile() -> Check:
+    if os.geteuid() != 0:
+        return Check("tracepoint program", False, "needs root", "run as root")
+    from tracer.probes import ProbeError, Probes
+
+    try:
+        Probes(snaplen=64).close()
+    except ProbeError as exc:
+        return Check("tracepoint program", False, str(exc).splitlines()[0][:120],
+                     "fix the items above (bcc, headers, tracefs)")
+    return Check("tracepoint program", True, "tracer/bpf/sockets.c compiled, verified, attached")
+
+
+def check_send_signal() -> Check:
+    ok = _kernel_version() >= (5, 6)
+    detail = "bpf_send_signal_thread (kernel >= 5.6; used by the loaded program)"
+    return Check("bpf_send_signal_thread", ok, detail if ok else f"kernel {platform.release()}",
+                 "a kernel >= 5.6 is needed to gate syscalls")
+
+
+def check_yama() -> Check:
+    path = Path("/proc/sys/kernel/yama/ptrace_scope")
+    if not path.exists():
+        return Check("Yama ptrace_scope", True, "Yama not active: no restriction")
+    scope = int(path.read_text())
+    ok = scope < 3
+    return Check("Yama ptrace_scope", ok, f"{scope}",
+                 "ptrace_scope 3 forbids attaching; it resets only at reboot")
+
+
+def check_rdma() -> Check:
+    devices = sorted(os.listdir("/sys/class/infiniband")) if os.path.isdir("/sys/class/infiniband") else []
+    if devices:
+        return Check("RDMA devices", True, ", ".join(devices), required=False)
+    return Check("RDMA devices", False, "none: the shm and tcp transports will be used",
+                 "optional: an RNIC or 'rdma link add rxe0 type rxe netdev eth0'", required=False)
+
+
+def check_netns() -> Check:
+    name = f"doctor-{uuid.uuid4().hex[:8]}"
+    ip = shutil.which("ip")
+    if ip is None:
+        return Check("network namespaces", False, "iproute2 missing", "apt-get install iproute2",
+                     required=False)
+    made = subprocess.run([ip, "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        return Check("network namespaces", False, made.stderr.strip()[:100],
+                     "needed only for the VIP and multi-host tests", required=False)
+    subprocess.run([ip, "netns", "del", name], capture_output=True)
+    return Check("network namespaces", True, "created and removed one", required=False)
+
+
+CHECKS: list[Callable[[], Check]] = [
+    check_root, check_kernel, check_tracefs, check_btf, check_bcc, check_headers, check_compile,
+    check_send_signal, check_yama, check_rdma, check_netns,
+]
+
+
+def run_doctor(argv: list[str]) -> int:
+    if argv:
+        print(f"supervise: error: doctor takes no arguments (got {' '.join(argv)})")
+        return 2
+    results = [check() for check in CHECKS]
+    width = max(len(r.name) for r in results)
+    for r in results:
+        mark = "ok" if r.ok else ("MISSING" if r.required else "absent")
+        print(f"{r.name:<{width}}  {mark:<7}  {r.detail}")
+        if not r.ok and r.fix:
+            print(f"{'':<{width}}  {'':<7}  fix: {r.fix}")
+    missing = [r.name for r in results if r.required and not r.ok]
+    if missing:
+        print(f"\nnot ready for replication: {', '.join(missing)}")
+        return 1
+    print("\nready: everything replication needs is here")
+    return 0

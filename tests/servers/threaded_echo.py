@@ -1,0 +1,23 @@
+"""A TCP server that starts a new thread for every connection: threads appear after attach."""
+
+import socket
+import sys
+import threading
+
+
+def serve(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data.upper())
+
+
+def main() -> None:
+    listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The tracer sees a real server's socket inputs and outputs, from outside the process."""
+
+import base64
+import json
+import os
+import signal
+import socket
+
+import redis as redis_py
+
+from tracer.events import Direction
+from tracer.tracer import Mode
+
+from .procs import free_port, memcached_server, python_server, wait_port
+from .tracing import start_trace_cli, traced
+
+
+def _stop_cli(proc) -> list[dict]:
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _commands(n: int, tag: str) -> list[bytes]:
+    conn = redis_py.Connection()
+    return [b"".join(conn.pack_command("SET", f"{tag}:{i}", "x" * i)) for i in range(n)]
+
+
+def test_redis_client_bytes_appear_exactly_and_in_order_on_their_connection(redis):
+    proc = start_trace_cli("--pid", str(redis.pid), "--json", "--snaplen", "65536")
+    try:
+        sent = {"a": _commands(40, "a"), "b": _commands(40, "b")}
+        clients = {k: socket.create_connection(("127.0.0.1", redis.port)) for k in sent}
+        for i in range(40):
+            for name, client in clients.items():
+                client.sendall(sent[name][i])
+                assert client.recv(100) == b"+OK\r\n"
+        ports = {name: c.getsockname()[1] for name, c in clients.items()}
+        for client in clients.values():
+            client.close()
+    finally:
+        events = _stop_cli(proc)
+    for name, port in ports.items():
+        peer = f"127.0.0.1:{port}"
+        mine = [e for e in events if e["peer"] == peer]
+        conns = {e["conn"] for e in mine}
+        assert len(conns) == 1, f"one connection id for {peer}, got {conns}"
+        inputs = b"".join(base64.b64decode(e.get("data", "")) for e in mine if e["dir"] == "in")
+        assert inputs == b"".join(sent[name])
+        outputs = [base64.b64decode(e["data"]) for e in mine if e["dir"] == "out"]
+        assert outputs == [b"+OK\r\n"] * 40
+        assert mine[0]["call"] in ("accept", "accept4")
+        assert {e["pid"] for e in mine} == {redis.pid}
+        assert all(isinstance(e["t"], float) and e["fd"] >= 0 for e in mine)
+
+
+def test_redis_py_commands_and_replies_seen_as_input_and_output_events(redis):
+    with traced(redis.pid, Mode.OBSERVE) as (_tracer, rec):
+        client = redis_py.Redis(port=redis.port)
+        client.rpush("list", "one", "two")
+        assert client.lrange("list", 0, -1) == [b"one", b"two"]
+        client.close()
+        seen = []
+        while not any(e.is_eof for e in seen):
+            seen.append(rec.events.get(timeout=5))
+    data_in = b"".join(e.data for e in seen if e.dir is Direction.IN)
+    data_out = b"".join(e.data for e in seen if e.dir is Direction.OUT)
+    assert b"RPUSH\r\n$4\r\nlist\r\n$3\r\none\r\n$3\r\ntwo" in data_in
+    assert b"*2\r\n$3\r\none\r\n$3\r\ntwo\r\n" in data_out
+
+
+def test_memcached_worker_threads_that_predate_attach_are_all_seen_and_gated(memcached):
+    with traced(memcached.pid, Mode.GATE) as (tracer, rec):
+        assert tracer.stats.threads >= 5
+        clients = [socket.create_connection(("127.0.0.1", memcached.port)) for _ in range(8)]
+        for round_ in range(5):
+            for i, client in enumerate(clients):
+                client.sendall(f"set k{i} 0 0 2\r\nv{round_}\r\n".encode())
+            for client in clients:
+                assert client.recv(100) == b"STORED\r\n"
+        for client in clients:
+            client.close()
+        inputs = [e for e in rec.drain() if e.input and e.dir is Direction.IN and e.ret > 0]
+    assert len({e.tid for e in inputs}) >= 2, "memcached spreads connections over workers"
+    assert all(e.gated for e in inputs)
+    assert tracer.stats.escapes == 0
+
+
+def test_threads_created_after_attach_are_followed_and_gated():
+    server = python_server("threaded_echo.py")
+    try:
+        with traced(server.pid, Mode.GATE) as (tracer, rec):
+            before = tracer.stats.threads
+            clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+            for i, client in enumerate(clients):
+                client.sendall(f"hello {i}".encode())
+                assert client.recv(100) == f"HELLO {i}".encode()
+            assert tracer.stats.threads >= before + 3
+            inputs = [e for e in rec.drain() if e.dir is Direction.IN and e.ret > 0]
+        assert sorted(e.data for e in inputs) == [b"hello 0", b"hello 1", b"hello 2"]
+        assert all(e.gated for e in inputs)
+        assert len({e.tid for e in inputs}) == 3
+    finally:
+        server.stop()
+
+
+def test_forked_children_are_followed_and_their_inputs_seen():
+    server = python_server("forking_echo.py")
+    try:
+        with traced(server.pid, Mode.GATE) as (_tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(b"abc")
+            assert client.recv(100) == b"cba"
+            client.close()
+            inputs = [e for e in rec.drain() if e.dir is Direction.IN and e.ret > 0]
+        assert [e.data for e in inputs] == [b"abc"]
+        assert inputs[0].pid != server.pid and inputs[0].gated
+    finally:
+        server.stop()
+
+
+def test_launch_mode_traces_a_server_started_under_it(tmp_path):
+    port = free_port()
+    proc = start_trace_cli("--json", "--", "redis-server", "--port", str(port), "--save", "",
+                           "--dir", str(tmp_path), "--logfile", str(tmp_path / "log"))
+    server_pid = int(proc.attached_line.split("pid ")[1].split(")")[0])
+    try:
+        wait_port(port)
+        client = redis_py.Redis(port=port)
+        client.set("launched", "yes")
+        client.close()
+    finally:
+        os.kill(server_pid, signal.SIGKILL)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    events = [json.loads(line) for line in out.splitlines()]
+    data = b"".join(base64.b64decode(e.get("data", "")) for e in events if e["dir"] == "in")
+    assert b"launched" in data
+    assert {e["pid"] for e in events} == {server_pid}
+
+
+def test_large_inputs_are_read_whole_when_held(redis):
+    value = b"z" * 300_000
+    with traced(redis.pid, Mode.GATE) as (_tracer, rec):
+        client = redis_py.Redis(port=redis.port)
+        client.set("big", value)
+        assert client.strlen("big") == len(value)
+        client.close()
+        inputs = [e for e in rec.drain() if e.dir is Direction.IN and e.ret > 0]
+    assert all(len(e.data) == e.ret for e in inputs)
+    assert value in b"".join(e.data for e in inputs)
+
+
+def test_memcached_under_trace_cli_reports_threads_and_io():
+    server = memcached_server(threads=4)
+    try:
+        proc = start_trace_cli("--pid", str(server.pid))
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"set a 0 0 1\r\nx\r\n")
+        assert client.recv(100) == b"STORED\r\n"
+        client.close()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert "set a 0 0 1" in out and "STORED" in out
+        assert "detached" in err
+    finally:
+        server.stop()
+

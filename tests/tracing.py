@@ -1,0 +1,68 @@
+"""Helpers to run the tracer against a real server from a test."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import subprocess
+import sys
+from collections.abc import Iterator
+
+from tracer.events import SocketEvent
+from tracer.tracer import Mode, Tracer
+
+
+class Recorder:
+    """Collects events; in gate mode holds them until the test releases them."""
+
+    def __init__(self, auto_release: bool) -> None:
+        self.auto_release = auto_release
+        self.events: queue.Queue[SocketEvent] = queue.Queue()
+        self.tracer: Tracer | None = None
+
+    def __call__(self, event: SocketEvent) -> None:
+        if event.gated and self.auto_release:
+            assert self.tracer is not None
+            self.tracer.release(event)
+        self.events.put(event)
+
+    def next_input(self, timeout: float = 5.0) -> SocketEvent:
+        while True:
+            event = self.events.get(timeout=timeout)
+            if event.input:
+                return event
+
+    def drain(self) -> list[SocketEvent]:
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
+
+
+@contextlib.contextmanager
+def traced(pid: int, mode: Mode, auto_release: bool = True) -> Iterator[tuple[Tracer, Recorder]]:
+    recorder = Recorder(auto_release)
+    tracer = Tracer(mode, recorder)
+    recorder.tracer = tracer
+    tracer.attach(pid)
+    try:
+        yield tracer, recorder
+    finally:
+        tracer.detach()
+
+
+def start_trace_cli(*args: str) -> subprocess.Popen:
+    """`supervise --trace ...` as a real subprocess; returns once it has attached."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervise", "--trace", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = proc.stderr.readline()
+    if not line.startswith("tracing"):
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"tracer did not attach: {line}{err}")
+    proc.attached_line = line
+    return proc
