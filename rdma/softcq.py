@@ -38,7 +38,7 @@ class SoftCQ(CompletionQueue):
     def __init__(self, bell_buffer, spin: float = 30e-6) -> None:
         self._q: deque[WorkCompletion] = deque()
         self._sources: list[Callable[[], None]] = []
-        self._src_lock = threading.Lock()
+        self._src_lock = threading.RLock()  # a source may remove itself (QP error) while polled
         self._bell = Doorbell(bell_buffer, 0)
         self._sleepers = 0
         self._sleep_lock = threading.Lock()

@@ -53,6 +53,7 @@ from .verbs import Access, Context, MemoryRegion, ProtectionDomain, VerbsError, 
 KEEPALIVE = (1, 1, 3)  # idle, interval, probes
 USER_TIMEOUT_MS = 4000
 CHANNEL_TIMEOUT = 5.0
+SPIN = float(os.environ.get("RDMA_TCP_SPIN_US", "60")) * 1e-6  # busy-poll before epoll
 
 
 @dataclass
@@ -109,7 +110,7 @@ class TcpCQ(SoftCQ):
         self._ep = select.epoll()
         self._ep.register(self._efd, select.EPOLLIN)
         self._drains: dict[int, Callable[[], None]] = {}
-        super().__init__(mmap.mmap(-1, 4096), spin=0)
+        super().__init__(mmap.mmap(-1, 4096), spin=SPIN)
 
     def add_fd(self, sock: socket.socket, drain: Callable[[], None]) -> None:
         fd = sock.fileno()
@@ -141,7 +142,16 @@ class TcpCQ(SoftCQ):
         return out
 
     def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        if self._spin:  # a reply usually comes within a round trip: sleeping and waking costs more
+            spin_end = now + (self._spin if timeout is None else min(self._spin, timeout))
+            while True:
+                out = self.poll(max_entries)
+                if out or time.monotonic() >= spin_end:
+                    break
+            if out:
+                return out
         while True:
             # Count as a sleeper only around epoll: completions we push ourselves while draining
             # need no eventfd wakeup; one pushed by another thread before the count is in the queue.

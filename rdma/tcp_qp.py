@@ -102,7 +102,13 @@ class TcpQP(QueuePair):
     ):
         if self._state is not QPState.RTS:
             return self._post_in_err(wr_id, opcode)
-        if self._local_bad(local, loff, length, op == READ):
+        if not (
+            type(local) is SoftMR
+            and local.valid
+            and local.pd is self._pd
+            and 0 <= loff <= loff + length <= local.length
+            and (op != READ or local.access & _LOCAL_WRITE)
+        ):
             return self._decided(wr_id, opcode, WCStatus.LOC_PROT_ERR)
         if len(self._pending) >= MAX_SEND_WR:
             self._drain()
@@ -308,6 +314,18 @@ class TcpQP(QueuePair):
                         self._retire()
 
     def _on_response(self, op: int, seq: int, status: int, length: int) -> None:
+        if op == ACK and status == 0:  # fast path: the oldest outstanding request succeeded
+            with self._plock:
+                p = self._pending
+                head = p[0] if p else None
+                if head is not None and head[0] == seq and head[7] is None:
+                    p.popleft()
+                else:
+                    head = None
+            if head is not None:
+                if head[3]:
+                    self._scq.push(WorkCompletion(head[1], SUCCESS, head[2], self.qp_num, head[6]))
+                return
         if op not in (ACK, READ_RESP) or length > MAX_MSG:
             raise Gone(f"bad response opcode {op}")
         with self._plock:
@@ -338,8 +356,7 @@ class TcpQP(QueuePair):
             self._to_err(gone=False)
 
     def _awaiting(self) -> bool:
-        p = self._pending
-        return bool(p) and any(e[7] is None for e in p)
+        return bool(self._pending)
 
     def _expect_payload(self, view: memoryview, ent: list | None) -> None:
         self._payload, self._pgot, self._pent = view, 0, ent
