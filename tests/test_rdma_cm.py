@@ -7,7 +7,7 @@ import os
 import pytest
 from prometheus_client import generate_latest
 
-from rdma import Listener, SecretFileError, open_context, read_secret
+from rdma import Listener, SecretFileError, VerbsError, open_context, rdma_devices, read_secret
 from rdma.cm import is_local_host, parse_endpoint
 
 from .rdma_support import ALL, SECRET, Local, Peer, PeerError, wait_until
@@ -80,3 +80,12 @@ def test_metrics_are_exported(provider):
     assert f'supervise_transport_write_bytes_total{{provider="{provider}"}}' in text
     assert f'supervise_transport_errors_total{{provider="{provider}"}}' in text
     assert 'supervise_transport_auth_failures_total{reason="bad_secret"}' in text
+
+
+def test_verbs_without_a_device_fails_clearly():
+    if rdma_devices():  # a device exists: the conformance suite runs the verbs provider instead
+        ctx = open_context("verbs")
+        ctx.close()
+        return
+    with pytest.raises(VerbsError, match="no RDMA device"):
+        open_context("verbs")
