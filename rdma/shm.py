@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import selectors
 import socket
 import threading
@@ -168,11 +169,24 @@ class _Watcher:
         os.close(self._w)
 
 
+def _raise_nofile() -> None:
+    """Every region holds descriptors (ours and Python's mmap duplicate; one more per peer
+    mapping), so lift the soft RLIMIT_NOFILE to the hard limit, as servers commonly do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
 class ShmContext(Context):
     provider = "shm"
 
     def __init__(self) -> None:
         segment.janitor()
+        _raise_nofile()
         self._table = segment.create(TABLE_SIZE)
         self._t32 = memoryview(self._table.mm).cast("I")
         self._t64 = memoryview(self._table.mm).cast("Q")
