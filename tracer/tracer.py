@@ -7,6 +7,7 @@ the probe sent its thread, and restarts the thread when the caller releases the 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -307,7 +308,7 @@ class Tracer:
         peer = None
         call = Call(raw.call)
         if call in ACCEPTS and raw.peer_len:
-            peer = format_sockaddr(bytes(raw.peer))
+            peer = format_sockaddr(ctypes.string_at(ctypes.addressof(raw.peer), raw.peer_len))
         self._batch.append(
             SocketEvent(
                 seq=raw.seq,
@@ -321,7 +322,7 @@ class Tracer:
                 dir=Direction(raw.dir),
                 input=bool(raw.input),
                 gated=bool(raw.gated),
-                data=bytes(raw.data[: raw.data_len]),
+                data=ctypes.string_at(ctypes.addressof(raw.data), raw.data_len),
                 peer=peer,
                 buf=raw.buf,
                 count=raw.count,
@@ -336,7 +337,6 @@ class Tracer:
             self._handle(event)
 
     def _handle(self, event: SocketEvent) -> None:
-        log.debug("event %s", event)
         self.stats.events += 1
         self._track_connection(event)
         if event.input:
@@ -454,7 +454,6 @@ class Tracer:
             self._on_wait(tid, status)
 
     def _on_wait(self, tid: int, status: int) -> None:
-        log.debug("wait tid=%d status=%#x", tid, status)
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             self._on_thread_exit(tid, status)
             return

@@ -1,0 +1,95 @@
+"""Cost of watching and gating Redis from outside: redis-benchmark -t set -c 50 against bare
+Redis, under `supervise --trace`, under gate mode with an immediate release, and under strace -f.
+
+Usage: .venv/bin/python bench/bench_tracer.py [--requests N]
+Prints a table of throughput as ratios to bare (measured in this one run) and writes
+bench/results/tracer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RedisServer, print_table, redis_benchmark, write_json  # noqa: E402
+
+GATE_HOLDER = Path(__file__).resolve().parent.parent / "tests" / "gate_holder.py"
+
+
+def _attach(argv: list[str], ready: str) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream = proc.stderr if ready == "tracing" else proc.stdout
+    line = stream.readline()
+    if not line.startswith(ready):
+        proc.kill()
+        raise RuntimeError(f"{argv[:3]} did not attach: {line}")
+    if ready == "tracing":
+        # --trace prints every event: drain its output so that it never blocks on the pipe
+        subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+    return proc
+
+
+def _under(kind: str, server: RedisServer) -> subprocess.Popen | None:
+    py = sys.executable
+    if kind == "bare":
+        return None
+    if kind == "trace":
+        return _attach([py, "-m", "supervise", "--pid", str(server.pid), "--trace", "--json"],
+                       "tracing")
+    if kind == "gate":
+        return _attach([py, str(GATE_HOLDER), str(server.pid)], "attached")
+    if kind == "strace":
+        proc = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(server.pid)])
+        time.sleep(1.0)
+        return proc
+    raise ValueError(kind)
+
+
+def measure(kind: str, requests: int) -> dict:
+    server = RedisServer()
+    watcher = _under(kind, server)
+    try:
+        return redis_benchmark(server.port, "set", 50, requests)["SET"]
+    finally:
+        if watcher is not None:
+            watcher.terminate()
+            try:
+                watcher.wait(20)
+            except subprocess.TimeoutExpired:
+                watcher.kill()
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    kinds = ["bare", "trace", "gate", "strace"]
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(args.rounds):  # interleaved, so drift on a noisy machine hits every kind
+        for kind in kinds:
+            n = args.requests if kind != "strace" else max(args.requests // 10, 10_000)
+            runs[kind].append(measure(kind, n))
+    best = {k: max(v, key=lambda r: r["rps"]) for k, v in runs.items()}
+    bare = best["bare"]["rps"]
+    rows = [[k, f"{best[k]['rps']:.0f}", f"{best[k]['rps'] / bare:.2f}x",
+             f"{best[k]['p50_ms']:.3f}", f"{best[k]['p99_ms']:.3f}"] for k in kinds]
+    print("redis-benchmark -t set -c 50 (best of %d rounds)" % args.rounds)
+    print_table(["mode", "SET/s", "vs bare", "p50 ms", "p99 ms"], rows)
+    targets = {"trace": 0.9, "gate": 0.25}
+    for kind, target in targets.items():
+        ratio = best[kind]["rps"] / bare
+        print(f"{kind}: {ratio:.2f}x bare (target >= {target}x): {'met' if ratio >= target else 'MISSED'}")
+    path = write_json("tracer", {"requests": args.requests, "runs": runs, "best": best,
+                                 "ratios": {k: best[k]["rps"] / bare for k in kinds}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

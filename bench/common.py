@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: real servers on free ports, result tables and JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+class RedisServer:
+    def __init__(self, extra: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, *(extra or [])],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_benchmark(port: int, tests: str, clients: int, requests: int) -> dict[str, dict]:
+    """Run redis-benchmark; returns per test: rps, p50_ms, p99_ms."""
+    out = subprocess.run(
+        ["redis-benchmark", "-p", str(port), "-t", tests, "-c", str(clients), "-n", str(requests),
+         "-r", "1000", "--csv"],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    return {
+        row["test"]: {"rps": float(row["rps"]), "p50_ms": float(row["p50_latency_ms"]),
+                      "p99_ms": float(row["p99_latency_ms"])}
+        for row in rows
+    }
+
+
+def write_json(name: str, doc: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    doc = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                       "python": sys.version.split()[0]}, "time": time.time(), **doc}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

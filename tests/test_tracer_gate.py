@@ -1,0 +1,144 @@
+"""Gate mode holds inputs; attaching, detaching and dying never harm the server."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis as redis_py
+
+from tracer.events import Direction
+from tracer.tracer import Mode
+
+from .procs import alive
+from .tracing import start_trace_cli, traced
+
+PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def _ping(port: int) -> bool:
+    return redis_py.Redis(port=port, socket_timeout=5).ping()
+
+
+def test_held_input_gets_no_reply_until_released(redis):
+    with traced(redis.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+        client = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())  # the accept
+        client.sendall(PING)
+        held = rec.next_input()
+        assert held.data == PING and held.gated
+        client.settimeout(0.5)
+        try:
+            reply = client.recv(100)
+        except TimeoutError:
+            reply = None
+        assert reply is None, "the server answered an input that was still held"
+        assert tracer.stats.held == 1
+        tracer.release(held)
+        client.settimeout(5)
+        assert client.recv(100) == b"+PONG\r\n"
+        client.close()
+
+
+def test_server_keeps_serving_after_trace_exits(redis):
+    proc = start_trace_cli("--pid", str(redis.pid))
+    assert _ping(redis.port)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert _ping(redis.port)
+    assert _tracer_of(redis.pid) == 0
+
+
+def test_server_keeps_serving_after_trace_is_killed(redis):
+    proc = start_trace_cli("--pid", str(redis.pid))
+    client = redis_py.Redis(port=redis.port, socket_timeout=5)
+    for i in range(200):
+        client.set(f"k{i}", i)
+    proc.kill()
+    proc.communicate(timeout=20)
+    assert client.get("k199") == b"199"
+    assert _ping(redis.port)
+
+
+def test_detach_from_gate_mode_releases_held_threads_and_server_runs_on(redis):
+    with traced(redis.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+        client = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())
+        client.sendall(PING)
+        rec.next_input()
+        assert tracer.stats.held == 1
+    client.settimeout(5)
+    assert client.recv(100) == b"+PONG\r\n"
+    assert _ping(redis.port)
+    assert _stopped_state(redis.pid) is False
+    assert _tracer_of(redis.pid) == 0
+
+
+def test_killing_a_gating_supervisor_kills_its_server(redis):
+    holder = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "gate_holder.py"), str(redis.pid)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "attached"
+        assert _ping(redis.port)
+        holder.kill()
+        holder.wait(10)
+        deadline = time.monotonic() + 10
+        while alive(redis.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(redis.pid), "EXITKILL should take the server down with its supervisor"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(10)
+
+
+def test_observe_mode_never_kills_the_server_with_its_tracer(redis):
+    proc = start_trace_cli("--pid", str(redis.pid))
+    proc.kill()
+    proc.wait(10)
+    assert alive(redis.pid)
+    assert _ping(redis.port)
+
+
+def test_sigcont_sent_to_a_gated_server_is_detected_as_an_escape(redis):
+    escapes = []
+    with traced(redis.pid, Mode.GATE) as (tracer, _rec):
+        tracer.on_escape = escapes.append
+        spammer = subprocess.Popen([
+            sys.executable, "-c",
+            f"import os, signal\nwhile True: os.kill({redis.pid}, signal.SIGCONT)",
+        ])
+        try:
+            client = socket.create_connection(("127.0.0.1", redis.port))
+            client.settimeout(5)
+            deadline = time.monotonic() + 60
+            while tracer.stats.escapes == 0 and time.monotonic() < deadline:
+                client.sendall(PING)
+                assert client.recv(100) == b"+PONG\r\n"
+        finally:
+            spammer.kill()
+            spammer.wait()
+        assert tracer.stats.escapes >= 1
+        assert escapes and all(e.escaped and e.dir is Direction.IN for e in escapes)
+    assert _ping(redis.port)
+
+
+def _tracer_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError("no TracerPid line")
+
+
+def _stopped_state(pid: int) -> bool:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().split(") ")[1][0]
+        if state in "Tt":
+            return True
+    return False
