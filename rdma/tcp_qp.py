@@ -11,6 +11,7 @@ held by a blocked sender and a requester reads its own acknowledgements:
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -110,7 +111,7 @@ class TcpQP(QueuePair):
             and (op != READ or local.access & _LOCAL_WRITE)
         ):
             return self._decided(wr_id, opcode, WCStatus.LOC_PROT_ERR)
-        if len(self._pending) >= MAX_SEND_WR:
+        if len(self._pending) >= 512:  # unpolled acknowledgements must not fill the socket buffers
             self._drain()
             if len(self._pending) >= MAX_SEND_WR:
                 raise VerbsError(f"send queue full ({MAX_SEND_WR} outstanding work requests)")
@@ -191,12 +192,25 @@ class TcpQP(QueuePair):
                 time.sleep(f.rng.uniform(0, f.delay))
         for _ in range(2 if f is not None and f.duplicate and f.rng.random() < f.duplicate else 1):
             if payload is None:
-                sock.sendall(hdr)  # type: ignore[union-attr]
+                self._send(sock, hdr)
             elif len(payload) <= _SMALL:
-                sock.sendall(hdr + payload)  # type: ignore[union-attr, operator]
+                self._send(sock, hdr + payload)  # type: ignore[operator]
             else:
-                sock.sendall(hdr)  # type: ignore[union-attr]
-                sock.sendall(payload)  # type: ignore[union-attr]
+                self._send(sock, hdr)
+                self._send(sock, payload)
+
+    def _send(self, sock, data) -> None:
+        """sendall that keeps reading our responses while the kernel buffer is full, so that two
+        peers sending big requests (or READ answers) to each other can never deadlock."""
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = sock.send(view, _NB)
+            except BlockingIOError:
+                self._drain()
+                select.select([sock], [sock], [], 0.05)
+                continue
+            view = view[n:]
 
     def post_recv(self, local: MemoryRegion, local_offset: int, length: int, wr_id: int) -> None:
         if self._local_bad(local, local_offset, length, True):

@@ -285,3 +285,20 @@ def test_provider_mismatch_refused(provider, peers):
     finally:
         loc.close()
     assert peer.call("refused").get("provider_mismatch", 0) == 1
+
+
+def test_pipelined_large_reads_and_writes(local, peers):
+    """Many 1 MiB READs and WRITEs outstanding at once (more than any socket buffer holds)."""
+    peer = peers()
+    qp, remote, _ = _connect(local, peer)
+    addr, _, rkey = remote["log"]
+    peer.call("fill", "log", 0, (b"\x5a" * 4096).hex())
+    local.mr.buf[MIB : 2 * MIB] = b"\xa5" * MIB
+    n = 24
+    for i in range(n):
+        qp.post_read(local.mr, 0, MIB, addr, rkey, wr_id=i)
+        qp.post_write(local.mr, MIB, MIB, addr, rkey, wr_id=100 + i)
+    wcs = local.wait(2 * n, timeout=60)
+    assert [w.wr_id for w in wcs] == [x for i in range(n) for x in (i, 100 + i)]
+    assert all(w.status is WCStatus.SUCCESS for w in wcs)
+    assert peer.read("log", MIB - 16, 16) == b"\xa5" * 16
