@@ -36,10 +36,12 @@ PY = sys.executable
 # child
 # ---------------------------------------------------------------------------------------------
 def _child(cfg_path: str) -> None:
+    import faulthandler
     import logging
 
     from consensus import NotLeader, Peer, Replica, ReplicaConfig
 
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # stack dump for debugging hangs
     spec = json.loads(Path(cfg_path).read_text())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {spec['name']} %(threadName)s %(levelname)s %(message)s")
