@@ -6,6 +6,8 @@ Payloads are opaque bytes; this package knows nothing of syscalls.
 from consensus.errors import LeadershipLost, NotLeader, ReplicaClosed
 from consensus.replica import Peer, Replica, ReplicaConfig
 from consensus.segments import SegmentCorruptError
+from rdma.cm import SecretFileError, read_secret
 
 __all__ = ["LeadershipLost", "NotLeader", "Peer", "Replica", "ReplicaClosed", "ReplicaConfig",
-           "SegmentCorruptError"]
+           "SecretFileError",
+           "SegmentCorruptError", "read_secret"]

@@ -8,10 +8,14 @@ import sys
 from tracer.signalfd import block_sigchld
 
 USAGE = """\
-supervise --pid PID --trace [--json] [--snaplen N]   print a process's socket events
+supervise --pid PID --config FILE --node NAME         attach to a running server, join its group
+supervise --config FILE --node NAME -- CMD [ARG...]   start the server under supervision, join
+supervise status --config FILE [--json]               the group as seen by its nodes
+supervise demo                                        the main job on a built-in default
+supervise --pid PID --trace [--json] [--snaplen N]    print a process's socket events
 supervise --trace [--json] [--snaplen N] -- CMD [ARG...]
-supervise doctor                                      what this machine has and lacks
-supervise demo                                        the main job on a built-in default"""
+supervise prometheus-config --config FILE             a Prometheus scrape config for the group
+supervise doctor                                      what this machine has and lacks"""
 
 
 class UsageError(Exception):
@@ -21,6 +25,8 @@ class UsageError(Exception):
 def _main_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="supervise", usage=USAGE, add_help=True)
     p.add_argument("--pid", type=int, help="attach to this running process")
+    p.add_argument("--config", help="the cluster file (TOML)")
+    p.add_argument("--node", help="this node's name in the cluster file")
     p.add_argument("--trace", action="store_true", help="print socket events (nothing is held)")
     p.add_argument("--json", action="store_true", help="with --trace: JSON Lines output")
     p.add_argument("--snaplen", type=int, default=4096, help="with --trace: bytes of payload shown")
@@ -31,17 +37,41 @@ def _main_parser() -> argparse.ArgumentParser:
 def _run_main_form(argv: list[str]) -> int:
     parser = _main_parser()
     args = parser.parse_args(argv)
-    if not args.trace:
-        parser.error("nothing to do: give --trace (see 'supervise --help')")
     if args.pid is None and not args.command:
         parser.error("give --pid PID or a command after --")
     if args.pid is not None and args.command:
         parser.error("give either --pid or a command, not both")
+    if not args.trace:
+        if not args.config or not args.node:
+            parser.error("give --config FILE and --node NAME (or --trace)")
+        from .config import load
+        from .run import run_node
+
+        return run_node(load(args.config), args.node, args.pid, args.command)
     if not 1 <= args.snaplen <= 65536:
         parser.error(f"--snaplen must be between 1 and 65536, not {args.snaplen}")
     from .trace_cmd import run_trace
 
     return run_trace(args.pid, args.command, args.json, args.snaplen)
+
+
+def _run_config_command(command: str, argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"supervise {command}")
+    p.add_argument("--config", required=True, help="the cluster file (TOML)")
+    if command == "status":
+        p.add_argument("--json", action="store_true", help="one JSON object")
+    args = p.parse_args(argv)
+    from .config import load
+
+    cluster = load(args.config)
+    if command == "status":
+        from .status_cmd import run_status
+
+        return run_status(cluster, args.json)
+    from .prometheus_cfg import render
+
+    print(render(cluster), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,17 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     from tracer.probes import ProbeError
     from tracer.tracer import AttachError
 
+    from .config import ConfigError
+
     try:
         if argv and argv[0] == "doctor":
             from .doctor import run_doctor
 
             return run_doctor(argv[1:])
+        if argv and argv[0] in ("status", "prometheus-config"):
+            return _run_config_command(argv[0], argv[1:])
         if argv and argv[0] == "demo":
             from .demo import run_demo
 
             return run_demo(argv[1:])
         return _run_main_form(argv)
-    except (AttachError, ProbeError, UsageError) as exc:
+    except (AttachError, ProbeError, UsageError, ConfigError) as exc:
         print(f"supervise: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

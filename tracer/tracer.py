@@ -83,8 +83,10 @@ class Tracer:
         snaplen: int = 4096,
         on_exit: Callable[[int | None], None] | None = None,
         on_escape: Callable[[SocketEvent], None] | None = None,
+        exitkill: bool | None = None,
     ) -> None:
         self.mode = mode
+        self.exitkill = (mode is Mode.GATE) if exitkill is None else exitkill
         self.on_event = on_event
         self.on_exit = on_exit
         self.on_escape = on_escape
@@ -127,6 +129,16 @@ class Tracer:
         with self._releases_lock:
             self._releases.append(event)
         os.eventfd_write(self._wake_fd, 1)
+
+    def set_mode(self, mode: Mode) -> None:
+        """Start or stop gating. A supervisor that may gate later attaches with exitkill=True,
+        since PTRACE_O_EXITKILL can only be set while every thread is stopped."""
+        if mode is Mode.GATE and not self.exitkill:
+            raise ValueError("gating needs a tracer attached with exitkill")
+        self.mode = mode
+        if self.probes is not None:
+            for tgid in list(self._tgids):
+                self.probes.supervise_tgid(tgid, self._bpf_mode())
 
     def detach(self, timeout: float = 10.0) -> None:
         """Release every thread, remove the probes and leave the process running."""
@@ -216,10 +228,10 @@ class Tracer:
     # ---- attaching --------------------------------------------------------------------------
 
     def _options(self) -> int:
-        opts = pt.FOLLOW
-        if self.mode is Mode.GATE:
-            opts |= pt.O_EXITKILL
-        return opts
+        return pt.FOLLOW | (pt.O_EXITKILL if self.exitkill else 0)
+
+    def _bpf_mode(self) -> int:
+        return MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
 
     def _attach(self, pid: int) -> None:
         self.pid = pid
@@ -249,8 +261,7 @@ class Tracer:
 
     def _supervise(self, tgid: int) -> None:
         assert self.probes is not None
-        mode = MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
-        self.probes.supervise_tgid(tgid, mode)
+        self.probes.supervise_tgid(tgid, self._bpf_mode())
         self._tgids.add(tgid)
 
     def _prefill_sockets(self, tgid: int) -> None:
@@ -523,8 +534,7 @@ class Tracer:
         """A forked child holds its parent's sockets: supervise it like its parent, before it
         is allowed to run."""
         assert self.probes is not None
-        mode = MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
-        self.probes.supervise_tgid(pid, mode)
+        self.probes.supervise_tgid(pid, self._bpf_mode())
         self._tgids.add(pid)
         self.probes.copy_sockets(parent_tgid, pid)
         self._adopt(pid, pid)

@@ -1,0 +1,85 @@
+"""Output checking: a running crc32 of what the server wrote on each connection.
+
+Every node digests its own server's output stream per connection. The leader puts its digest
+at a byte offset into the log; each node compares its own at the same offset. Writes longer
+than the tracer's snap length contribute their length only, so the digest does not depend on
+how a copy happened to split a large reply (see README: output checking).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StreamDigest:
+    offset: int = 0
+    crc: int = 0
+    checkpoints: dict[int, int] = field(default_factory=dict)
+
+    def add(self, data: bytes, length: int) -> None:
+        if len(data) == length:
+            self.crc = zlib.crc32(data, self.crc)
+        self.offset += length
+        self.checkpoints[self.offset] = self.crc
+        if len(self.checkpoints) > 4096:
+            for key in list(self.checkpoints)[:2048]:
+                del self.checkpoints[key]
+
+
+@dataclass
+class PendingCheck:
+    offset: int
+    crc: int
+
+
+class OutputChecker:
+    """Compares this node's output digests with the ones the leader logged."""
+
+    def __init__(self) -> None:
+        self.streams: dict[object, StreamDigest] = {}
+        self.pending: dict[object, list[PendingCheck]] = {}
+        self.checks = 0
+        self.mismatches = 0
+        self.unverifiable = 0
+        self.first_mismatch: str | None = None
+
+    def output(self, key: object, data: bytes, length: int) -> None:
+        stream = self.streams.setdefault(key, StreamDigest())
+        stream.add(data, length)
+        self._settle(key)
+
+    def expect(self, key: object, offset: int, crc: int) -> None:
+        self.pending.setdefault(key, []).append(PendingCheck(offset, crc))
+        self._settle(key)
+
+    def digest(self, key: object) -> tuple[int, int]:
+        stream = self.streams.get(key)
+        return (stream.offset, stream.crc) if stream else (0, 0)
+
+    def forget(self, key: object) -> None:
+        self.streams.pop(key, None)
+        self.pending.pop(key, None)
+
+    def _settle(self, key: object) -> None:
+        checks = self.pending.get(key)
+        stream = self.streams.get(key)
+        if not checks:
+            return
+        offset = stream.offset if stream else 0
+        while checks and checks[0].offset <= offset:
+            check = checks.pop(0)
+            mine = stream.checkpoints.get(check.offset) if stream else (0 if check.offset == 0 else None)
+            if mine is None:
+                self.unverifiable += 1
+            elif mine == check.crc:
+                self.checks += 1
+            else:
+                self.checks += 1
+                self.mismatches += 1
+                if self.first_mismatch is None:
+                    self.first_mismatch = (
+                        f"connection {key}: output up to byte {check.offset} has crc32 {mine:08x} "
+                        f"here but {check.crc:08x} on the leader"
+                    )

@@ -1,0 +1,328 @@
+"""One node of a replicated server: the tracer on the local copy, a consensus replica, and the
+logic that turns one into the other.
+
+Leader: every input of the server (accept, data, client EOF) is held by the tracer, proposed as
+a log entry, and released once committed. Follower: committed entries are replayed into the
+local server. Failover: the new leader first replays everything committed, then commits CLOSE
+for the connections of the old leadership, then starts gating its own clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+from consensus import NotLeader, Peer, Replica, ReplicaConfig
+from tracer import procfs
+from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
+from tracer.tracer import Mode, Tracer
+
+from .config import ClusterConfig, ConfigError, NodeConfig
+from .digest import OutputChecker
+from .entries import Entry, EntryError, Kind, decode
+from .metrics import NodeMetrics
+from .replayer import Replayer
+
+log = logging.getLogger("supervise")
+
+DIGEST_INTERVAL = 0.5
+LOST_LEADERSHIP_EXIT = 3
+
+
+class Node:
+    def __init__(self, cluster: ClusterConfig, me: NodeConfig, metrics: NodeMetrics) -> None:
+        self.cluster = cluster
+        self.me = me
+        self.metrics = metrics
+        self.tracer: Tracer | None = None
+        self.replica: Replica | None = None
+        self.server_pid = 0
+        self.listen_fds: set[int] = set()
+        self.leading = False
+        self.epoch = 0
+        self.diverged = False
+        self.diverged_reason: str | None = None
+        self.stray = 0
+        self.fatal = threading.Event()
+        self.exit_code = 0
+        self.checker = OutputChecker()
+        self.replayer = Replayer(me.server_host, me.server_port, self._on_replay_output, self._on_stray)
+        self._live: dict[int, tuple[int, int]] = {}
+        self._digested: dict[tuple[int, int], int] = {}
+        self._barrier: tuple[bytes, threading.Event] | None = None
+        self._vip = None
+        self._checks_reported = 0
+
+    # ---- start and stop -----------------------------------------------------------------------
+
+    def attach(self, pid: int | None, command: list[str] | None) -> None:
+        self.tracer = Tracer(Mode.OBSERVE, self._on_event, snaplen=16384, exitkill=True,
+                             on_escape=self._on_escape, on_exit=self._on_server_exit)
+        if pid is not None:
+            self._check_listening(pid)
+            self.tracer.attach(pid)
+            self.server_pid = pid
+        else:
+            self.server_pid = self.tracer.launch(command or [])
+            self._wait_listening()
+        self.listen_fds = {fd for fd, s in procfs.tcp_fds(self.server_pid).items()
+                           if s.state == procfs.TCP_LISTEN and s.local == self.me.server}
+
+    def _check_listening(self, pid: int) -> None:
+        if not procfs.exists(pid):
+            return  # the tracer's own check gives the clear error
+        addresses = procfs.listening_addresses(pid)
+        if self.me.server not in addresses:
+            found = ", ".join(addresses) or "nothing"
+            raise ConfigError(f"{self.cluster.path}: node {self.me.name!r}.server: pid {pid} "
+                              f"does not listen on {self.me.server} (it listens on {found})")
+
+    def _wait_listening(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.me.server not in procfs.listening_addresses(self.server_pid):
+            if time.monotonic() > deadline or not procfs.exists(self.server_pid):
+                raise ConfigError(f"{self.cluster.path}: node {self.me.name!r}.server: the command "
+                                  f"did not listen on {self.me.server} within {timeout:.0f}s")
+            time.sleep(0.05)
+
+    def start_replica(self) -> None:
+        cfg = ReplicaConfig(
+            name=self.me.name, endpoint=self.me.replication,
+            peers=[Peer(n.name, n.replication) for n in self.cluster.nodes if n.name != self.me.name],
+            data_dir=self.me.data_dir, transport=self.cluster.transport,
+            secret=self.cluster.secret(), durability=self.cluster.durability,
+            heartbeat_ms=self.cluster.heartbeat_ms,
+            election_timeout_ms=self.cluster.election_timeout_ms,
+            log_region_bytes=self.cluster.log_region_bytes,
+        )
+        self.me.data_dir.mkdir(parents=True, exist_ok=True)
+        self.replica = Replica(cfg, self._on_commit, self._on_role_change)
+        self.replica.start()
+        threading.Thread(target=self._digest_loop, name="digests", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """A follower leaves its server running; a leader steps down first and its server, which
+        answered clients on its own, leaves the service with it (PTRACE_O_EXITKILL)."""
+        if self.leading and self.replica is not None:
+            handed = self.replica.step_down(timeout=2.0)
+            log.info("stepping down: %s", "another node leads" if handed else "no majority to hand to")
+        if self.replica is not None:
+            self.replica.close()
+        self._drop_vip()
+        if self.leading and self.server_pid:
+            log.warning("leader leaving: its server (pid %d) leaves the service with it", self.server_pid)
+            os.kill(self.server_pid, 9)
+        if self.tracer is not None:
+            self.tracer.detach()
+        self.replayer.close()
+
+    # ---- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        r = self.replica
+        return {
+            "node": self.me.name,
+            "role": r.role if r else "starting",
+            "leader": r.leader if r else None,
+            "ballot": r.ballot if r else 0,
+            "committed": r.commit_index if r else 0,
+            "applied": r.applied_index if r else 0,
+            "durable": r.durable_index if r else 0,
+            "diverged": self.diverged,
+            "diverged_reason": self.diverged_reason,
+            "gating": self.leading,
+            "server_pid": self.server_pid,
+            "server": self.me.server,
+            "stray_connections": self.stray,
+            "escapes": self.tracer.stats.escapes if self.tracer else 0,
+            "held": self.tracer.stats.held if self.tracer else 0,
+            "peers": r.peer_status() if r else {},
+        }
+
+    # ---- consensus callbacks (delivery thread) ------------------------------------------------
+
+    def _on_commit(self, index: int, payload: bytes) -> None:
+        try:
+            entry = decode(payload)
+        except EntryError as exc:
+            log.error("entry %d is not a supervisor entry (%s): skipped", index, exc)
+            return
+        if entry.kind is Kind.BARRIER:
+            if self._barrier is not None and self._barrier[0] == entry.data:
+                self._barrier[1].set()
+            return
+        if self.leading and entry.epoch == self.epoch:
+            return  # this leadership's own inputs: the server already consumed them
+        if self.diverged:
+            return
+        if entry.kind is Kind.DIGEST:
+            self.checker.expect(entry.cid, entry.offset, entry.crc)
+            self._check_divergence()
+            return
+        self.replayer.apply(entry)
+        self.metrics.replayed.labels(self.me.name).inc()
+        if entry.kind is Kind.DATA:
+            self.metrics.input_bytes.labels(self.me.name).inc(len(entry.data))
+
+    def _on_role_change(self, role: str, ballot: int, leader: str | None) -> None:
+        self.metrics.leader.labels(self.me.name).set(1 if self.leading else 0)
+        if role == "leader" and not self.leading and self._barrier is None:
+            threading.Thread(target=self._become_leader, args=(ballot,), name="failover",
+                             daemon=True).start()
+        elif role != "leader" and self.leading:
+            log.error("lost leadership (ballot %d, leader now %s) while gating: this copy answered "
+                      "clients on its own and leaves the service; restart the node with a fresh "
+                      "server to rejoin", ballot, leader)
+            self._drop_vip()
+            self.exit_code = LOST_LEADERSHIP_EXIT
+            self.fatal.set()
+
+    def _become_leader(self, ballot: int) -> None:
+        """Replay all that is committed, close the old leadership's connections, then gate."""
+        assert self.replica is not None and self.tracer is not None
+        marker = f"{self.me.name}:{ballot}:{time.time_ns()}".encode()
+        done = threading.Event()
+        self._barrier = (marker, done)
+        try:
+            self.replica.propose(Entry(Kind.BARRIER, ballot, 0, marker).encode()).result(10)
+            if not done.wait(30):
+                raise TimeoutError("the replayer did not reach the barrier")
+            stale = self.replayer.open_connections()
+            for cid in stale:
+                self.replica.propose(Entry(Kind.CLOSE, cid[0], cid[1]).encode())
+            if stale:
+                self.replica.propose(Entry(Kind.BARRIER, ballot, 1, marker + b"/closed").encode()).result(10)
+            self.epoch = ballot
+            self.leading = True
+            self.tracer.set_mode(Mode.GATE)
+            self.metrics.leader.labels(self.me.name).set(1)
+            log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
+                     "clients of %s", ballot, len(stale), self.me.server)
+            self._take_vip()
+        except NotLeader as exc:
+            log.info("leadership ended while taking over: %s", exc)
+        except Exception:
+            log.exception("taking over leadership failed")
+        finally:
+            self._barrier = None
+
+    # ---- tracer callbacks (tracer thread) -----------------------------------------------------
+
+    def _on_event(self, ev: SocketEvent) -> None:
+        if self.leading and (ev.conn in self._live or ev.call in ACCEPTS):
+            self._lead_event(ev)
+            return
+        self.replayer.on_server_event(ev)
+        if ev.gated:
+            self.tracer.release(ev)  # the end of a connection of the old leadership
+
+    def _lead_event(self, ev: SocketEvent) -> None:
+        assert self.replica is not None and self.tracer is not None
+        if ev.call in ACCEPTS:
+            if ev.fd not in self.listen_fds:
+                self._release(ev, None)
+                return
+            cid = (self.epoch, ev.conn)
+            self._live[ev.conn] = cid
+            self._propose(ev, Entry(Kind.CONNECT, *cid))
+            return
+        cid = self._live[ev.conn]
+        if ev.dir is Direction.OUT:
+            self.checker.output(cid, ev.data, ev.ret)
+            self.metrics.output_bytes.labels(self.me.name).inc(ev.ret)
+        elif ev.call in READS and ev.input:
+            if ev.ret > 0:
+                self.metrics.input_bytes.labels(self.me.name).inc(ev.ret)
+                self._propose(ev, Entry(Kind.DATA, *cid, ev.data))
+            else:
+                self._close_live(ev.conn, cid)
+                self._propose(ev, Entry(Kind.CLOSE, *cid))
+        elif ev.call is Call.CLOSE:
+            self._close_live(ev.conn, cid)
+            self.replica.propose(Entry(Kind.CLOSE, *cid).encode())
+
+    def _close_live(self, conn: int, cid: tuple[int, int]) -> None:
+        self._live.pop(conn, None)
+        offset, crc = self.checker.digest(cid)
+        if offset and self._digested.get(cid) != offset:
+            self.replica.propose(Entry(Kind.DIGEST, *cid, offset=offset, crc=crc).encode())
+        self._digested.pop(cid, None)
+        self.checker.forget(cid)
+
+    def _propose(self, ev: SocketEvent, entry: Entry) -> None:
+        future = self.replica.propose(entry.encode())
+        if ev.gated:
+            future.add_done_callback(lambda f, ev=ev: self._release(ev, f))
+
+    def _release(self, ev: SocketEvent, future: Future | None) -> None:
+        if future is not None and future.exception() is not None:
+            log.warning("input on connection %d not committed (%s): held", ev.conn, future.exception())
+            return
+        self.tracer.release(ev)
+        held, hold_time = self.metrics.call(ev.call.syscall)
+        held.inc()
+        hold_time.observe(max(0.0, time.time() - ev.t))
+
+    def _on_replay_output(self, cid: tuple[int, int], data: bytes, length: int) -> None:
+        self.checker.output(cid, data, length)
+        self.metrics.output_bytes.labels(self.me.name).inc(length)
+        self._check_divergence()
+
+    def _on_stray(self, ev: SocketEvent) -> None:
+        if ev.fd not in self.listen_fds:
+            return
+        self.stray += 1
+        self.metrics.stray.labels(self.me.name).inc()
+        log.warning("stray client %s connected to this follower's server directly (connection %d); "
+                    "clients must use the leader", ev.peer, ev.conn)
+
+    def _on_escape(self, ev: SocketEvent) -> None:
+        self.metrics.escapes.labels(self.me.name).inc()
+
+    def _on_server_exit(self, status: int | None) -> None:
+        log.error("the server (pid %d) exited with status %s", self.server_pid, status)
+        self.exit_code = 1
+        self.fatal.set()
+
+    # ---- output checking ----------------------------------------------------------------------
+
+    def _check_divergence(self) -> None:
+        new_checks = self.checker.checks - self._checks_reported
+        if new_checks:
+            self._checks_reported += new_checks
+            self.metrics.digest_checks.labels(self.me.name).inc(new_checks)
+        if self.checker.mismatches and not self.diverged:
+            self.diverged = True
+            self.diverged_reason = self.checker.first_mismatch
+            self.metrics.divergences.labels(self.me.name).inc(self.checker.mismatches)
+            self.metrics.diverged.labels(self.me.name).set(1)
+            log.error("DIVERGED: %s; this node stops applying the log and is out of service",
+                      self.diverged_reason)
+
+    def _digest_loop(self) -> None:
+        while not self.fatal.wait(DIGEST_INTERVAL):
+            if not self.leading or self.replica is None:
+                continue
+            for cid in list(self._live.values()):
+                offset, crc = self.checker.digest(cid)
+                if offset and self._digested.get(cid) != offset:
+                    self._digested[cid] = offset
+                    self.replica.propose(Entry(Kind.DIGEST, *cid, offset=offset, crc=crc).encode())
+
+    # ---- virtual IP ---------------------------------------------------------------------------
+
+    def _take_vip(self) -> None:
+        if self.cluster.vip is None:
+            return
+        from .vip import VirtualIP
+
+        self._vip = VirtualIP(self.cluster.vip, self.cluster.vip_interface or "")
+        self._vip.take()
+
+    def _drop_vip(self) -> None:
+        if self._vip is not None:
+            self._vip.release()
+            self._vip = None

@@ -1,0 +1,199 @@
+"""Follower side: drive the local copy of the server with the committed inputs, in log order.
+
+Each logged connection gets a real local TCP connection to the server. A DATA entry is written
+and then waited on until the tracer (observe mode) has seen the server's reads return all of
+its bytes, so the server consumes inputs in log order across connections. Replies are drained
+and dropped; their digests come from the tracer's output events.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
+
+from .entries import Entry, Kind
+
+log = logging.getLogger("supervise.replayer")
+
+CONSUME_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+
+
+@dataclass
+class ReplayConn:
+    cid: tuple[int, int]
+    sock: socket.socket
+    peer: str
+    server_conn: int = 0
+    sent: int = 0
+    consumed: int = 0
+    eof_seen: bool = False
+    server_closed: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+class Replayer:
+    """Applies CONNECT, DATA and CLOSE entries to the local server.
+
+    ``apply`` runs on the consensus delivery thread; ``on_server_event`` on the tracer thread.
+    ``on_output(cid, data, length)`` receives what the server wrote on a replayed connection.
+    """
+
+    def __init__(self, server_host: str, server_port: int, on_output, on_stray) -> None:
+        self.server = (server_host, server_port)
+        self.on_output = on_output
+        self.on_stray = on_stray
+        self.conns: dict[tuple[int, int], ReplayConn] = {}
+        self._by_peer: dict[str, ReplayConn] = {}
+        self._by_server_conn: dict[int, ReplayConn] = {}
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._drainer = threading.Thread(target=self._drain_replies, name="replay-drain", daemon=True)
+        self._running = True
+        self._drainer.start()
+        self.applied = 0
+        self.stalls = 0
+
+    # ---- entries (delivery thread) ------------------------------------------------------------
+
+    def apply(self, entry: Entry) -> None:
+        if entry.kind is Kind.CONNECT:
+            self._connect(entry.cid)
+        elif entry.kind is Kind.DATA:
+            conn = self.conns.get(entry.cid)
+            if conn is None:
+                log.warning("DATA for unknown connection %s: skipped", entry.cid)
+                return
+            self._send(conn, entry.data)
+        elif entry.kind is Kind.CLOSE:
+            conn = self.conns.pop(entry.cid, None)
+            if conn is not None:
+                self._close(conn)
+        self.applied += 1
+
+    def open_connections(self) -> list[tuple[int, int]]:
+        return list(self.conns)
+
+    def _connect(self, cid: tuple[int, int]) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((self.server[0], 0))
+        host, port = sock.getsockname()[:2]
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        conn = ReplayConn(cid, sock, peer)
+        with self._lock:
+            self._by_peer[peer] = conn
+            self.conns[cid] = conn
+        try:
+            sock.connect(self.server)
+        except OSError as exc:
+            log.error("replay: cannot connect to the server at %s:%d: %s", *self.server, exc)
+            conn.server_closed = True
+            return
+        sock.setblocking(False)
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _send(self, conn: ReplayConn, data: bytes) -> None:
+        if conn.server_closed:
+            return
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.sendall(data)
+            conn.sock.setblocking(False)
+        except OSError as exc:
+            log.warning("replay: connection %s to the server failed: %s", conn.cid, exc)
+            conn.server_closed = True
+            return
+        conn.sent += len(data)
+        self._wait(conn, lambda: conn.consumed >= conn.sent, CONSUME_TIMEOUT, "consume")
+
+    def _close(self, conn: ReplayConn) -> None:
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if not conn.server_closed:
+            self._wait(conn, lambda: conn.eof_seen, CLOSE_TIMEOUT, "see the end of")
+        with self._lock:
+            self._by_peer.pop(conn.peer, None)
+            self._by_server_conn.pop(conn.server_conn, None)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _wait(self, conn: ReplayConn, done, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        with conn.cond:
+            while not done() and not conn.server_closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stalls += 1
+                    log.warning("replay: the server did not %s input on connection %s within %.0fs",
+                                what, conn.cid, timeout)
+                    return
+                conn.cond.wait(left)
+
+    # ---- the local server, as the tracer sees it (tracer thread) ------------------------------
+
+    def on_server_event(self, event: SocketEvent) -> None:
+        if event.call in ACCEPTS:
+            with self._lock:
+                conn = self._by_peer.get(event.peer or "")
+                if conn is not None:
+                    conn.server_conn = event.conn
+                    self._by_server_conn[event.conn] = conn
+            if conn is None:
+                self.on_stray(event)
+            return
+        conn = self._by_server_conn.get(event.conn)
+        if conn is None:
+            return
+        if event.dir is Direction.OUT:
+            self.on_output(conn.cid, event.data, event.ret)
+        elif event.call in READS:
+            with conn.cond:
+                if event.ret > 0:
+                    conn.consumed += event.ret
+                else:
+                    conn.eof_seen = True
+                conn.cond.notify_all()
+        elif event.call is Call.CLOSE:
+            with conn.cond:
+                conn.server_closed = True
+                conn.cond.notify_all()
+
+    # ---- replies --------------------------------------------------------------------------------
+
+    def _drain_replies(self) -> None:
+        while self._running:
+            if not self._selector.get_map():
+                time.sleep(0.01)
+                continue
+            for key, _ in self._selector.select(0.1):
+                try:
+                    data = key.fileobj.recv(1 << 16)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    try:
+                        self._selector.unregister(key.fileobj)
+                    except (KeyError, ValueError):
+                        pass
+
+    def close(self) -> None:
+        self._running = False
+        self._drainer.join(2)
+        for conn in list(self.conns.values()):
+            conn.sock.close()
+        self.conns.clear()
+        self._selector.close()

@@ -1,0 +1,48 @@
+"""`supervise --pid PID --config FILE --node NAME` (or `-- CMD`): run one node until stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .config import ClusterConfig, ConfigError
+from .metrics import NodeMetrics
+from .node import LOST_LEADERSHIP_EXIT, Node
+
+log = logging.getLogger("supervise")
+
+
+def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[str]) -> int:
+    me = cluster.node(name)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    node = Node(cluster, me, NodeMetrics(name))
+    from .http_status import serve
+
+    try:
+        http = serve(me.status, node.status)
+    except OSError as exc:
+        raise ConfigError(f"{cluster.path}: node {name!r}.status: cannot listen on {me.status}: "
+                          f"{exc.strerror}") from None
+    node.attach(pid, command)
+    node.start_replica()
+    log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",
+             name, node.server_pid, me.server, me.replication, me.status)
+    stop = threading.Event()
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop.wait(0.2) and not node.fatal.is_set():
+        pass
+    if node.exit_code == LOST_LEADERSHIP_EXIT:
+        os._exit(LOST_LEADERSHIP_EXIT)  # without detaching: EXITKILL takes the server down
+    node.shutdown()
+    http.shutdown()
+    log.info("node %s stopped", name)
+    return node.exit_code
