@@ -162,18 +162,23 @@ class PlainTcp:
         self.peer.wait(10)
 
 
-def measure(links: list, quick: bool, duration: float, rounds: int = 10) -> dict:
-    """Latency in interleaved rounds (so machine noise hits every transport alike), then throughput."""
+def measure(links: list, quick: bool, duration: float) -> dict:
+    """Latency, then throughput. The network transports (plain TCP, tcp, verbs) are sampled
+    alternately, one write each in turn, so that this machine's changing load hits them alike
+    and their ratio means something; shm, a memory copy, is sampled in a loop of its own."""
     out: dict = {link.name: {} for link in links}
+    alone = [link for link in links if link.name == "shm"]
+    paired = [link for link in links if link.name != "shm"]
     for size in SIZES:
-        per_round = max(1, iterations(size, quick) // rounds)
         lat: dict[str, list[float]] = {link.name: [] for link in links}
         for link in links:
             for i in range(50):  # warm-up
                 link.once(size, i)
-        for _ in range(rounds):
-            for link in links:
-                lat[link.name] += [link.once(size, i) for i in range(per_round)]
+        for i in range(iterations(size, quick)):
+            for link in paired:
+                lat[link.name].append(link.once(size, i))
+        for link in alone:
+            lat[link.name] = [link.once(size, i) for i in range(iterations(size, quick))]
         for link in links:
             done, elapsed = link.throughput(size, duration)
             out[link.name][str(size)] = {

@@ -80,7 +80,7 @@ def main() -> None:
     bare = best["bare"]["rps"]
     rows = [[k, f"{best[k]['rps']:.0f}", f"{best[k]['rps'] / bare:.2f}x",
              f"{best[k]['p50_ms']:.3f}", f"{best[k]['p99_ms']:.3f}"] for k in kinds]
-    print("redis-benchmark -t set -c 50 (best of %d rounds)" % args.rounds)
+    print(f"redis-benchmark -t set -c 50 (best of {args.rounds} rounds)")
     print_table(["mode", "SET/s", "vs bare", "p50 ms", "p99 ms"], rows)
     targets = {"trace": 0.9, "gate": 0.25}
     for kind, target in targets.items():
