@@ -10,7 +10,7 @@ deposed leader's writes can never touch what a newer leader wrote.
 
 Flow control: the first 64 bytes of an area are a slot that its writer fills with what it has
 consumed of *our* ring at its side ``(epoch, consumed position, consumed count)``, lazily (every
-quarter ring or quarter of the posted receives, and on a 50 ms timer). A writer never overwrites
+quarter ring or quarter of the posted receives, and on a 200 ms timer). A writer never overwrites
 unconsumed frames and never exceeds the receives posted for it; when a ring is full the frame is
 dropped (the protocol retransmits, as it must over any lossy network).
 
@@ -23,64 +23,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import struct
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from consensus import wire
+from consensus.ring import RECV_DEPTH, SLOT, Incoming, Outgoing, decode_slot, encode_slot
 from rdma import cm
 from rdma.verbs import Access, QPState, WCOpcode, WCStatus
 
 log = logging.getLogger(__name__)
 
-SLOT = 64
-_SLOT = struct.Struct("<QQQI")
-RECV_DEPTH = 256
-_MSG_LIMIT = RECV_DEPTH - 32
 _OUTQ_LIMIT = 4096
+_CREDIT = -1
 # Poll (yielding) this long after traffic before sleeping on the completion channel. Off by
 # default: on a 2-core host the spinning steals the core the peer needs (see README.md).
 SPIN_S = float(os.environ.get("CONSENSUS_SPIN_US", "0")) / 1e6
-_CREDIT = -1
-# Failpoint for tests: this fraction of frames carrying entries is written torn (a random tail
-# of the frame never reaches the peer, as when a writer dies mid-write). Off unless set.
-TORN_WRITES = float(os.environ.get("CONSENSUS_FAULT_TORN_WRITES", "0") or 0)
-
-
-@dataclass
-class Outgoing:
-    peer: str
-    conn: object
-    qp: object
-    staging: object  # local MR mirroring the remote area (frames stay put until consumed)
-    addr: int
-    length: int
-    rkey: int
-    epoch: int
-    pos: int = 0
-    sent: int = 0
-    broken: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def ring(self) -> int:
-        return self.length - SLOT
-
-
-@dataclass
-class Incoming:
-    peer: str
-    conn: object
-    epoch: int
-    consumed_pos: int = 0
-    consumed_cnt: int = 0
-    reported_pos: int = 0
-    reported_cnt: int = 0
 
 
 class Transport:
@@ -192,37 +151,10 @@ class Transport:
         if o.qp.state == QPState.ERR:
             self._break(o)
             return False
-        size = wire.frame_size(len(body))
-        ring = o.ring
-        pos = o.pos
-        off = pos % ring
-        if off + size > ring:
-            pos += ring - off
-            off = 0
-        cpos, ccnt = self._credit(o)
-        if pos + size - cpos > ring or o.sent - ccnt >= _MSG_LIMIT:
-            return False
-        frame = wire.encode_frame(mtype, o.epoch, pos, body)
-        o.staging.buf[SLOT + off:SLOT + off + size] = frame
-        o.sent += 1
-        signaled = o.sent % 32 == 0
-        length = size
-        if TORN_WRITES and mtype == wire.APPEND and len(body) > 64 and random.random() < TORN_WRITES:
-            length = random.randrange(wire.FRAME_HEADER + 48, size)
-        o.qp.post_write(o.staging, SLOT + off, length, o.addr + SLOT + off, o.rkey, wr_id=o.sent,
-                        imm_data=off, signaled=signaled)
-        o.pos = pos + size
-        if signaled:
+        done = o.write_frame(mtype, body, decode_slot(bytes(self.inbox[o.peer].buf[0:SLOT]), o.epoch))
+        if done:
             self._drain_send_cq()
-        return True
-
-    def _credit(self, o: Outgoing) -> tuple[int, int]:
-        """What ``o.peer`` reported consuming of our ring (in our inbox area from that peer)."""
-        raw = bytes(self.inbox[o.peer].buf[0:_SLOT.size])
-        epoch, cpos, ccnt, crc = _SLOT.unpack(raw)
-        if epoch != o.epoch or zlib.crc32(raw[:24]) != crc:
-            return 0, 0
-        return cpos, ccnt
+        return done is not False
 
     def _drain_send_cq(self) -> None:
         for wc in self.send_cq.poll(64):
@@ -246,8 +178,7 @@ class Transport:
         if not force and inc.consumed_pos - inc.reported_pos < ring // 4 and \
                 inc.consumed_cnt - inc.reported_cnt < RECV_DEPTH // 4:
             return
-        body = struct.pack("<QQQ", inc.epoch, inc.consumed_pos, inc.consumed_cnt)
-        raw = body + struct.pack("<I", zlib.crc32(body))
+        raw = encode_slot(inc.epoch, inc.consumed_pos, inc.consumed_cnt)
         inc.reported_pos, inc.reported_cnt = inc.consumed_pos, inc.consumed_cnt
         if self.async_send:
             self._outq[inc.peer].append((_CREDIT, raw))
@@ -258,8 +189,7 @@ class Transport:
     def _write_credit(self, o: Outgoing, raw: bytes) -> None:
         with o.lock:
             try:
-                o.staging.buf[0:len(raw)] = raw
-                o.qp.post_write(o.staging, 0, len(raw), o.addr, o.rkey, wr_id=0, signaled=False)
+                o.write_slot(raw)
             except Exception:  # noqa: BLE001
                 self._break(o)
 
