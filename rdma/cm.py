@@ -65,10 +65,11 @@ class Connection:
 
 
 class _Refuse(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, reply: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.reply = reply  # a reason to send back (after counting, so the count is never late)
 
 
 # -- framing -----------------------------------------------------------------------------------
@@ -234,14 +235,16 @@ class Listener:
             provider = hello.get("provider")
             if provider != self._ctx.provider:
                 detail = f"listener uses provider {self._ctx.provider!r}, connector {str(provider)[:20]!r}"
-                _send_frame(sock, {"t": "reject", "reason": f"provider mismatch: {detail}"})
-                raise _Refuse("provider_mismatch", detail)
+                raise _Refuse("provider_mismatch", detail, f"provider mismatch: {detail}")
             ns = os.urandom(32)
             _send_frame(sock, {"t": "challenge", "nonce": ns.hex()})
             auth = _recv_frame(sock, deadline, "auth")
             if not _check_proof(_mac(k, b"C", nc, ns, provider.encode()), auth.get("proof")):
-                _send_frame(sock, {"t": "reject", "reason": "authentication failed"})
-                raise _Refuse("bad_secret", "connector's proof does not match the cluster secret")
+                raise _Refuse(
+                    "bad_secret",
+                    "connector's proof does not match the cluster secret",
+                    "authentication failed",
+                )
             qp = self._ctx._cm_prepare(self._pd, self._scq, self._rcq)  # type: ignore[attr-defined]
             params = self._ctx._cm_params(qp, sock, False)  # type: ignore[attr-defined]
             priv = _b64(self._private)
@@ -266,6 +269,11 @@ class Listener:
             qp = None
         except _Refuse as r:
             self._refuse(peer, r.reason, r.detail)
+            if r.reply is not None:
+                try:
+                    _send_frame(sock, {"t": "reject", "reason": r.reply})
+                except OSError:
+                    pass
             sock.close()
         except (VerbsError, OSError) as e:
             self._refuse(peer, "error", str(e))

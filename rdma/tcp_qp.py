@@ -13,35 +13,34 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
 
-from .softcq import FLUSH, OP_READ, OP_RECV, OP_RECV_IMM, OP_SEND, OP_WRITE, SUCCESS, SoftCQ, SoftMR
-from .verbs import Access, MemoryRegion, QPState, QueuePair, VerbsError, WCOpcode, WCStatus, WorkCompletion
+from .softcq import FLUSH, OP_READ, OP_RECV, OP_SEND, OP_WRITE, SUCCESS, SoftCQ, SoftMR
+from .tcp_responder import Responder
+from .tcp_wire import (
+    ACC_LOCAL_WRITE,
+    ACK,
+    F_IMM,
+    HDR,
+    MAX_MSG,
+    MAX_SEND_WR,
+    NONBLOCK,
+    READ,
+    READ_RESP,
+    SEND,
+    SMALL,
+    U32,
+    U64,
+    WRITE,
+    Gone,
+    RetryExceeded,
+)
+from .verbs import MemoryRegion, QPState, QueuePair, VerbsError, WCOpcode, WCStatus, WorkCompletion
 
-HDR = struct.Struct("<BBHIQQII")  # op, flags, status, imm, seq, addr, rkey, length
-WRITE, READ, SEND, ACK, READ_RESP = 1, 2, 3, 0x81, 0x82
-F_IMM = 1
-MAX_SEND_WR = 4096
-MAX_MSG = 1 << 30
-RNR_TIMEOUT = 0.1
-_REMOTE_WRITE, _REMOTE_READ, _LOCAL_WRITE = int(Access.REMOTE_WRITE), int(Access.REMOTE_READ), 1
-_SMALL = 65536
-_U64, _U32 = (1 << 64) - 1, (1 << 32) - 1
-_NB = socket.MSG_DONTWAIT
 
-
-class Gone(Exception):
-    """The connection ended or the peer broke the protocol."""
-
-
-class RetryExceeded(Exception):
-    pass
-
-
-class TcpQP(QueuePair):
+class TcpQP(Responder, QueuePair):
     def __init__(self, ctx, pd, scq: SoftCQ, rcq: SoftCQ, qp_num: int) -> None:
         self._ctx, self._pd, self._scq, self._rcq = ctx, pd, scq, rcq
         self.qp_num = qp_num
@@ -73,7 +72,7 @@ class TcpQP(QueuePair):
         self._pgot = 0
         self._pent: list | None = None
         # responder-side staging buffer for ``resp``
-        self._bview = memoryview(bytearray(2 * _SMALL))
+        self._bview = memoryview(bytearray(2 * SMALL))
         self._bstart = self._bend = 0
 
     @property
@@ -94,7 +93,7 @@ class TcpQP(QueuePair):
             type(local) is SoftMR
             and local.valid
             and local.pd is self._pd
-            and (not need_write or local.access & _LOCAL_WRITE)
+            and (not need_write or local.access & ACC_LOCAL_WRITE)
             and 0 <= offset <= offset + length <= local.length
         )
 
@@ -108,7 +107,7 @@ class TcpQP(QueuePair):
             and local.valid
             and local.pd is self._pd
             and 0 <= loff <= loff + length <= local.length
-            and (op != READ or local.access & _LOCAL_WRITE)
+            and (op != READ or local.access & ACC_LOCAL_WRITE)
         ):
             return self._decided(wr_id, opcode, WCStatus.LOC_PROT_ERR)
         if len(self._pending) >= 512:  # unpolled acknowledgements must not fill the socket buffers
@@ -127,7 +126,7 @@ class TcpQP(QueuePair):
                 if failed:
                     ent[7] = FLUSH
             if not failed:
-                hdr = HDR.pack(op, flags, 0, (imm or 0) & _U32, seq, addr & _U64, rkey & _U32, length)
+                hdr = HDR.pack(op, flags, 0, (imm or 0) & U32, seq, addr & U64, rkey & U32, length)
                 try:
                     self._transmit(hdr, payload)
                 except RetryExceeded:
@@ -193,7 +192,7 @@ class TcpQP(QueuePair):
         for _ in range(2 if f is not None and f.duplicate and f.rng.random() < f.duplicate else 1):
             if payload is None:
                 self._send(sock, hdr)
-            elif len(payload) <= _SMALL:
+            elif len(payload) <= SMALL:
                 self._send(sock, hdr + payload)  # type: ignore[operator]
             else:
                 self._send(sock, hdr)
@@ -205,7 +204,7 @@ class TcpQP(QueuePair):
         view = memoryview(data).cast("B")
         while view:
             try:
-                n = sock.send(view, _NB)
+                n = sock.send(view, NONBLOCK)
             except BlockingIOError:
                 self._drain()
                 select.select([sock], [sock], [], 0.05)
@@ -300,7 +299,7 @@ class TcpQP(QueuePair):
         while True:
             if self._payload is None:
                 try:
-                    r = sock.recv_into(self._hview[self._hgot :], HDR.size - self._hgot, _NB)  # type: ignore[union-attr]
+                    r = sock.recv_into(self._hview[self._hgot :], HDR.size - self._hgot, NONBLOCK)  # type: ignore[union-attr]
                 except BlockingIOError:
                     return
                 if r == 0:
@@ -315,7 +314,7 @@ class TcpQP(QueuePair):
                     return  # nothing outstanding: skip the recv that would say EAGAIN
             else:
                 try:
-                    r = sock.recv_into(self._payload[self._pgot :], len(self._payload) - self._pgot, _NB)  # type: ignore[union-attr]
+                    r = sock.recv_into(self._payload[self._pgot :], len(self._payload) - self._pgot, NONBLOCK)  # type: ignore[union-attr]
                 except BlockingIOError:
                     return
                 if r == 0:
@@ -376,141 +375,6 @@ class TcpQP(QueuePair):
         self._payload, self._pgot, self._pent = view, 0, ent
 
     # -- the responder: the peer's requests on ``resp`` --------------------------------------
-    def _recv_into(self, view: memoryview) -> None:
-        """Fill ``view`` from ``resp``: buffered bytes first, big remainders straight from the socket."""
-        n = len(view)
-        got = 0
-        avail = self._bend - self._bstart
-        if avail:
-            k = min(n, avail)
-            view[:k] = self._bview[self._bstart : self._bstart + k]
-            self._bstart += k
-            got = k
-        sock = self._resp
-        while got < n:
-            if n - got >= _SMALL:
-                r = sock.recv_into(view[got:], n - got)  # type: ignore[union-attr]
-                if r == 0:
-                    raise Gone("connection closed")
-                got += r
-            else:
-                self._fill()
-                k = min(n - got, self._bend - self._bstart)
-                view[got : got + k] = self._bview[self._bstart : self._bstart + k]
-                self._bstart += k
-                got += k
-
-    def _fill(self) -> None:
-        """One recv into the staging buffer: a small request usually arrives whole (header and
-        payload in one system call)."""
-        if self._bstart == self._bend:
-            self._bstart = self._bend = 0
-        r = self._resp.recv_into(self._bview[self._bend :], len(self._bview) - self._bend)  # type: ignore[union-attr]
-        if r == 0:
-            raise Gone("connection closed")
-        self._bend += r
-
-    def _header(self) -> tuple:
-        if self._bend - self._bstart < HDR.size:
-            if len(self._bview) - self._bstart < HDR.size:  # compact
-                left = self._bend - self._bstart
-                self._bview[:left] = self._bview[self._bstart : self._bend]
-                self._bstart, self._bend = 0, left
-            while self._bend - self._bstart < HDR.size:
-                self._fill()
-        h = HDR.unpack_from(self._bview, self._bstart)
-        self._bstart += HDR.size
-        return h
-
-    def _discard(self, n: int) -> None:
-        scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
-        while n > 0:
-            k = min(n, len(scratch))
-            self._recv_into(scratch[:k])
-            n -= k
-
-    def _serve_loop(self) -> None:
-        try:
-            while self._state is QPState.RTS:
-                op, flags, _, imm, seq, addr, rkey, length = self._header()
-                if length > MAX_MSG or op not in (WRITE, SEND, READ):
-                    raise Gone(f"bad request opcode {op} / length {length}")
-                self._serve(op, flags, imm, seq, addr, rkey, length)
-        except (Gone, OSError):
-            pass
-        if not self._closed and self._state is not QPState.ERR:  # not a cut of our own
-            self._to_err(gone=True)
-
-    def _take_recv(self) -> tuple[int, SoftMR, int, int] | None:
-        deadline = time.monotonic() + RNR_TIMEOUT
-        while True:
-            try:
-                return self._rq.popleft()
-            except IndexError:
-                if time.monotonic() > deadline or self._state is not QPState.RTS:
-                    return None
-                time.sleep(0.0002)
-
-    def _ack(self, seq: int, status: int) -> None:
-        self._resp.sendall(HDR.pack(ACK, 0, status, 0, seq, 0, 0, 0))  # type: ignore[union-attr]
-
-    def _serve(self, op: int, flags: int, imm: int, seq: int, addr: int, rkey: int, length: int) -> None:
-        if seq < self._expect:  # duplicate: acknowledge again, do not execute twice
-            if op != READ:
-                self._discard(length)
-                return self._ack(seq, 0)
-        elif seq != self._expect:
-            raise Gone(f"request sequence {seq}, expected {self._expect}")
-        else:
-            self._expect = seq + 1
-        status = SUCCESS
-        rcq, qpn = self._rcq, self.qp_num
-        if op == SEND:
-            recv = self._take_recv()
-            if recv is None:
-                self._discard(length)
-                status = WCStatus.RNR_RETRY_EXC_ERR
-            elif length > recv[3]:
-                self._discard(length)
-                rcq.push(WorkCompletion(recv[0], WCStatus.LOC_LEN_ERR, OP_RECV, qpn))
-                status = WCStatus.REM_INV_REQ_ERR
-            else:
-                self._recv_into(recv[1].view[recv[2] : recv[2] + length])
-                rcq.push(
-                    WorkCompletion(recv[0], SUCCESS, OP_RECV, qpn, length, imm if flags & F_IMM else None)
-                )
-            return self._ack(seq, int(status))
-        mr = self._pd.mrs.get(rkey)
-        need = _REMOTE_WRITE if op == WRITE else _REMOTE_READ
-        off = addr - mr.addr if mr is not None else -1
-        if mr is None or not mr.valid or not mr.access & need or off < 0 or off + length > mr.length:
-            status = WCStatus.REM_ACCESS_ERR
-        if op == READ:
-            sock = self._resp
-            if status is SUCCESS:
-                hdr = HDR.pack(READ_RESP, 0, 0, 0, seq, 0, 0, length)
-                data = mr.view[off : off + length]  # type: ignore[union-attr]
-                if length <= _SMALL:
-                    sock.sendall(hdr + data)  # type: ignore[union-attr]
-                else:
-                    sock.sendall(hdr)  # type: ignore[union-attr]
-                    sock.sendall(data)  # type: ignore[union-attr]
-            else:
-                sock.sendall(HDR.pack(READ_RESP, 0, int(status), 0, seq, 0, 0, 0))  # type: ignore[union-attr]
-            return
-        recv = None
-        if status is SUCCESS and flags & F_IMM:
-            recv = self._take_recv()
-            if recv is None:
-                status = WCStatus.RNR_RETRY_EXC_ERR
-        if status is SUCCESS:
-            self._recv_into(mr.view[off : off + length])  # type: ignore[union-attr]
-            if recv is not None:
-                rcq.push(WorkCompletion(recv[0], SUCCESS, OP_RECV_IMM, qpn, length, imm))
-        else:
-            self._discard(length)
-        self._ack(seq, int(status))
-
     def close(self) -> None:
         if self._closed:
             return
