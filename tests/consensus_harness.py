@@ -109,6 +109,10 @@ def _child(cfg_path: str) -> None:
                       "commit": rep.commit_index, "applied": rep.applied_index, "durable": rep.durable_index,
                       "last": rep.last_index, "peers": rep.peer_status(), "pid": os.getpid()}
                 reply(json.dumps(st))
+            elif op == "M":
+                from prometheus_client import generate_latest
+
+                reply(json.dumps(generate_latest().decode()))
             elif op == "B":
                 reply(json.dumps(_bench(rep, parts[1], [float(x) for x in parts[2:]])))
             elif op == "F":

@@ -29,6 +29,40 @@ def test_replicates_in_order_and_redirects(n: int) -> None:
         assert {s["applied"] for s in st.values() if s} == {top}
         lag = st[lead]["peers"]
         assert all(p["reachable"] and p["match_index"] == top for p in lag.values())
+        if n == 3:
+            _check_metrics(c, lead, top)
+
+
+def _check_metrics(c: Cluster, lead: str, top: int) -> None:
+    import json
+    import time
+
+    time.sleep(0.5)  # gauges are refreshed by the timer thread
+    cl = Client(c.reps[lead].socket_path)
+    text = json.loads(cl.call("M"))
+    cl.close()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, val = line.rpartition(" ")
+            name, _, labels = key.partition("{")
+            values[name + "{" + ",".join(sorted(labels.rstrip("}").split(","))) + "}"] = float(val)
+    r = f'replica="{lead}"'
+    assert values[f'supervise_consensus_role{{{r},role="leader"}}'] == 1
+    assert values[f'supervise_consensus_role{{{r},role="follower"}}'] == 0
+    assert values[f"supervise_consensus_ballot{{{r}}}"] > 0
+    assert values[f"supervise_consensus_leader_changes_total{{{r}}}"] >= 1
+    assert values[f"supervise_consensus_proposals_total{{{r}}}"] >= 300
+    assert values[f"supervise_consensus_commits_total{{{r}}}"] >= top
+    assert values[f"supervise_consensus_commit_index{{{r}}}"] == top
+    assert values[f"supervise_consensus_applied_index{{{r}}}"] == top
+    assert values[f"supervise_consensus_durable_index{{{r}}}"] == top
+    assert values[f"supervise_consensus_commit_latency_seconds_count{{{r}}}"] >= 300
+    assert values[f"supervise_consensus_batch_size_count{{{r}}}"] > 0
+    for p in c.names:
+        if p != lead:
+            assert values[f'supervise_consensus_peer_reachable{{peer="{p}",{r}}}'] == 1
+            assert values[f'supervise_consensus_replication_lag_entries{{peer="{p}",{r}}}'] == 0
 
 
 def test_step_down_hands_over_and_memory_durability() -> None:
