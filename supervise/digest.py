@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 class StreamDigest:
     offset: int = 0
     crc: int = 0
+    latest: tuple[int, int] = (0, 0)  # (offset, crc), replaced whole: other threads read it
     checkpoints: dict[int, int] = field(default_factory=dict)
 
     def add(self, data: bytes, length: int) -> None:
@@ -23,6 +24,7 @@ class StreamDigest:
             self.crc = zlib.crc32(data, self.crc)
         self.offset += length
         self.checkpoints[self.offset] = self.crc
+        self.latest = (self.offset, self.crc)
         if len(self.checkpoints) > 4096:
             for key in list(self.checkpoints)[:2048]:
                 del self.checkpoints[key]
@@ -56,7 +58,7 @@ class OutputChecker:
 
     def digest(self, key: object) -> tuple[int, int]:
         stream = self.streams.get(key)
-        return (stream.offset, stream.crc) if stream else (0, 0)
+        return stream.latest if stream else (0, 0)
 
     def forget(self, key: object) -> None:
         self.streams.pop(key, None)

@@ -80,6 +80,7 @@ class LocalCluster:
                  heartbeat_ms: int = 20, election_timeout_ms: int = 300) -> None:
         self.server_kind = server
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supervise-cluster-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         ports = free_ports(3 * n)
         self.nodes = [LocalNode(f"n{i + 1}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2])
                       for i in range(n)]
