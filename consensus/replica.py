@@ -93,7 +93,11 @@ class Replica:
                          cfg.election_timeout_ms / 1000, self.transport.max_body(), self._role_changed,
                          self._commit_advanced, self.metrics)
         self.metrics.role("follower", self.store.promised, None)
-        self.transport.start()
+        try:
+            self.transport.start()  # binds the listener: fails on a busy port or an empty secret
+        except BaseException:
+            self.store.close()
+            raise
         self._started = True
         for fn, what in ((self._tick_loop, "tick"), (self._deliver_loop, "deliver")):
             t = threading.Thread(target=fn, name=f"{cfg.name}-{what}", daemon=True)
