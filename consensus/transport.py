@@ -77,8 +77,12 @@ class Transport:
         self.scratch = self.pd.reg_mr(4096, Access.LOCAL_WRITE)
         areas = {p: [mr.addr, mr.length, mr.rkey] for p, mr in self.inbox.items()}
         private = json.dumps({"name": self.name, "areas": areas}, separators=(",", ":")).encode()
-        self.listener = cm.Listener(self.ctx, self.pd, self.endpoints[self.name], self.secret,
-                                    self.send_cq, self.recv_cq, private_data=private)
+        try:
+            self.listener = cm.Listener(self.ctx, self.pd, self.endpoints[self.name], self.secret,
+                                        self.send_cq, self.recv_cq, private_data=private)
+        except BaseException:
+            self.close()
+            raise
         self.async_send = self.ctx.provider == "tcp"
         if self.async_send:
             for p in self.peers:
@@ -97,12 +101,10 @@ class Transport:
         self._stop.set()
         for ev in [*self._wake.values(), *self._outq_wake.values()]:
             ev.set()
-        try:
-            self.listener.close()
-        except Exception:  # noqa: BLE001 - best effort teardown
-            log.debug("listener close", exc_info=True)
-        self.recv_cq.close()
-        self.send_cq.close()
+        if hasattr(self, "listener"):
+            _quiet(self.listener.close)
+        _quiet(self.recv_cq.close)
+        _quiet(self.send_cq.close)
         for t in self._threads:
             t.join(timeout=3)
         for o in self.out.values():
