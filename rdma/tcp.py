@@ -144,41 +144,44 @@ class TcpCQ(SoftCQ):
     def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
-        if self._spin:  # a reply usually comes within a round trip: sleeping and waking costs more
-            spin_end = now + (self._spin if timeout is None else min(self._spin, timeout))
-            while True:
-                out = self.poll(max_entries)
-                if out or time.monotonic() >= spin_end:
-                    break
+        # Busy-poll epoll (timeout 0) for a moment first: a reply usually comes within a round
+        # trip, and sleeping and being woken costs more than that on a loaded machine.
+        spin_end = now + self._spin
+        ep, drains, efd = self._ep, self._drains, self._efd
+        while True:
+            out = self._take(max_entries)
             if out:
                 return out
-        while True:
-            # Count as a sleeper only around epoll: completions we push ourselves while draining
-            # need no eventfd wakeup; one pushed by another thread before the count is in the queue.
-            with self._sleep_lock:
-                self._sleepers += 1
-            try:
-                out = self._take(max_entries)
-                if out or self.closed:
-                    return out
-                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if left <= 0:
-                    return self.poll(max_entries)
-                try:
-                    events = self._ep.poll(left)
-                except (OSError, ValueError):
-                    return self.poll(max_entries)
-            finally:
+            if time.monotonic() < spin_end:
+                events = ep.poll(0)
+            else:
+                # Count as a sleeper only around a blocking epoll: completions we push ourselves
+                # while draining need no eventfd wakeup; one pushed by another thread before the
+                # count went up is already in the queue.
                 with self._sleep_lock:
-                    self._sleepers -= 1
-            for fd, _ in events:
-                if fd == self._efd:
+                    self._sleepers += 1
+                try:
+                    out = self._take(max_entries)
+                    if out or self.closed:
+                        return out
+                    left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                    if left <= 0:
+                        return self.poll(max_entries)
                     try:
-                        os.eventfd_read(self._efd)
+                        events = ep.poll(left)
+                    except (OSError, ValueError):
+                        return self.poll(max_entries)
+                finally:
+                    with self._sleep_lock:
+                        self._sleepers -= 1
+            for fd, _ in events:
+                if fd == efd:
+                    try:
+                        os.eventfd_read(efd)
                     except BlockingIOError:
                         pass
                 else:
-                    drain = self._drains.get(fd)
+                    drain = drains.get(fd)
                     if drain is not None:
                         drain()
 

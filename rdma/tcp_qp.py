@@ -152,6 +152,29 @@ class TcpQP(Responder, QueuePair):
         st = self._stats
         st[0] += 1
         st[1] += length
+        end = local_offset + length
+        if (  # fast path: a plain small WRITE on a healthy queue pair, no faults injected
+            imm_data is None
+            and self._state is QPState.RTS
+            and self.faults is None
+            and length <= SMALL
+            and type(local) is SoftMR
+            and local.valid
+            and local.pd is self._pd
+            and 0 <= local_offset <= end <= local.length
+            and len(self._pending) < 512
+        ):
+            with self._slock:
+                with self._plock:
+                    seq = self._seq
+                    self._seq = seq + 1
+                    self._pending.append([seq, wr_id, OP_WRITE, signaled, local, local_offset, length, None])
+                hdr = HDR.pack(WRITE, 0, 0, 0, seq, remote_addr & U64, rkey & U32, length)
+                try:
+                    self._send(self._req, hdr + local.view[local_offset:end])
+                except OSError:
+                    pass  # the broken connection is seen by the responder thread and by _drain
+            return
         self.post(WRITE, OP_WRITE, wr_id, signaled, local, local_offset, length, remote_addr, rkey, imm_data)
 
     def post_read(

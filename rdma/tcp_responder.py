@@ -82,9 +82,28 @@ class Responder:
             n -= k
 
     def _serve_loop(self) -> None:
+        mrs, pack = self._pd.mrs, HDR.pack
+        sock = self._resp
         try:
             while self._state is QPState.RTS:
                 op, flags, _, imm, seq, addr, rkey, length = self._header()
+                # fast path: an in-order plain WRITE, within a region, already in the buffer
+                if op == WRITE and not flags and seq == self._expect and self._bend - self._bstart >= length:
+                    mr = mrs.get(rkey)
+                    if mr is not None:
+                        off = addr - mr.addr
+                        if (
+                            mr.valid
+                            and mr.access & ACC_REMOTE_WRITE
+                            and 0 <= off
+                            and off + length <= mr.length
+                        ):
+                            b = self._bstart
+                            mr.view[off : off + length] = self._bview[b : b + length]
+                            self._bstart = b + length
+                            self._expect = seq + 1
+                            sock.sendall(pack(ACK, 0, 0, 0, seq, 0, 0, 0))  # type: ignore[union-attr]
+                            continue
                 if length > MAX_MSG or op not in (WRITE, SEND, READ):
                     raise Gone(f"bad request opcode {op} / length {length}")
                 self._serve(op, flags, imm, seq, addr, rkey, length)
