@@ -224,7 +224,13 @@ class TcpQP(Responder, QueuePair):
     def _send(self, sock, data) -> None:
         """sendall that keeps reading our responses while the kernel buffer is full, so that two
         peers sending big requests (or READ answers) to each other can never deadlock."""
-        view = memoryview(data).cast("B")
+        try:  # the common case: the kernel takes it all at once
+            n = sock.send(data, NONBLOCK)
+        except BlockingIOError:
+            n = 0
+        if n == len(data):
+            return
+        view = memoryview(data).cast("B")[n:]
         while view:
             try:
                 n = sock.send(view, NONBLOCK)
