@@ -193,6 +193,7 @@ class Listener:
         self._ls = socket.create_server((host, port), family=family, backlog=128)
         self.endpoint = f"{host}:{self._ls.getsockname()[1]}"
         self.refused: dict[str, int] = {}
+        self._count_lock = threading.Lock()
         self._ready: queue.Queue[Connection] = queue.Queue()
         self._slots = threading.BoundedSemaphore(max_pending)
         self._closed = False
@@ -209,7 +210,8 @@ class Listener:
             return None
 
     def _refuse(self, peer: str, reason: str, detail: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
+        with self._count_lock:  # handshakes run in parallel threads
+            self.refused[reason] = self.refused.get(reason, 0) + 1
         metrics.auth_failure(reason)
         log.warning("refused transport handshake from %s: %s (%s)", peer, reason, detail)
 
