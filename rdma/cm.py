@@ -209,6 +209,11 @@ class Listener:
         except queue.Empty:
             return None
 
+    def refusals(self) -> dict[str, int]:
+        """A consistent copy of ``refused``."""
+        with self._count_lock:
+            return dict(self.refused)
+
     def _refuse(self, peer: str, reason: str, detail: str) -> None:
         with self._count_lock:  # handshakes run in parallel threads
             self.refused[reason] = self.refused.get(reason, 0) + 1

@@ -85,7 +85,7 @@ class PeerState:
             self.mrs.pop(args[0]).close()
             return None
         if cmd == "refused":
-            return dict(self.lst.refused)
+            return self.lst.refusals()
         if cmd == "state":
             return int(self.qps[args[0]].state)
         if cmd == "close_qp":

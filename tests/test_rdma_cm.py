@@ -69,7 +69,7 @@ def test_metrics_are_exported(provider):
         assert local.wait(1)[0].status != 0
         with pytest.raises(PeerError, match="ConnectError"):
             intruder.call("connect", lst.endpoint)
-        assert wait_until(lambda: lst.refused.get("bad_secret", 0) == 1)
+        assert wait_until(lambda: lst.refusals().get("bad_secret", 0) == 1)
     finally:
         lst.close()
         intruder.close()
