@@ -1,94 +1,160 @@
-"""`supervise demo`: the main job on a built-in default, cleaned up also on Ctrl-C.
+"""`supervise demo`: three Redis copies become one highly available service, on this machine.
 
-Starts a Redis server on a free loopback port, attaches `supervise --pid ... --trace` to it,
-drives a few commands from a client and shows the socket events the tracer saw.
+Starts three Redis servers and three supervisors (shm transport), runs a mixed write workload
+from several clients through the leader, shows that the three copies hold identical data, kills
+the leader (supervisor and server, kill -9), shows a follower taking over with every
+acknowledged write present, brings the old node back with an empty server and shows it converge.
+Everything it started is stopped and removed at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import shutil
+import random
 import socket
-import subprocess
-import sys
-import tempfile
+import threading
 import time
 
 from .cli import UsageError
+from .config import load
+from .localcluster import LocalCluster, LocalNode
+from .status_cmd import run_status
+
+CLIENTS = 6
+OPS_PER_CLIENT = 300
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Resp:
+    """The smallest Redis client that will do: one connection, one command at a time."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def __call__(self, *args: object) -> object:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = str(arg).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self.sock.sendall(b"".join(parts))
+        return self._reply()
+
+    def _reply(self) -> object:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("server closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.file.read(n + 2)[:-2].decode()
+        if kind == b"*":
+            return [self._reply() for _ in range(int(rest))]
+        raise ConnectionError(f"unexpected reply {line!r}")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise UsageError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+def _workload(port: int, client_id: int, acked: list[str]) -> None:
+    rng = random.Random(client_id)
+    r = Resp(port)
+    try:
+        for seq in range(OPS_PER_CLIENT):
+            op = rng.randrange(5)
+            n = rng.randrange(200)
+            if op == 0:
+                key = f"order:{client_id}:{seq}"
+                r("SET", key, seq)
+                acked.append(key)
+            elif op == 1:
+                r("INCRBY", f"counter:{n % 20}", rng.randrange(1, 10))
+            elif op == 2:
+                r("LPUSH", f"queue:{n % 10}", f"{client_id}-{seq}")
+            elif op == 3:
+                r("SADD", f"tags:{n % 10}", rng.randrange(100))
+            else:
+                r("HSET", f"user:{n}", "visits", seq)
+    finally:
+        r.close()
 
 
-def resp(*args: str) -> bytes:
-    out = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+def _digests(cluster: LocalCluster) -> dict[str, str]:
+    out = {}
+    for node in cluster.nodes:
+        if node.server is None:
+            continue
+        r = Resp(node.server_port)
+        out[node.name] = f"{r('DEBUG', 'DIGEST')} ({r('DBSIZE')} keys)"
+        r.close()
+    return out
+
+
+def _show_digests(cluster: LocalCluster, leader: LocalNode) -> bool:
+    digests = _digests(cluster)
+    for name, digest in digests.items():
+        print(f"   {name}{' (leader)' if name == leader.name else '         '}  {digest}")
+    same = len(set(digests.values())) == 1
+    print("   -> the copies are identical" if same else "   -> THE COPIES DIFFER")
+    return same
 
 
 def run_demo(argv: list[str]) -> int:
     if argv:
         raise UsageError(f"demo takes no arguments (got {' '.join(argv)})")
-    redis = shutil.which("redis-server")
-    if redis is None:
-        raise UsageError("redis-server is not installed; run 'make setup'")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="supervise-demo-")
-    server = subprocess.Popen(
-        [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )
-    trace = None
+    cluster = LocalCluster(n=3, server="redis", transport="shm")
     try:
-        wait_listening(port)
-        print(f"redis-server pid {server.pid} on 127.0.0.1:{port}")
-        trace = subprocess.Popen(
-            [sys.executable, "-m", "supervise", "--pid", str(server.pid), "--trace"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        attached = trace.stderr.readline()
-        if not attached.startswith("tracing"):
-            raise UsageError(f"the tracer did not attach: {attached.strip()}")
-        print(attached.strip())
-        print("client: SET greeting hello; INCR visits (x3); GET greeting")
-        with socket.create_connection(("127.0.0.1", port)) as client:
-            for cmd in (("SET", "greeting", "hello"), ("INCR", "visits"), ("INCR", "visits"),
-                        ("INCR", "visits"), ("GET", "greeting")):
-                client.sendall(resp(*cmd))
-                client.recv(4096)
-        time.sleep(0.5)
-        trace.terminate()
-        out, err = trace.communicate(timeout=10)
-        print("socket events seen from outside the server:")
-        for line in out.splitlines():
-            print("  " + line)
-        print(err.strip())
-        print(f"server still serving after detach: {ping(port)}")
-        return 0
+        print(f"1. starting 3 Redis servers and 3 supervisors (cluster file {cluster.config})")
+        started = time.monotonic()
+        cluster.start(timeout=120)
+        leader = cluster.wait_leader()
+        print(f"   leader {leader.name} (Redis on 127.0.0.1:{leader.server_port}) after "
+              f"{time.monotonic() - started:.1f}s")
+
+        print(f"2. {CLIENTS} clients send {CLIENTS * OPS_PER_CLIENT} mixed writes through the leader")
+        acked: list[str] = []
+        started = time.monotonic()
+        threads = [threading.Thread(target=_workload, args=(leader.server_port, i, acked))
+                   for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        took = time.monotonic() - started
+        print(f"   done in {took:.1f}s ({CLIENTS * OPS_PER_CLIENT / took:.0f} writes/s, each "
+              f"committed on a majority before Redis saw it)")
+        cluster.wait_applied()
+        print("3. the three copies (DEBUG DIGEST of each whole dataset):")
+        ok = _show_digests(cluster, leader)
+
+        print(f"4. kill -9 of the leader {leader.name}: its supervisor and its Redis")
+        killed = time.monotonic()
+        cluster.kill(leader)
+        new = cluster.wait_leader(timeout=30, exclude=leader.name)
+        print(f"   {new.name} leads and gates its clients {time.monotonic() - killed:.2f}s later")
+        r = Resp(new.server_port)
+        present = sum(1 for key in acked if r("GET", key) is not None)
+        r.close()
+        print(f"   {present} of {len(acked)} acknowledged SETs are on the new leader")
+        ok = ok and present == len(acked)
+
+        print(f"5. {leader.name} comes back with an empty Redis and replays the log")
+        cluster.restart(leader)
+        cluster.wait_applied(timeout=120)
+        ok = _show_digests(cluster, new) and ok
+
+        print("6. supervise status:")
+        run_status(load(cluster.config), as_json=False)
+        print("   metrics: " + ", ".join(f"http://127.0.0.1:{n.status_port}/metrics"
+                                         for n in cluster.nodes))
+        print("demo " + ("passed: one service, three copies, nothing lost" if ok else "FAILED"))
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up")
+        return 130
     finally:
-        if trace is not None and trace.poll() is None:
-            trace.kill()
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def ping(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-        c.sendall(resp("PING"))
-        return c.recv(64).startswith(b"+PONG")
+        cluster.stop()

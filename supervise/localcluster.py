@@ -21,7 +21,8 @@ from pathlib import Path
 
 SERVERS = {
     "redis": lambda port, workdir: ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                    "--save", "", "--appendonly", "no", "--dir", workdir],
+                                    "--save", "", "--appendonly", "no", "--dir", workdir,
+                                    "--enable-debug-command", "local"],
     "memcached": lambda port, workdir: ["memcached", "-U", "0", "-l", "127.0.0.1", "-p", str(port),
                                         "-t", "4", "-u", "root"],
 }
