@@ -1,0 +1,104 @@
+"""Replicated Redis against its alternatives, in one run on this host.
+
+redis-benchmark -t set,get -c 50 against: bare Redis; the leader of a three-node supervised
+cluster (shm transport, durability memory and fsync); Redis's own primary with two replicas;
+Redis under strace -f. Throughput and p50/p99 latency as ratios to bare, plus each supervisor's
+peak resident memory. Writes bench/results/supervise.json.
+
+Usage: .venv/bin/python bench/bench_supervise.py [--requests N] [--replicated-requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RedisServer, print_table, redis_benchmark, write_json  # noqa: E402
+from supervise.localcluster import LocalCluster  # noqa: E402
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bare(requests: int) -> dict:
+    server = RedisServer()
+    try:
+        return redis_benchmark(server.port, "set,get", 50, requests)
+    finally:
+        server.stop()
+
+
+def primary_replica(requests: int) -> dict:
+    primary = RedisServer()
+    replicas = [RedisServer(["--replicaof", "127.0.0.1", str(primary.port)]) for _ in range(2)]
+    try:
+        time.sleep(1.0)
+        return redis_benchmark(primary.port, "set,get", 50, requests)
+    finally:
+        for server in [primary, *replicas]:
+            server.stop()
+
+
+def under_strace(requests: int) -> dict:
+    server = RedisServer()
+    strace = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(server.pid)])
+    try:
+        time.sleep(1.0)
+        return redis_benchmark(server.port, "set,get", 50, requests)
+    finally:
+        strace.terminate()
+        strace.wait()
+        server.stop()
+
+
+def supervised(requests: int, durability: str) -> tuple[dict, dict[str, float]]:
+    with LocalCluster(n=3, server="redis", transport="shm", durability=durability) as cluster:
+        cluster.start(timeout=120)
+        leader = cluster.wait_leader()
+        result = redis_benchmark(leader.server_port, "set,get", 50, requests)
+        rss = {n.name: peak_rss_mib(n.supervisor.pid) for n in cluster.nodes if n.supervisor}
+        return result, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--replicated-requests", type=int, default=10_000)
+    args = parser.parse_args()
+    results = {"bare": bare(args.requests)}
+    rss = {}
+    results["supervised (memory)"], rss["memory"] = supervised(args.replicated_requests, "memory")
+    results["supervised (fsync)"], rss["fsync"] = supervised(args.replicated_requests, "fsync")
+    results["redis primary + 2 replicas"] = primary_replica(args.requests)
+    results["strace -f"] = under_strace(args.replicated_requests)
+    rows = []
+    for name, res in results.items():
+        for test in ("SET", "GET"):
+            r, b = res[test], results["bare"][test]
+            rows.append([name, test, f"{r['rps']:.0f}", f"{r['rps'] / b['rps']:.3f}x",
+                         f"{r['p50_ms']:.2f}", f"{r['p50_ms'] / b['p50_ms']:.1f}x",
+                         f"{r['p99_ms']:.2f}", f"{r['p99_ms'] / b['p99_ms']:.1f}x"])
+    print("redis-benchmark -t set,get -c 50")
+    print_table(["setup", "test", "req/s", "vs bare", "p50 ms", "vs bare", "p99 ms", "vs bare"], rows)
+    for mode, per_node in rss.items():
+        print(f"supervisor peak RSS ({mode}): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in per_node.items()))
+    sup = results["supervised (memory)"]["SET"]["rps"]
+    print(f"supervised SET vs bare: {sup / results['bare']['SET']['rps']:.3f}x (target >= 0.15x); "
+          f"vs strace -f: {sup / results['strace -f']['SET']['rps']:.2f}x (target >= 4x)")
+    path = write_json("supervise", {"results": results, "peak_rss_mib": rss,
+                                    "requests": args.requests,
+                                    "replicated_requests": args.replicated_requests})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
