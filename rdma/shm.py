@@ -18,6 +18,8 @@
   flush with WR_FLUSH_ERR, the next work request completes with RETRY_EXC_ERR and later ones
   with WR_FLUSH_ERR. Bound: the time the kernel takes to close the dead process's sockets plus one
   thread wakeup, in practice milliseconds; a graceful ``close`` is seen on the next work request.
+  A WRITE posted inside that window lands in the dead peer's memory (still mapped by us, read by
+  no one) and completes successfully, like a write an RNIC acknowledged just before the death.
 """
 
 from __future__ import annotations
