@@ -209,18 +209,16 @@ class Core:
     # ---- replication (leader) -----------------------------------------------------------------
     def _replicate(self, p: str, now: float) -> None:
         nxt = self.next_index[p]
-        last = self.store.last_index
-        entries = self.store.entries(nxt, last, self.max_frame) if nxt <= last else []
+        records, count = self.store.records(nxt, self.store.last_index, self.max_frame)
         prev = nxt - 1
-        records = codec.encode_many(entries)
         body = wire.enc_append(self.ballot, self.commit_index, prev, self.store.ballot_at(prev), records,
-                               len(entries))
+                               count)
         if self._send(p, wire.APPEND, body):
             self.last_sent[p] = now
-            if entries:
-                self.m.batch.observe(len(entries))
+            if count:
+                self.m.batch.observe(count)
                 self.inflight[p] = now
-                self.next_index[p] = entries[-1].index + 1
+                self.next_index[p] = nxt + count
 
     def _advance_commit(self) -> None:
         if self.role != LEADER:

@@ -12,6 +12,7 @@ import threading
 import zlib
 from pathlib import Path
 
+from consensus import codec
 from consensus.codec import Entry
 from consensus.segments import SegmentCorruptError, SegmentLog
 
@@ -26,6 +27,7 @@ class LogStore:
         self._lock = threading.RLock()
         self.seg = SegmentLog(self.dir / "log", fsync=fsync, segment_bytes=segment_bytes)
         self._cache: dict[int, Entry] = {}
+        self._recs: dict[int, bytes] = {}  # the same entries, encoded
         self._cache_first = self.seg.last_index + 1
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
@@ -82,20 +84,26 @@ class LogStore:
             return self.seg.first_index_of_ballot(index)
 
     def append(self, entries: list[Entry]) -> None:
+        recs = [codec.encode(e) for e in entries]  # encoded once: for the file and for peers
         with self._lock:
-            self.seg.append(entries)
-            for e in entries:
+            self.seg.append(entries, recs)
+            for e, r in zip(entries, recs, strict=True):
                 self._cache[e.index] = e
-                self._cache_bytes += len(e.payload) + 64
+                self._recs[e.index] = r
+                self._cache_bytes += 2 * len(e.payload) + 96
             self.last_index = entries[-1].index
             self.last_ballot = entries[-1].ballot
             if not self.fsync:
                 self.durable_index = self.last_index
             while self._cache_bytes > self._cache_limit and self._cache_first <= self.last_index:
-                old = self._cache.pop(self._cache_first, None)
-                if old is not None:
-                    self._cache_bytes -= len(old.payload) + 64
+                self._evict(self._cache_first)
                 self._cache_first += 1
+
+    def _evict(self, index: int) -> None:
+        old = self._cache.pop(index, None)
+        self._recs.pop(index, None)
+        if old is not None:
+            self._cache_bytes -= 2 * len(old.payload) + 96
 
     def sync(self) -> int:
         """Make everything appended so far durable; return the durable index."""
@@ -113,9 +121,7 @@ class LogStore:
         with self._lock:
             self.seg.truncate_from(index)
             for i in range(index, self.last_index + 1):
-                old = self._cache.pop(i, None)
-                if old is not None:
-                    self._cache_bytes -= len(old.payload) + 64
+                self._evict(i)
             self.last_index = self.seg.last_index
             self.last_ballot = self.seg.last_ballot
             self._cache_first = min(self._cache_first, self.last_index + 1)
@@ -148,6 +154,26 @@ class LogStore:
                         break
                 return out
             return self.seg.read_range(lo, hi, max_bytes)
+
+    def records(self, lo: int, hi: int, max_bytes: int) -> tuple[bytes, int]:
+        """Encoded entries lo..hi as one blob and their count (at least one if any exist)."""
+        with self._lock:
+            hi = min(hi, self.last_index)
+            if lo > hi:
+                return b"", 0
+            if lo < self._cache_first:
+                got = self.seg.read_range(lo, hi, max_bytes)
+                return codec.encode_many(got), len(got)
+            out = []
+            total = 0
+            recs = self._recs
+            for i in range(lo, hi + 1):
+                r = recs[i]
+                out.append(r)
+                total += len(r)
+                if total >= max_bytes:
+                    break
+            return b"".join(out), len(out)
 
     def close(self) -> None:
         with self._lock:

@@ -199,7 +199,8 @@ class SegmentLog:
                         yield e
 
     # ---- mutation -----------------------------------------------------------------------------
-    def append(self, entries: list[Entry]) -> None:
+    def append(self, entries: list[Entry], records: list[bytes] | None = None) -> None:
+        """Append entries (``records``: their codec encodings, when the caller has them)."""
         if not entries:
             return
         seg = self.segments[-1]
@@ -208,10 +209,10 @@ class SegmentLog:
             seg = self.segments[-1]
         chunks = []
         off = seg.size
-        for e in entries:
+        for k, e in enumerate(entries):
             if e.index != seg.last + 1:
                 raise ValueError(f"append of index {e.index} after {seg.last}")
-            rec = codec.encode(e)
+            rec = records[k] if records is not None else codec.encode(e)
             chunks.append(rec)
             self._note(seg, e, off)
             off += len(rec)

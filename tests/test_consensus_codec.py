@@ -162,6 +162,9 @@ def test_logstore_cache_bounded_and_promise_persisted(tmp_path: Path) -> None:
     assert st_._cache_bytes <= 10_000
     assert st_.entries(1, 200, 1 << 30) == entries
     assert st_.entries(150, 200, 1 << 30) == entries[149:]
+    for lo in (1, 150, 199):  # encoded records, from the cache and from the files alike
+        blob, count = st_.records(lo, 200, 1 << 30)
+        assert count == 201 - lo and codec.decode_all(blob) == entries[lo - 1:]
     st_.save_promise(12345)
     st_.truncate_from(150)
     st_.close()
