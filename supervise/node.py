@@ -29,6 +29,7 @@ from .replayer import Replayer
 log = logging.getLogger("supervise")
 
 DIGEST_INTERVAL = 0.5
+MAX_CHUNK = 1 << 20  # one read becomes several entries; the last one's commit releases it
 LOST_LEADERSHIP_EXIT = 3
 
 
@@ -236,7 +237,10 @@ class Node:
         elif ev.call in READS and ev.input:
             if ev.ret > 0:
                 self.metrics.input_bytes.labels(self.me.name).inc(ev.ret)
-                self._propose(ev, Entry(Kind.DATA, *cid, ev.data))
+                for start in range(0, len(ev.data) - MAX_CHUNK, MAX_CHUNK):
+                    self.replica.propose(Entry(Kind.DATA, *cid, ev.data[start:start + MAX_CHUNK]).encode())
+                last = (len(ev.data) - 1) // MAX_CHUNK * MAX_CHUNK
+                self._propose(ev, Entry(Kind.DATA, *cid, ev.data[last:]))
             else:
                 self._close_live(ev.conn, cid)
                 self._propose(ev, Entry(Kind.CLOSE, *cid))

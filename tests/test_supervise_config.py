@@ -45,9 +45,11 @@ BROKEN = [
     ('transport = "shm"', 'transport = "tcp"\nheartbeat_ms = "fast"', "cluster.heartbeat_ms: expected int"),
     ('replication = "127.0.0.1:9102"', 'replication = "localhost"', "node 'n2'.replication: expected"),
     ('server = "127.0.0.1:7003"', 'server = "127.0.0.1:99999"', "node 'n3'.server: expected a port"),
-    ('status = "127.0.0.1:9202"', 'status = "127.0.0.1:9201"', "node 'n2'.status: '127.0.0.1:9201' is also used"),
+    ('status = "127.0.0.1:9202"', 'status = "127.0.0.1:9201"',
+     "node 'n2'.status: '127.0.0.1:9201' is also used"),
     ('durability = "fsync"', 'durability = "fsync"\nvip = "10.9.0.1/24"', "cluster.vip_interface: required"),
-    ('durability = "fsync"', 'durability = "fsync"\nvip = "not-an-ip"\nvip_interface = "eth0"', "cluster.vip: expected"),
+    ('durability = "fsync"', 'durability = "fsync"\nvip = "not-an-ip"\nvip_interface = "eth0"',
+     "cluster.vip: expected"),
     ('durability = "fsync"', 'durability = "fsync"\ncolour = "blue"', "cluster.colour: unknown key"),
     ('[cluster]', '[cluster', "not valid TOML"),
 ]

@@ -84,9 +84,11 @@ class Tracer:
         on_exit: Callable[[int | None], None] | None = None,
         on_escape: Callable[[SocketEvent], None] | None = None,
         exitkill: bool | None = None,
+        background: bool = False,
     ) -> None:
         self.mode = mode
         self.exitkill = (mode is Mode.GATE) if exitkill is None else exitkill
+        self.background = background
         self.on_event = on_event
         self.on_exit = on_exit
         self.on_escape = on_escape
@@ -130,6 +132,11 @@ class Tracer:
             self._releases.append(event)
         os.eventfd_write(self._wake_fd, 1)
 
+    @property
+    def lost_events(self) -> int:
+        """Events the probes could not queue because this tracer fell behind."""
+        return self.probes.lost_events() if self.probes is not None else self.stats.bpf_lost
+
     def set_mode(self, mode: Mode) -> None:
         """Start or stop gating. A supervisor that may gate later attaches with exitkill=True,
         since PTRACE_O_EXITKILL can only be set while every thread is stopped."""
@@ -172,6 +179,9 @@ class Tracer:
 
     def _main(self, setup: Callable[[], None]) -> None:
         self._thread_ident = threading.get_ident()
+        if self.background:
+            # an observer must never slow the server: it runs on idle CPU and counts what it lost
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         sigchld = SigchldFd()
         try:
             self.probes = Probes(self.snaplen)

@@ -1,0 +1,71 @@
+"""The supervisor's log entries and output digests."""
+
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from supervise.digest import OutputChecker
+from supervise.entries import Entry, EntryError, Kind, decode
+
+u64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@given(kind=st.sampled_from([Kind.CONNECT, Kind.CLOSE]), epoch=u64, conn=u64)
+def test_connect_and_close_round_trip(kind, epoch, conn):
+    assert decode(Entry(kind, epoch, conn).encode()) == Entry(kind, epoch, conn)
+
+
+@given(epoch=u64, conn=u64, data=st.binary(max_size=4096))
+def test_data_round_trips_byte_for_byte(epoch, conn, data):
+    assert decode(Entry(Kind.DATA, epoch, conn, data).encode()).data == data
+
+
+@given(epoch=u64, conn=u64, offset=u64, crc=st.integers(0, 2**32 - 1))
+def test_digest_round_trip(epoch, conn, offset, crc):
+    entry = Entry(Kind.DIGEST, epoch, conn, offset=offset, crc=crc)
+    assert decode(entry.encode()) == entry
+
+
+@given(st.binary(max_size=64))
+def test_hostile_payloads_decode_or_raise_entry_error(payload):
+    try:
+        entry = decode(payload)
+    except EntryError:
+        return
+    assert decode(entry.encode()) == entry
+
+
+def test_connect_with_a_body_is_refused():
+    with pytest.raises(EntryError):
+        decode(Entry(Kind.CONNECT, 1, 2).encode() + b"x")
+
+
+def test_same_output_split_differently_gives_the_same_digest():
+    a, b = OutputChecker(), OutputChecker()
+    a.output("c", b"hello world", 11)
+    b.output("c", b"hello ", 6)
+    b.output("c", b"world", 5)
+    assert a.digest("c") == b.digest("c") == (11, zlib.crc32(b"hello world"))
+
+
+def test_a_differing_byte_is_a_mismatch_and_a_match_is_a_check():
+    follower = OutputChecker()
+    follower.expect("c", 5, zlib.crc32(b"12345"))
+    follower.output("c", b"12345", 5)
+    assert (follower.checks, follower.mismatches) == (1, 0)
+    follower.expect("c", 10, zlib.crc32(b"1234567890"))
+    follower.output("c", b"6789X", 5)
+    assert follower.mismatches == 1
+    assert "byte 10" in follower.first_mismatch
+
+
+def test_a_check_waits_until_the_output_reaches_its_offset():
+    follower = OutputChecker()
+    follower.expect("c", 4, zlib.crc32(b"abcd"))
+    assert follower.checks == 0
+    follower.output("c", b"ab", 2)
+    assert follower.checks == 0
+    follower.output("c", b"cd", 2)
+    assert follower.checks == 1 and follower.mismatches == 0
