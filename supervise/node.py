@@ -56,6 +56,9 @@ class Node:
         self._barrier: tuple[bytes, threading.Event] | None = None
         self._vip = None
         self._checks_reported = 0
+        metrics.track(len(cluster.nodes),
+                      lambda: len(self._live) if self.leading else len(self.replayer.conns),
+                      lambda: self.tracer.stats.held if self.tracer else 0)
 
     # ---- start and stop -----------------------------------------------------------------------
 
@@ -164,12 +167,12 @@ class Node:
             self._check_divergence()
             return
         self.replayer.apply(entry)
-        self.metrics.replayed.labels(self.me.name).inc()
+        self.metrics.replayed.inc()
         if entry.kind is Kind.DATA:
-            self.metrics.input_bytes.labels(self.me.name).inc(len(entry.data))
+            self.metrics.input_bytes.inc(len(entry.data))
 
     def _on_role_change(self, role: str, ballot: int, leader: str | None) -> None:
-        self.metrics.leader.labels(self.me.name).set(1 if self.leading else 0)
+        self.metrics.leader.set(1 if self.leading else 0)
         if role == "leader" and not self.leading and self._barrier is None:
             threading.Thread(target=self._become_leader, args=(ballot,), name="failover",
                              daemon=True).start()
@@ -199,7 +202,7 @@ class Node:
             self.epoch = ballot
             self.leading = True
             self.tracer.set_mode(Mode.GATE)
-            self.metrics.leader.labels(self.me.name).set(1)
+            self.metrics.leader.set(1)
             log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
                      "clients of %s", ballot, len(stale), self.me.server)
             self._take_vip()
@@ -233,10 +236,10 @@ class Node:
         cid = self._live[ev.conn]
         if ev.dir is Direction.OUT:
             self.checker.output(cid, ev.data, ev.ret)
-            self.metrics.output_bytes.labels(self.me.name).inc(ev.ret)
+            self.metrics.output_bytes.inc(ev.ret)
         elif ev.call in READS and ev.input:
             if ev.ret > 0:
-                self.metrics.input_bytes.labels(self.me.name).inc(ev.ret)
+                self.metrics.input_bytes.inc(ev.ret)
                 for start in range(0, len(ev.data) - MAX_CHUNK, MAX_CHUNK):
                     self.replica.propose(Entry(Kind.DATA, *cid, ev.data[start:start + MAX_CHUNK]).encode())
                 last = (len(ev.data) - 1) // MAX_CHUNK * MAX_CHUNK
@@ -272,19 +275,19 @@ class Node:
 
     def _on_replay_output(self, cid: tuple[int, int], data: bytes, length: int) -> None:
         self.checker.output(cid, data, length)
-        self.metrics.output_bytes.labels(self.me.name).inc(length)
+        self.metrics.output_bytes.inc(length)
         self._check_divergence()
 
     def _on_stray(self, ev: SocketEvent) -> None:
         if ev.fd not in self.listen_fds:
             return
         self.stray += 1
-        self.metrics.stray.labels(self.me.name).inc()
+        self.metrics.stray.inc()
         log.warning("stray client %s connected to this follower's server directly (connection %d); "
                     "clients must use the leader", ev.peer, ev.conn)
 
     def _on_escape(self, ev: SocketEvent) -> None:
-        self.metrics.escapes.labels(self.me.name).inc()
+        self.metrics.escapes.inc()
 
     def _on_server_exit(self, status: int | None) -> None:
         log.error("the server (pid %d) exited with status %s", self.server_pid, status)
@@ -297,12 +300,12 @@ class Node:
         new_checks = self.checker.checks - self._checks_reported
         if new_checks:
             self._checks_reported += new_checks
-            self.metrics.digest_checks.labels(self.me.name).inc(new_checks)
+            self.metrics.digest_checks.inc(new_checks)
         if self.checker.mismatches and not self.diverged:
             self.diverged = True
             self.diverged_reason = self.checker.first_mismatch
-            self.metrics.divergences.labels(self.me.name).inc(self.checker.mismatches)
-            self.metrics.diverged.labels(self.me.name).set(1)
+            self.metrics.divergences.inc(self.checker.mismatches)
+            self.metrics.diverged.set(1)
             log.error("DIVERGED: %s; this node stops applying the log and is out of service",
                       self.diverged_reason)
 
