@@ -1,0 +1,467 @@
+"""A supervised Redis group across network namespaces, over the ``tcp`` transport.
+
+    with NetnsCluster(vip=True) as c:
+        c.start()
+        leader = c.wait_leader()
+        c.partition(leader); c.heal(leader)
+        c.kill(i, "supervisor" | "server" | "both"); c.restart(i)
+        c.pause(i); c.resume(i)                 # SIGSTOP / SIGCONT of a supervisor
+
+Hosts 0..n-1 each run a redis-server bound to the host's own address and ``supervise --pid``
+beside it (``Host.popen``, so both live in that host's namespace); host n is the clients' host.
+Code that must talk from a namespace (status polls, redis clients) runs in a thread that entered
+it (``enter_netns``), so the test process itself needs no address anywhere.
+
+The virtual IP. ``supervise`` adds the VIP to the leader's ``eth0``, but a server bound to its
+node address (``node.server``, which the supervisor requires it to listen on) refuses
+connections to the VIP, and a server also bound to the VIP has a second listening socket that
+the supervisor does not gate (``Node.listen_fds`` keeps only sockets whose local address is
+exactly ``node.server``): those clients' inputs would never be replicated. So each host runs a
+plain TCP relay bound to VIP:port (IP_FREEBIND: the address need not be local yet) that
+forwards to the host's own server address, the way a local haproxy would. Only the host that
+holds the VIP receives anything on it.
+
+``stop()`` kills every process, removes the namespaces and the work directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .netns import Hosts
+
+CLONE_NEWNET = 0x40000000
+IP_FREEBIND = 15
+REDIS_PORT = 6379
+REPLICATION_PORT = 9101
+STATUS_PORT = 9201
+VIP_HOST = 100
+# `ip netns exec` mounts a fresh sysfs in a private mount namespace, which hides tracefs: bcc
+# then finds no tracepoint formats and the tracer's probes do not compile. Mount it there again.
+MOUNT_TRACEFS = ('mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; '
+                 'exec "$@"')
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread (only it) into network namespace ``name``."""
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _kill(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        if sig == signal.SIGKILL:
+            os.kill(proc.pid, signal.SIGCONT)  # a stopped process dies as well, but tidier
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@dataclass
+class NetnsNode:
+    index: int
+    name: str
+    addr: str
+    ns: str
+    server: subprocess.Popen | None = None
+    supervisor: subprocess.Popen | None = None
+    relay: subprocess.Popen | None = None
+    log_path: Path | None = None
+    paused: bool = False
+    partitioned: bool = False
+    starts: int = 0
+
+    @property
+    def status_url(self) -> str:
+        return f"http://{self.addr}:{STATUS_PORT}/status"
+
+    def supervisor_alive(self) -> bool:
+        return self.supervisor is not None and self.supervisor.poll() is None
+
+    def server_alive(self) -> bool:
+        return self.server is not None and self.server.poll() is None
+
+
+class NetnsCluster:
+    """Three (or n) hosts with Redis and a supervisor each, and one client host."""
+
+    def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
+                 election_timeout_ms: int = 300, durability: str = "fsync",
+                 subnet: str = "10.77.0") -> None:
+        self.n = n
+        self.subnet = subnet
+        self.vip = f"{subnet}.{VIP_HOST}" if vip else None
+        self.election_timeout_ms = election_timeout_ms
+        self.workdir = Path(tempfile.mkdtemp(prefix="supervise-netns-"))
+        self.hosts = Hosts(n + 1, subnet=subnet)
+        try:
+            self.nodes = [NetnsNode(i, f"n{i + 1}", self.hosts[i].addr, self.hosts[i].name)
+                          for i in range(n)]
+            self.client_host = self.hosts[n]
+            self._executors = {node.ns: ThreadPoolExecutor(4, initializer=enter_netns,
+                                                           initargs=(node.ns,))
+                               for node in self.nodes}
+            self._executors[self.client_host.name] = ThreadPoolExecutor(
+                4, initializer=enter_netns, initargs=(self.client_host.name,))
+            self.config = self.workdir / "cluster.toml"
+            secret = self.workdir / "cluster.key"
+            secret.write_bytes(os.urandom(32).hex().encode())
+            secret.chmod(0o600)
+            lines = ["[cluster]", 'transport = "tcp"', f'durability = "{durability}"',
+                     'secret_file = "cluster.key"', f"heartbeat_ms = {heartbeat_ms}",
+                     f"election_timeout_ms = {election_timeout_ms}"]
+            if self.vip:
+                lines += [f'vip = "{self.vip}/24"', 'vip_interface = "eth0"']
+            lines.append("")
+            for node in self.nodes:
+                lines += ["[[node]]", f'name = "{node.name}"',
+                          f'replication = "{node.addr}:{REPLICATION_PORT}"',
+                          f'server = "{node.addr}:{REDIS_PORT}"',
+                          f'status = "{node.addr}:{STATUS_PORT}"',
+                          f'data_dir = "{node.name}-data"', ""]
+            self.config.write_text("\n".join(lines))
+        except BaseException:
+            self.hosts.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    # ---- running code inside a namespace --------------------------------------------------------
+
+    def in_ns(self, ns: str, fn: Any, *args: Any, timeout: float = 30) -> Any:
+        return self._executors[ns].submit(fn, *args).result(timeout)
+
+    def in_client_ns(self, fn: Any, *args: Any, timeout: float = 30) -> Any:
+        return self.in_ns(self.client_host.name, fn, *args, timeout=timeout)
+
+    @property
+    def client_ns(self) -> str:
+        return self.client_host.name
+
+    @property
+    def service_addr(self) -> str:
+        """Where clients go: the VIP, else (without one) nothing fixed."""
+        if self.vip is None:
+            raise RuntimeError("no VIP configured: clients must follow the leader")
+        return self.vip
+
+    # ---- processes ------------------------------------------------------------------------------
+
+    def node(self, key: int | str | NetnsNode) -> NetnsNode:
+        if isinstance(key, NetnsNode):
+            return key
+        if isinstance(key, int):
+            return self.nodes[key]
+        return next(n for n in self.nodes if n.name == key)
+
+    def _wait_port(self, node: NetnsNode, port: int, timeout: float = 15.0) -> None:
+        def probe() -> None:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    socket.create_connection((node.addr, port), timeout=0.5).close()
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"nothing listens on {node.addr}:{port} in {node.ns}") from None
+                    if node.server is not None and node.server.poll() is not None:
+                        code = node.server.returncode
+                        raise RuntimeError(f"{node.name}: redis-server exited ({code})") from None
+                    time.sleep(0.02)
+
+        self.in_ns(node.ns, probe, timeout=timeout + 5)
+
+    def start_server(self, node: NetnsNode) -> None:
+        workdir = self.workdir / f"{node.name}-server"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir()
+        node.server = self.hosts[node.index].popen(
+            ["redis-server", "--port", str(REDIS_PORT), "--bind", node.addr, "--save", "",
+             "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir), "--enable-debug-command", "local"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_port(node, REDIS_PORT)
+
+    def start_supervisor(self, node: NetnsNode) -> None:
+        assert node.server is not None
+        node.log_path = self.workdir / f"{node.name}.log"
+        with open(node.log_path, "ab") as log:
+            log.write(f"=== start {node.starts} at {time.time():.3f}\n".encode())
+            node.supervisor = self.hosts[node.index].popen(
+                ["sh", "-c", MOUNT_TRACEFS, "supervise", sys.executable, "-m", "supervise",
+                 "--pid", str(node.server.pid),
+                 "--config", str(self.config), "--node", node.name],
+                stdout=log, stderr=log)
+        node.starts += 1
+        node.paused = False
+
+    def start_relay(self, node: NetnsNode) -> None:
+        if self.vip is None or node.relay is not None and node.relay.poll() is None:
+            return
+        node.relay = self.hosts[node.index].popen(
+            [sys.executable, "-m", "tests.netns_cluster", "relay", self.vip, str(REDIS_PORT),
+             node.addr, str(REDIS_PORT)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent.parent))
+
+    def start(self, timeout: float = 60.0) -> NetnsNode:
+        for node in self.nodes:
+            self.start_relay(node)
+            self.start_server(node)
+        for node in self.nodes:
+            self.start_supervisor(node)
+        return self.wait_leader(timeout)
+
+    def kill(self, key: int | str | NetnsNode, what: str = "both") -> None:
+        """kill -9 of the node's supervisor, server or both (waits until they are gone)."""
+        node = self.node(key)
+        procs = {"supervisor": [node.supervisor], "server": [node.server],
+                 "both": [node.supervisor, node.server]}[what]
+        for proc in procs:
+            _kill(proc)
+        for proc in procs:
+            _reap(proc)
+        node.paused = False
+
+    def restart(self, key: int | str | NetnsNode, fresh_data: bool = False) -> None:
+        """Both processes gone (whatever is left is killed), then a fresh, empty server and a
+        supervisor on the same data directory: it replays the log."""
+        node = self.node(key)
+        self.kill(node, "both")
+        if fresh_data:
+            shutil.rmtree(self.workdir / f"{node.name}-data", ignore_errors=True)
+        self.start_server(node)
+        self.start_supervisor(node)
+
+    def pause(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        if node.supervisor_alive():
+            node.supervisor.send_signal(signal.SIGSTOP)
+            node.paused = True
+
+    def resume(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        if node.supervisor is not None and node.supervisor.poll() is None:
+            node.supervisor.send_signal(signal.SIGCONT)
+        node.paused = False
+
+    def partition(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        self.hosts.link_down(node.index)
+        node.partitioned = True
+
+    def heal(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        self.hosts.link_up(node.index)
+        node.partitioned = False
+
+    # ---- status ---------------------------------------------------------------------------------
+
+    def status(self, key: int | str | NetnsNode, timeout: float = 1.0) -> dict | None:
+        """The node's /status, read from inside its own host (so also while it is cut off)."""
+        node = self.node(key)
+        if not node.supervisor_alive() or node.paused:
+            return None
+
+        def get() -> dict | None:
+            try:
+                with urllib.request.urlopen(node.status_url, timeout=timeout) as resp:
+                    return json.loads(resp.read())
+            except (OSError, ValueError):
+                return None
+
+        try:
+            return self.in_ns(node.ns, get, timeout=timeout + 5)
+        except TimeoutError:
+            return None
+
+    def statuses(self) -> dict[str, dict | None]:
+        return {node.name: self.status(node) for node in self.nodes}
+
+    def leader(self, exclude: tuple[str, ...] = ()) -> NetnsNode | None:
+        """The gating leader with the highest ballot among reachable, connected nodes."""
+        best: tuple[int, NetnsNode] | None = None
+        for node in self.nodes:
+            if node.name in exclude or node.partitioned:
+                continue
+            doc = self.status(node)
+            if doc and doc["role"] == "leader" and doc["gating"]:
+                if best is None or doc["ballot"] > best[0]:
+                    best = (doc["ballot"], node)
+        return best[1] if best else None
+
+    def wait_leader(self, timeout: float = 30.0, exclude: tuple[str, ...] = ()) -> NetnsNode:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            node = self.leader(exclude)
+            if node is not None:
+                return node
+            time.sleep(0.05)
+        raise TimeoutError(f"no leader within {timeout:.0f}s; logs in {self.workdir}")
+
+    def wait_applied(self, timeout: float = 60.0) -> int:
+        """Every node's supervisor is up and has applied everything the group committed."""
+        deadline = time.monotonic() + timeout
+        docs: dict[str, dict | None] = {}
+        while time.monotonic() < deadline:
+            docs = self.statuses()
+            if all(docs.values()):
+                committed = max(d["committed"] for d in docs.values())
+                if all(d["applied"] >= committed and d["committed"] >= committed for d in docs.values()):
+                    return committed
+            time.sleep(0.1)
+        raise TimeoutError(f"the nodes did not converge: {docs}")
+
+    # ---- redis from the client host ------------------------------------------------------------
+
+    def redis_call(self, addr: str, *command: Any, timeout: float = 5.0) -> Any:
+        """One command to ``addr`` from the client host (a fresh connection)."""
+        import redis as redis_py
+
+        def call() -> Any:
+            client = redis_py.Redis(host=addr, port=REDIS_PORT, socket_timeout=timeout,
+                                    socket_connect_timeout=timeout)
+            try:
+                return client.execute_command(*command)
+            finally:
+                client.close()
+
+        return self.in_client_ns(call, timeout=2 * timeout + 5)
+
+    def snapshot(self, key: int | str | NetnsNode, keys: list[str] | None = None) -> dict:
+        """The node's copy, read from inside its host (a stray client there, counted as such)."""
+        import redis as redis_py
+
+        node = self.node(key)
+
+        def read() -> dict:
+            client = redis_py.Redis(host=node.addr, port=REDIS_PORT, socket_timeout=10)
+            try:
+                names = keys if keys is not None else sorted(client.scan_iter(count=1000))
+                values = client.mget(names) if names else []
+                return {k if isinstance(k, str) else k.decode(): v for k, v in zip(names, values,
+                                                                                       strict=True)}
+            finally:
+                client.close()
+
+        return self.in_ns(node.ns, read)
+
+    def vip_holders(self) -> list[str]:
+        """Names of the nodes whose eth0 carries the VIP (``ip -n NS addr``)."""
+        if self.vip is None:
+            return []
+        out = []
+        for node in self.nodes:
+            text = subprocess.run(["ip", "-n", node.ns, "-o", "addr", "show", "dev", "eth0"],
+                                  capture_output=True, text=True, timeout=10).stdout
+            if f" {self.vip}/" in text:
+                out.append(node.name)
+        return out
+
+    def logs(self, tail: int = 6000) -> str:
+        out = []
+        for node in self.nodes:
+            if node.log_path and node.log_path.exists():
+                out.append(f"--- {node.name} ---\n{node.log_path.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            for proc in (node.supervisor, node.server, node.relay):
+                _kill(proc)
+        for node in self.nodes:
+            for proc in (node.supervisor, node.server, node.relay):
+                _reap(proc)
+        for ex in self._executors.values():
+            ex.shutdown(wait=False, cancel_futures=True)
+        self.hosts.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> NetnsCluster:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+# ---- the VIP relay (run in each host's namespace) --------------------------------------------
+
+def relay(listen: tuple[str, int], target: tuple[str, int]) -> None:
+    """Forward every connection to ``listen`` (bound with IP_FREEBIND) to ``target``; an error
+    on either side resets both (the client sees what it would see from the server's host)."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+    server.bind(listen)
+    server.listen(128)
+    reset = struct.pack("ii", 1, 0)
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
+                    s.close()
+
+    def serve(client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        for s in (client, upstream):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        t.start()
+        pipe(client, upstream)
+        t.join()
+        client.close()
+        upstream.close()
+
+    while True:
+        client, _ = server.accept()
+        threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "relay":
+        relay((sys.argv[2], int(sys.argv[3])), (sys.argv[4], int(sys.argv[5])))
+    else:
+        print("usage: python -m tests.netns_cluster relay LISTEN_IP PORT TARGET_IP PORT", file=sys.stderr)
+        sys.exit(2)
