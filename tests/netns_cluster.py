@@ -210,7 +210,8 @@ class NetnsCluster:
         workdir.mkdir()
         node.server = self.hosts[node.index].popen(
             ["redis-server", "--port", str(REDIS_PORT), "--bind", node.addr, "--save", "",
-             "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir), "--enable-debug-command", "local"],
+             "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir),
+             "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_port(node, REDIS_PORT)
 
