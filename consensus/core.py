@@ -1,12 +1,11 @@
-"""The Multi-Paxos state machine of one replica (leader election, replication, commit).
+"""The Multi-Paxos state machine of one replica: replication and commit (elections: election.py).
 
-Ballots are ``round * n + node_id``, unique per node. Phase 1 (VOTE_REQ/VOTE_RESP) runs once per
-leadership: a replica promises a ballot higher than any it has seen, persisting the promise before
-it answers, and only to a candidate whose log is at least as up to date as its own (last ballot,
-then last index), as DARE does. Every entry that may have been chosen is therefore already in the
-new leader's log; the leader re-proposes its whole uncommitted tail under its own ballot and
-appends a no-op of its ballot before anything new. It counts acceptances only for entries of its
-own ballot (the no-op first), so an older tail commits with it, never by itself.
+Ballots are ``round * n + node_id``, unique per node. Phase 1 runs once per leadership and
+elects only a candidate whose log is at least as up to date as a majority's, so every entry that
+may have been chosen is already in the new leader's log; the leader re-proposes its whole
+uncommitted tail under its own ballot and appends a no-op of its ballot before anything new. It
+counts acceptances only for entries of its own ballot (the no-op first), so an older tail commits
+with it, never by itself.
 
 The leader writes entries straight into each follower's inbox ring (see transport.py). A follower
 accepts only from a writer whose ballot is at least its promise, validates every entry (canary,
@@ -28,16 +27,17 @@ from concurrent.futures import Future
 
 from consensus import codec, wire
 from consensus.codec import Entry
+from consensus.election import CANDIDATE, FOLLOWER, LEADER, Elections
 from consensus.errors import LeadershipLost, NotLeader
 from consensus.logstore import LogStore
 
 log = logging.getLogger(__name__)
 
-LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
+__all__ = ["CANDIDATE", "FOLLOWER", "LEADER", "Core"]
 MAX_FRAME_PAYLOAD = 256 << 10
 
 
-class Core:
+class Core(Elections):
     def __init__(self, name: str, names: list[str], store: LogStore, send: Callable[[str, int, bytes], bool],
                  heartbeat_s: float, election_s: float, max_frame: int,
                  on_role: Callable[[str, int, str | None], None], on_commit_advance: Callable[[int], None],
@@ -66,6 +66,9 @@ class Core:
         self.transferring = False
         self._granted = 0
         self._votes: set[str] = set()
+        self._prevote_ballot = 0
+        self._prevotes: set[str] = set()
+        self._leader_contact = 0.0
         self._deadline = time.monotonic() + self._random_timeout() + election_s
         self._pending: dict[int, tuple[Future, float]] = {}
         self.next_index = dict.fromkeys(self.peers, 1)
@@ -111,21 +114,6 @@ class Core:
         while self._queue:
             _, fut, _ = self._queue.popleft()
             fut.set_exception(exc)
-
-    def start_election(self) -> None:
-        rnd = self.store.promised // self.n + 1
-        ballot = rnd * self.n + self.my_id
-        self._promise(ballot)
-        self._granted = ballot
-        self._votes = {self.name}
-        self._deadline = time.monotonic() + self._random_timeout()
-        self._set_role(CANDIDATE, None)
-        log.info("%s: election with ballot %d", self.name, ballot)
-        req = wire.enc_vote_req(wire.VoteReq(ballot, self.store.last_index, self.store.last_ballot))
-        for p in self.peers:
-            self._send(p, wire.VOTE_REQ, req)
-        if len(self._votes) >= self.majority:
-            self._become_leader()
 
     def _become_leader(self) -> None:
         now = time.monotonic()
@@ -261,6 +249,10 @@ class Core:
                 self._on_vote_req(peer, wire.dec_vote_req(body))
             elif mtype == wire.VOTE_RESP:
                 self._on_vote_resp(peer, wire.dec_vote_resp(body))
+            elif mtype == wire.PREVOTE_REQ:
+                self._on_prevote_req(peer, wire.dec_vote_req(body))
+            elif mtype == wire.PREVOTE_RESP:
+                self._on_prevote_resp(peer, wire.dec_vote_resp(body))
             elif mtype == wire.TIMEOUT_NOW:
                 if wire.dec_timeout_now(body) == self.ballot and self.leader == peer:
                     log.info("%s: leadership handed over by %s", self.name, peer)
@@ -277,7 +269,8 @@ class Core:
             return
         if m.ballot > st.promised or self.role != FOLLOWER or self.leader != peer:
             self._step_down(m.ballot, peer)
-        self._deadline = time.monotonic() + self._random_timeout()
+        self._leader_contact = time.monotonic()
+        self._deadline = self._leader_contact + self._random_timeout()
         if m.prev_index > st.last_index:
             self._reply(peer, False, st.last_index)
             return
@@ -331,26 +324,6 @@ class Core:
         if peer not in self.inflight and self.next_index[peer] <= self.store.last_index:
             self._replicate(peer, now)
 
-    def _on_vote_req(self, peer: str, m: wire.VoteReq) -> None:
-        st = self.store
-        if m.ballot > st.promised:
-            up_to_date = (m.last_ballot, m.last_index) >= (st.last_ballot, st.last_index)
-            self._step_down(m.ballot, None)
-            if up_to_date:
-                self._granted = m.ballot
-                self._deadline = time.monotonic() + self._random_timeout()
-        granted = m.ballot == st.promised and self._granted == m.ballot
-        self._send(peer, wire.VOTE_RESP, wire.enc_vote_resp(wire.VoteResp(st.promised, granted)))
-
-    def _on_vote_resp(self, peer: str, m: wire.VoteResp) -> None:
-        if m.ballot > self.ballot:
-            self._step_down(m.ballot, None)
-            return
-        if self.role == CANDIDATE and m.granted and m.ballot == self.ballot:
-            self._votes.add(peer)
-            if len(self._votes) >= self.majority:
-                self._become_leader()
-
     # ---- timers -------------------------------------------------------------------------------
     def tick(self) -> None:
         self.store.flush()
@@ -375,7 +348,7 @@ class Core:
                     log.warning("%s: lost contact with a majority, stepping down", self.name)
                     self._step_down(self.ballot, None)
             elif now >= self._deadline:
-                self.start_election()
+                self.start_prevote()
 
     def transfer(self) -> str | None:
         """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""

@@ -25,6 +25,8 @@ APPEND_RESP = 2
 VOTE_REQ = 3
 VOTE_RESP = 4
 TIMEOUT_NOW = 5
+PREVOTE_REQ = 6  # bodies as VOTE_REQ / VOTE_RESP
+PREVOTE_RESP = 7
 
 _APPEND = struct.Struct("<QQQQI4x")
 _APPEND_RESP = struct.Struct("<QQQB7x")

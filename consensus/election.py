@@ -1,0 +1,89 @@
+"""Elections: pre-vote and phase 1 (prepare/promise), as methods mixed into Core.
+
+A replica that misses its leader first runs a pre-vote: it asks whether a majority would promise
+its next ballot, and nothing changes unless a majority has also lost the leader (a replica that
+merely lost touch — a healed partition, a starved process — cannot depose a healthy leader).
+Then phase 1: the candidate persists its promise and asks for votes; a voter promises a ballot
+higher than any it has seen, persisting the promise before it answers, and grants it only to a
+candidate whose log is at least as up to date (last ballot, then last index), as DARE does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from consensus import wire
+
+log = logging.getLogger("consensus.core")
+
+LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
+
+
+class Elections:
+    """Mixed into :class:`consensus.core.Core`; every method runs with the core's lock held."""
+
+    def start_prevote(self) -> None:
+        """Raft's pre-vote: ask whether a majority would promise our next ballot, changing no
+        state, so that a replica that only lost touch (a healed partition, a starved process)
+        cannot depose a healthy leader by raising the ballot."""
+        rnd = self.store.promised // self.n + 1
+        self._prevote_ballot = rnd * self.n + self.my_id
+        self._prevotes = {self.name}
+        self._deadline = time.monotonic() + self._random_timeout()
+        req = wire.enc_vote_req(wire.VoteReq(self._prevote_ballot, self.store.last_index,
+                                             self.store.last_ballot))
+        for p in self.peers:
+            self._send(p, wire.PREVOTE_REQ, req)
+        if len(self._prevotes) >= self.majority:
+            self.start_election()
+
+    def _on_prevote_req(self, peer: str, m: wire.VoteReq) -> None:
+        st = self.store
+        alive = self.role == LEADER or (
+            self.leader is not None and time.monotonic() - self._leader_contact < self.election_s)
+        granted = (m.ballot > st.promised and not alive
+                   and (m.last_ballot, m.last_index) >= (st.last_ballot, st.last_index))
+        self._send(peer, wire.PREVOTE_RESP, wire.enc_vote_resp(wire.VoteResp(m.ballot, granted)))
+
+    def _on_prevote_resp(self, peer: str, m: wire.VoteResp) -> None:
+        if m.granted and m.ballot == self._prevote_ballot and self.role != LEADER:
+            self._prevotes.add(peer)
+            if len(self._prevotes) >= self.majority:
+                self._prevote_ballot = 0
+                self.start_election()
+
+    def start_election(self) -> None:
+        rnd = self.store.promised // self.n + 1
+        ballot = rnd * self.n + self.my_id
+        self._promise(ballot)
+        self._granted = ballot
+        self._votes = {self.name}
+        self._deadline = time.monotonic() + self._random_timeout()
+        self._set_role(CANDIDATE, None)
+        log.info("%s: election with ballot %d", self.name, ballot)
+        req = wire.enc_vote_req(wire.VoteReq(ballot, self.store.last_index, self.store.last_ballot))
+        for p in self.peers:
+            self._send(p, wire.VOTE_REQ, req)
+        if len(self._votes) >= self.majority:
+            self._become_leader()
+
+    def _on_vote_req(self, peer: str, m: wire.VoteReq) -> None:
+        st = self.store
+        if m.ballot > st.promised:
+            up_to_date = (m.last_ballot, m.last_index) >= (st.last_ballot, st.last_index)
+            self._step_down(m.ballot, None)
+            if up_to_date:
+                self._granted = m.ballot
+                self._deadline = time.monotonic() + self._random_timeout()
+        granted = m.ballot == st.promised and self._granted == m.ballot
+        self._send(peer, wire.VOTE_RESP, wire.enc_vote_resp(wire.VoteResp(st.promised, granted)))
+
+    def _on_vote_resp(self, peer: str, m: wire.VoteResp) -> None:
+        if m.ballot > self.ballot:
+            self._step_down(m.ballot, None)
+            return
+        if self.role == CANDIDATE and m.granted and m.ballot == self.ballot:
+            self._votes.add(peer)
+            if len(self._votes) >= self.majority:
+                self._become_leader()
