@@ -1,0 +1,461 @@
+"""Observability: the metrics, the Grafana dashboards and the Prometheus configuration, proven
+against a real Prometheus server scraping a real three-node Redis cluster under load.
+
+One cluster, one load and one Prometheus are shared by the module; every process and temporary
+directory is removed at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_py
+import yaml
+
+from rdma import ConnectError, connect, open_context
+from supervise.config import load as load_config
+from supervise.localcluster import LocalCluster, free_ports, wait_port
+from supervise.prometheus_cfg import render
+
+from .workload import redis_op, redis_snapshot
+
+pytestmark = pytest.mark.timeout(240)
+
+DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+PROMETHEUS = "/usr/bin/prometheus"
+PROMTOOL = "/usr/bin/promtool"
+LOAD_CLIENTS = 4
+RATE_WINDOW = "15s"  # what $__rate_interval stands for here (scrapes every second)
+
+# ---- PromQL helpers -------------------------------------------------------------------------
+
+_NOT_METRICS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+    "offset", "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk",
+    "quantile", "count_values", "group", "inf", "nan",
+}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, keywords and labels dropped)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # range selectors
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", s):
+        if m.group().lower() in _NOT_METRICS or s[m.end():].lstrip().startswith("("):
+            continue
+        names.add(m.group())
+    return names
+
+
+def test_metric_names_parser() -> None:
+    expr = ('histogram_quantile(0.99, sum by (le, call) (rate(supervise_hold_seconds_bucket{node="$node"}'
+            '[$__rate_interval]))) - on (replica) group_left max by (node) (x_total and y{a="b{c}"} == 1)')
+    assert metric_names(expr) == {"supervise_hold_seconds_bucket", "x_total", "y"}
+
+
+def dashboards() -> dict[str, dict]:
+    found = {p.name: json.loads(p.read_text()) for p in sorted(DASHBOARDS.glob("*.json"))}
+    assert len(found) >= 2, f"no dashboards in {DASHBOARDS}"
+    return found
+
+
+def panels(board: dict) -> Iterator[dict]:
+    for panel in board["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # panels inside collapsed rows
+
+
+def exprs(board: dict) -> list[tuple[str, str]]:
+    """(panel title, expression) of every query target of every panel."""
+    return [(p["title"], t["expr"]) for p in panels(board) for t in p.get("targets", []) if t.get("expr")]
+
+
+def variables(board: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in board.get("templating", {}).get("list", [])}
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    def one(m: re.Match) -> str:
+        name = m.group(1) or m.group(2) or m.group(3)
+        assert name in values, f"template variable {name!r} in {expr!r} has no value"
+        return values[name]
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)", one, expr)
+
+
+def label_values_query(var: dict) -> tuple[str, str]:
+    q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+    m = re.fullmatch(r"\s*label_values\(\s*([A-Za-z_:][\w:]*)\s*,\s*(\w+)\s*\)\s*", q)
+    assert m, f"variable {var['name']}: only label_values(metric, label) queries are used: {q!r}"
+    return m.group(1), m.group(2)
+
+
+def exported_samples(text: str) -> set[str]:
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+# ---- live processes -------------------------------------------------------------------------
+
+def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status, resp.read()
+
+
+def scrape(port: int) -> str:
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return body.decode()
+
+
+class Load:
+    """Redis clients writing to the leader until stopped; every failure is kept."""
+
+    def __init__(self, port: int, clients: int) -> None:
+        self.port = port
+        self.ops = 0
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        rng = random.Random(i)
+        client = redis_py.Redis(port=self.port, socket_timeout=30)
+        try:
+            while not self._stop.is_set():
+                redis_op(client, rng)
+                with self._lock:
+                    self.ops += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the tests
+            self.errors.append(exc)
+        finally:
+            client.close()
+
+    def wait_ops(self, n: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        start = self.ops
+        while self.ops - start < n and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not self.errors, f"writes failed: {self.errors[0]!r}"
+        assert self.ops - start >= n, f"only {self.ops - start} writes in {timeout:.0f}s"
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=40)
+
+
+class Prometheus:
+    """Debian's Prometheus server on a free loopback port, its data in a temporary directory."""
+
+    def __init__(self, config: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="supervise-prometheus-"))
+        self.proc: subprocess.Popen | None = None
+        try:
+            (self.dir / "prometheus.yml").write_text(config)
+            self.port = free_ports(1)[0]
+            self.log = open(self.dir / "prometheus.log", "wb")
+            self.proc = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={self.dir / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={self.dir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                stdout=self.log, stderr=subprocess.STDOUT)
+            wait_port(self.port, timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+
+    def api(self, path: str, **params: str) -> object:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        status, body = http_get(url)
+        doc = json.loads(body)
+        assert status == 200 and doc["status"] == "success", doc
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        data = self.api("query", query=expr)
+        assert isinstance(data, dict)
+        return data["result"]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def refuse_wrong_secret(endpoint: str) -> None:
+    """A peer with the wrong cluster secret tries the node's transport handshake and is refused."""
+    ctx = open_context("shm")
+    try:
+        pd = ctx.alloc_pd()
+        cq = ctx.create_cq(16)
+        with pytest.raises(ConnectError):
+            connect(ctx, pd, endpoint, b"not the cluster secret", cq, cq, b"")
+    finally:
+        ctx.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    c = LocalCluster(n=3, server="redis", transport="shm")
+    try:
+        c.start(timeout=60)
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def load(cluster: LocalCluster) -> Iterator[Load]:
+    running = Load(cluster.wait_leader().server_port, LOAD_CLIENTS)
+    try:
+        running.wait_ops(200)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster: LocalCluster, load: Load) -> Iterator[Prometheus]:
+    server = Prometheus(render(load_config(cluster.config), interval="1s"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---- tests ----------------------------------------------------------------------------------
+
+def test_promtool_accepts_a_live_nodes_metrics(cluster: LocalCluster, load: Load) -> None:
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    for node in (leader, follower):
+        text = scrape(node.status_port)
+        out = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True,
+                             timeout=30)
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (
+            f"{node.name}: {out.stdout.decode()} {out.stderr.decode()}")
+
+
+def test_metric_values_describe_the_cluster(cluster: LocalCluster, load: Load) -> None:
+    leader = cluster.wait_leader()
+    load.wait_ops(100)
+    for node in cluster.nodes:
+        text = scrape(node.status_port)
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in text.splitlines() if line and not line.startswith("#")}
+        n = f'node="{node.name}"'
+        is_leader = node is leader
+        assert values[f"supervise_is_leader{{{n}}}"] == (1 if is_leader else 0)
+        assert values[f"supervise_cluster_nodes{{{n}}}"] == 3
+        assert values[f"supervise_diverged{{{n}}}"] == 0
+        assert values[f"supervise_escapes_total{{{n}}}"] == 0
+        assert values[f"supervise_input_bytes_total{{{n}}}"] > 0
+        assert values[f"supervise_output_bytes_total{{{n}}}"] > 0
+        # every load client holds one replicated connection open on every copy
+        assert values[f"supervise_open_connections{{{n}}}"] >= LOAD_CLIENTS
+        r = f'replica="{node.name}"'
+        assert values[f"supervise_consensus_durable_index{{{r}}}"] > 0
+        for call in ("accept", "accept4", "read", "readv", "recvfrom", "recvmsg"):
+            held = values[f'supervise_held_syscalls_total{{call="{call}",{n}}}']
+            assert values[f'supervise_hold_seconds_count{{call="{call}",{n}}}'] == held
+        if is_leader:
+            assert values[f'supervise_held_syscalls_total{{call="read",{n}}}'] > 0
+            assert values[f"supervise_consensus_commit_latency_seconds_count{{{r}}}"] > 0
+            assert values[f"supervise_consensus_proposals_total{{{r}}}"] > 0
+        else:
+            assert values[f"supervise_replayed_entries_total{{{n}}}"] > 0
+            assert values[f'supervise_held_syscalls_total{{call="read",{n}}}'] == 0
+        for peer in cluster.nodes:
+            if peer is not node:
+                assert values[f'supervise_consensus_peer_reachable{{peer="{peer.name}",{r}}}'] == 1
+                assert f'supervise_consensus_replication_lag_entries{{peer="{peer.name}",{r}}}' in values
+
+
+def test_prometheus_config_is_accepted_by_promtool(cluster: LocalCluster, tmp_path: Path) -> None:
+    out = subprocess.run([".venv/bin/supervise", "prometheus-config", "--config", str(cluster.config)],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr.decode()
+    path = tmp_path / "prometheus.yml"
+    path.write_bytes(out.stdout)
+    doc = yaml.safe_load(out.stdout)
+    targets = {c["labels"]["node"]: c["targets"] for c in doc["scrape_configs"][0]["static_configs"]}
+    assert targets == {n.name: [f"127.0.0.1:{n.status_port}"] for n in cluster.nodes}
+    check = subprocess.run([PROMTOOL, "check", "config", str(path)], capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_grafana_provisioning_files_fit_the_dashboards() -> None:
+    ds = yaml.safe_load((DASHBOARDS / "provisioning/datasources/supervise.yaml").read_text())
+    assert ds["apiVersion"] == 1 and ds["datasources"][0]["type"] == "prometheus"
+    prov = yaml.safe_load((DASHBOARDS / "provisioning/dashboards/supervise.yaml").read_text())
+    assert prov["apiVersion"] == 1 and prov["providers"][0]["type"] == "file"
+    uids = set()
+    for name, board in dashboards().items():
+        uids.add(board["uid"])
+        var = variables(board)["datasource"]
+        assert var["type"] == "datasource" and var["query"] == "prometheus"
+        assert var["current"]["value"] == ds["datasources"][0]["uid"], name
+        ids = [p["id"] for p in panels(board)]
+        assert len(ids) == len(set(ids)), f"{name}: duplicate panel ids"
+        for p in panels(board):
+            if p["type"] != "row":
+                assert p["datasource"]["uid"] == "${datasource}", f"{name}: {p['title']}"
+                assert p["targets"], f"{name}: {p['title']} has no query"
+    assert len(uids) == len(dashboards())
+
+
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(
+        cluster: LocalCluster, load: Load, prometheus: Prometheus) -> None:
+    for node in cluster.nodes:  # so that the refused-handshake panels have something to show
+        refuse_wrong_secret(f"127.0.0.1:{node.replication_port}")
+    names = sorted(n.name for n in cluster.nodes)
+    # Prometheus scrapes every node, labelled by the scrape configuration
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        active = prometheus.api("targets")["activeTargets"]  # type: ignore[index]
+        if sorted(t["labels"]["node"] for t in active if t["health"] == "up") == names:
+            break
+        time.sleep(0.5)
+    assert sorted(t["labels"]["node"] for t in active if t["health"] == "up") == names, active
+
+    # every (dashboard, panel, node) query to evaluate, and whether it must have a finite value
+    checks: list[tuple[str, str, str, str | None]] = []
+    for name, board in dashboards().items():
+        vars_ = variables(board)
+        node_values: list[str | None] = [None]
+        for var in vars_.values():
+            if var["type"] == "query":
+                metric, label = label_values_query(var)
+                got = prometheus.api(f"label/{label}/values", **{"match[]": metric})
+                assert sorted(got) == names, f"{name}: variable {var['name']} offers {got}"  # type: ignore[arg-type]
+                assert var["name"] == "node", f"{name}: unexpected variable {var['name']}"
+                node_values = list(names)
+        for title, expr in exprs(board):
+            for node in node_values:
+                values = {"__rate_interval": RATE_WINDOW, "__interval": "5s"}
+                if node is not None:
+                    values["node"] = node
+                checks.append((name, title, substitute(expr, values), node))
+    assert len(checks) > 40
+
+    def failures() -> list[str]:
+        bad = []
+        finite: dict[tuple[str, str, str], bool] = {}
+        for name, title, query, node in checks:
+            result = prometheus.query(query)
+            if not result:
+                bad.append(f"{name} / {title}{f' ({node})' if node else ''}: no data for {query}")
+            # per node, a leader-only panel (commit latency) is NaN on followers: one node will do
+            key = (name, title, re.sub(r'node="[^"]*"', "", query))
+            has_finite = any(math.isfinite(float(r["value"][1])) for r in result)
+            finite[key] = finite.get(key, False) or has_finite
+        bad += [f"{n} / {t}: no finite value from {q}" for (n, t, q), ok in finite.items() if not ok]
+        return bad
+
+    # rates need two scrapes in their window: wait for them without asserting on time
+    deadline = time.monotonic() + 45
+    bad = failures()
+    while bad and time.monotonic() < deadline:
+        time.sleep(1)
+        bad = failures()
+    assert not bad, "\n".join(bad)
+    assert not load.errors, repr(load.errors[0])
+
+
+def test_every_metric_a_dashboard_uses_is_exported(cluster: LocalCluster, load: Load) -> None:
+    used: dict[str, set[str]] = {}
+    for name, board in dashboards().items():
+        for title, expr in exprs(board):
+            for metric in metric_names(expr):
+                used.setdefault(metric, set()).add(f"{name} / {title}")
+        for var in variables(board).values():
+            if var["type"] == "query":
+                used.setdefault(label_values_query(var)[0], set()).add(f"{name} / variable {var['name']}")
+    assert len(used) > 25
+    for node in cluster.nodes:
+        refuse_wrong_secret(f"127.0.0.1:{node.replication_port}")
+        exported = exported_samples(scrape(node.status_port))
+        missing = {m: sorted(where) for m, where in used.items() if m not in exported}
+        assert not missing, f"{node.name} does not export {missing}"
+
+
+def test_metrics_endpoint_under_concurrent_scraping_while_loaded(cluster: LocalCluster, load: Load) -> None:
+    leader = cluster.wait_leader()
+    ops_before = load.ops
+    results: list[tuple[int, int] | BaseException] = []
+    lock = threading.Lock()
+
+    def scraper(i: int) -> None:
+        ports = [n.status_port for n in cluster.nodes]
+        for k in range(50):
+            path = "/metrics" if k % 5 else "/status"
+            try:
+                status, body = http_get(f"http://127.0.0.1:{ports[(i + k) % len(ports)]}{path}", timeout=30)
+                ok = status == 200 and (b"supervise_is_leader" in body if path == "/metrics"
+                                        else json.loads(body)["node"] in {n.name for n in cluster.nodes})
+                outcome: tuple[int, int] | BaseException = (status, int(ok))
+            except BaseException as exc:  # noqa: BLE001 - every failure is reported
+                outcome = exc
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=scraper, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 8 * 50
+    failed = [r for r in results if not (isinstance(r, tuple) and r == (200, 1))]
+    assert not failed, f"{len(failed)} of {len(results)} scrapes failed, e.g. {failed[0]!r}"
+
+    # the cluster kept working: writes went on, and still go on, the copies agree
+    assert not load.errors, repr(load.errors[0])
+    assert load.ops > ops_before
+    client = redis_py.Redis(port=leader.server_port, socket_timeout=30)
+    try:
+        client.set("observability:after-scraping", "ok")
+    finally:
+        client.close()
+    load.stop()
+    assert not load.errors, repr(load.errors[0])
+    cluster.wait_applied(timeout=60)
+    for node in cluster.nodes:
+        doc = node.status()
+        assert doc is not None and doc["diverged"] is False, doc
+        assert doc["escapes"] == 0
+        assert re.search(rf'^supervise_divergences_total\{{node="{node.name}"\}} 0\.0$',
+                         scrape(node.status_port), re.M)
+    reference = redis_snapshot(leader.server_port)
+    assert reference[b"observability:after-scraping"] == ("string", b"ok", False)
+    for node in cluster.nodes:
+        assert redis_snapshot(node.server_port) == reference, f"{node.name} differs from the leader"
