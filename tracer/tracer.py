@@ -29,6 +29,8 @@ log = logging.getLogger("tracer")
 
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 BACKSTOP_SECONDS = 0.02
+_CALLS = {c.value: c for c in Call}
+_DIRECTIONS = tuple(Direction)
 # x86_64 numbers of the input syscalls a thread may be blocked in when we attach
 BLOCKING_INPUTS = {0: Call.READ, 19: Call.READV, 43: Call.ACCEPT, 45: Call.RECVFROM,
                    47: Call.RECVMSG, 288: Call.ACCEPT4}
@@ -200,9 +202,11 @@ class Tracer:
         exit_status: int | None = None
         try:
             while not self._stopping.is_set() and self._tgids:
-                poller.poll(BACKSTOP_SECONDS)
-                sigchld.drain()
-                self._drain_wake()
+                ready = {fd for fd, _ in poller.poll(BACKSTOP_SECONDS)}
+                if sigchld.fd in ready:
+                    sigchld.drain()
+                if self._wake_fd in ready:
+                    self._drain_wake()
                 self._pump_events()
                 self._reap_all()
                 self._apply_releases()
@@ -327,7 +331,7 @@ class Tracer:
 
     def _on_raw_event(self, raw) -> None:
         peer = None
-        call = Call(raw.call)
+        call = _CALLS[raw.call]
         if call in ACCEPTS and raw.peer_len:
             peer = format_sockaddr(ctypes.string_at(ctypes.addressof(raw.peer), raw.peer_len))
         self._batch.append(
@@ -340,7 +344,7 @@ class Tracer:
                 fd=raw.fd,
                 ret=raw.ret,
                 conn=raw.conn,
-                dir=Direction(raw.dir),
+                dir=_DIRECTIONS[raw.dir],
                 input=bool(raw.input),
                 gated=bool(raw.gated),
                 data=ctypes.string_at(ctypes.addressof(raw.data), raw.data_len),
