@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # 10 µs to 1 s, as for the consensus commit latency: a held syscall waits for one commit.
 HOLD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
@@ -67,6 +67,9 @@ class NodeMetrics:
     """The children of one node, bound once: ``metrics.output_bytes.inc(n)``."""
 
     def __init__(self, node: str, registry: CollectorRegistry = REGISTRY) -> None:
+        # A node's process exposes no ``*_created`` series: they would double the counters'
+        # series and no dashboard or alert here uses them.
+        disable_created_metrics()
         f = _family(registry)
         self.node = node
         self._held = f["held"]
