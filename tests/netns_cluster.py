@@ -255,15 +255,25 @@ class NetnsCluster:
             _reap(proc)
         node.paused = False
 
-    def restart(self, key: int | str | NetnsNode, fresh_data: bool = False) -> None:
+    def restart(self, key: int | str | NetnsNode, fresh_data: bool = False,
+                clear_stale_vip: bool = False) -> bool:
         """Both processes gone (whatever is left is killed), then a fresh, empty server and a
-        supervisor on the same data directory: it replays the log."""
+        supervisor on the same data directory: it replays the log.
+
+        ``clear_stale_vip``: first remove the VIP from the host if it is still there (left by a
+        supervisor killed with -9, which a restarted supervisor does not remove). Returns whether
+        it had to."""
         node = self.node(key)
         self.kill(node, "both")
+        stale = clear_stale_vip and node.name in self.vip_holders()
+        if stale:
+            subprocess.run(["ip", "-n", node.ns, "addr", "del", f"{self.vip}/24", "dev", "eth0"],
+                           capture_output=True, timeout=10)
         if fresh_data:
             shutil.rmtree(self.workdir / f"{node.name}-data", ignore_errors=True)
         self.start_server(node)
         self.start_supervisor(node)
+        return stale
 
     def pause(self, key: int | str | NetnsNode) -> None:
         node = self.node(key)
@@ -390,12 +400,54 @@ class NetnsCluster:
                 out.append(node.name)
         return out
 
+    def vip_holders_netlink(self) -> list[str]:
+        """The same as ``vip_holders``, asked over netlink from inside each host (cheap)."""
+        if self.vip is None:
+            return []
+
+        def has_vip() -> bool:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                return any(a.get_attr("IFA_ADDRESS") == self.vip for a in ipr.get_addr(family=socket.AF_INET))
+
+        return [node.name for node in self.nodes if self.in_ns(node.ns, has_vip)]
+
+    def vip_arp_owner(self) -> str | None:
+        """The node whose MAC the client host's neighbour table has for the VIP (None: no entry)."""
+        if self.vip is None:
+            return None
+
+        def mac_of(ns_is_client: bool) -> str | None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                if ns_is_client:
+                    for n in ipr.get_neighbours(dst=self.vip):
+                        return n.get_attr("NDA_LLADDR")
+                    return None
+                index = ipr.link_lookup(ifname="eth0")[0]
+                return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+
+        mac = self.in_client_ns(mac_of, True)
+        if mac is None:
+            return None
+        if not hasattr(self, "_macs"):
+            self._macs = {self.in_ns(n.ns, mac_of, False): n.name for n in self.nodes}
+        return self._macs.get(mac, mac)
+
     def logs(self, tail: int = 6000) -> str:
         out = []
         for node in self.nodes:
             if node.log_path and node.log_path.exists():
                 out.append(f"--- {node.name} ---\n{node.log_path.read_text(errors='replace')[-tail:]}")
         return "\n".join(out)
+
+    def save_logs(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            if node.log_path and node.log_path.exists():
+                shutil.copy(node.log_path, Path(directory) / node.log_path.name)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -1,0 +1,484 @@
+"""A Jepsen-style fault campaign against supervised Redis on three namespace hosts (tcp transport).
+
+    .venv/bin/python -m tests.campaign --seed 7 --duration 120 [--clients 12] [--keys 5]
+
+Clients on a fourth host use only the VIP. Each does reads (GET), writes (SET of a value unique
+to the campaign) and compare-and-set (a Lua script via EVAL) on a handful of keys, with a
+socket timeout; every operation's invocation and completion times, arguments and result are
+recorded. A timeout or a connection error after the request was sent makes the operation
+indeterminate (Jepsen's "info"); a refused connection or an error reply means it did not happen.
+
+Faults follow a schedule drawn from the seed: kill -9 of the leader's or a follower's
+supervisor, server or both (then a restart with a fresh server on the same data directory),
+partition of the leader's or a follower's host (link down, then up), a supervisor paused with
+SIGSTOP for longer than the election timeout (then SIGCONT). A node whose supervisor exited
+(status 3 after losing leadership while gating, 1 after its server died) is restarted with a
+fresh server. Delayed, dropped and duplicated transport messages are *not* injected: the tcp
+provider's failpoints (``consensus.transport.Transport.inject``) are reachable only in-process,
+and nothing in a running ``supervise`` (configuration, environment, status endpoint) exposes
+them; this kernel has no netem either.
+
+At the end every fault is healed, the clients stop, each key is read once more through the VIP,
+every node must have applied everything without diverging and hold the same values, and the
+history is checked for linearizability per key (tests/linearizability.py). That check also
+covers "no acknowledged write lost": an acknowledged write whose value is later replaced by an
+older one, or never seen where it must be, has no linearization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import redis as redis_py
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .linearizability import CAS, INFO, OK, READ, WRITE, Op, Verdict, check
+from .netns_cluster import REDIS_PORT, NetnsCluster, NetnsNode, enter_netns
+
+CAS_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
+           "return 1 else return 0 end")
+INIT = "init"
+FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-follower",
+               "pause-leader", "pause-follower")
+
+
+@dataclass
+class Campaign:
+    seed: int
+    duration: float
+    clients: int = 12
+    keys: int = 5
+    timeout: float = 2.0
+    election_timeout_ms: int = 300
+    check_seconds: float = 120.0
+    clear_stale_vip: bool = True
+    logs_dir: str | None = None
+    log: Any = None
+    history: list[Op] = field(default_factory=list)
+    failed: Counter = field(default_factory=Counter)
+    faults: list[dict] = field(default_factory=list)
+    leaders: list[dict] = field(default_factory=list)
+    anomalies: list[str] = field(default_factory=list)
+    exits: list[dict] = field(default_factory=list)
+    stale_vips: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.key_names = [f"k{i}" for i in range(self.keys)]
+        self._ids = itertools.count()
+        self._stop_clients = threading.Event()
+        self._stop_monitor = threading.Event()
+        self.t0 = time.monotonic()
+
+    def say(self, msg: str) -> None:
+        line = f"[{time.monotonic() - self.t0:7.2f}] {msg}"
+        print(line, file=self.log or sys.stdout, flush=True)
+
+    # ---- clients --------------------------------------------------------------------------------
+
+    def _connect(self, addr: str) -> redis_py.Connection:
+        conn = redis_py.Connection(host=addr, port=REDIS_PORT, socket_timeout=self.timeout,
+                                   socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0))
+        conn.connect()
+        return conn
+
+    def _invoke(self, conn: redis_py.Connection, client: int, key: str, kind: str, arg: Any,
+                command: tuple) -> tuple[bool, Op | None]:
+        """One recorded operation (None if it did not happen); False when the connection is no
+        longer usable."""
+        call = time.monotonic()
+        try:
+            conn.send_command(*command)
+            reply = conn.read_response()
+        except redis_py.ResponseError as exc:
+            self.failed[f"{kind}: {str(exc)[:40]}"] += 1
+            return True, None
+        except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+            op = Op(next(self._ids), client, key, kind, arg, call, None, None, INFO)
+            self.history.append(op)
+            return False, op
+        ret = time.monotonic()
+        if kind == READ:
+            result: Any = reply.decode() if reply is not None else None
+        elif kind == CAS:
+            result = bool(reply)
+        else:
+            result = None
+        op = Op(next(self._ids), client, key, kind, arg, call, ret, result, OK)
+        self.history.append(op)
+        return True, op
+
+    def _client(self, index: int, cluster: NetnsCluster) -> None:
+        enter_netns(cluster.client_ns)
+        rng = random.Random(self.seed * 1000 + index)
+        seen: dict[str, str] = {}
+        conn: redis_py.Connection | None = None
+        for seq in itertools.count():
+            if self._stop_clients.is_set():
+                break
+            if conn is None:
+                try:
+                    conn = self._connect(cluster.service_addr)
+                except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+                    self.failed["connect"] += 1
+                    conn = None
+                    time.sleep(0.1)
+                    continue
+            key = rng.choice(self.key_names)
+            r = rng.random()
+            value = f"c{index}.{seq}"
+            if r < 0.4:
+                alive, last = self._invoke(conn, index, key, READ, None, ("GET", key))
+            elif r < 0.7:
+                alive, last = self._invoke(conn, index, key, WRITE, value, ("SET", key, value))
+            else:
+                expected = seen.get(key, INIT)
+                alive, last = self._invoke(conn, index, key, CAS, (expected, value),
+                                           ("EVAL", CAS_LUA, 1, key, expected, value))
+            if last is not None and last.status == OK:
+                if last.kind == READ and last.result is not None:
+                    seen[key] = last.result
+                elif last.kind == WRITE or (last.kind == CAS and last.result):
+                    seen[key] = value
+            if not alive:
+                conn.disconnect()
+                conn = None
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 0.01))
+        if conn is not None:
+            conn.disconnect()
+
+    # ---- monitor ----------------------------------------------------------------------------------
+
+    def _monitor(self, cluster: NetnsCluster) -> None:
+        current: tuple[str, int] | None = None
+        multi_vip = False
+        holders_seen: tuple[list[str], str | None] | None = None
+        while not self._stop_monitor.wait(0.25):
+            best = None
+            for node in cluster.nodes:
+                doc = cluster.status(node, timeout=0.5)
+                if doc and doc["role"] == "leader" and doc["gating"] and not node.partitioned:
+                    if best is None or doc["ballot"] > best[1]:
+                        best = (node.name, doc["ballot"])
+                if doc and doc["diverged"]:
+                    msg = f"{node.name} diverged: {doc['diverged_reason']}"
+                    if msg not in self.anomalies:
+                        self.anomalies.append(msg)
+                        self.say("ANOMALY " + msg)
+            if best is None and current is not None:
+                current = None
+                self.leaders.append({"t": round(time.monotonic() - self.t0, 3), "leader": None,
+                                     "ballot": None})
+                self.say("no gating leader")
+            if best is not None and best != current:
+                current = best
+                self.leaders.append({"t": round(time.monotonic() - self.t0, 3), "leader": best[0],
+                                     "ballot": best[1]})
+                self.say(f"leader {best[0]} (ballot {best[1]})")
+            holders = cluster.vip_holders_netlink()
+            arp = cluster.vip_arp_owner()
+            if (holders, arp) != holders_seen:
+                holders_seen = (holders, arp)
+                self.say(f"VIP on {holders or 'no host'}; the client host sends VIP traffic to {arp}")
+            if len(holders) > 1 and not multi_vip:
+                msg = f"t={time.monotonic() - self.t0:.1f}: VIP held by {len(holders)} hosts: {holders}"
+                self.warnings.append(msg)
+                self.say("WARNING " + msg)
+            multi_vip = len(holders) > 1
+
+    # ---- faults -----------------------------------------------------------------------------------
+
+    def _repair(self, cluster: NetnsCluster) -> None:
+        """Restart (fresh server, same data directory) every node whose supervisor or server died."""
+        for node in cluster.nodes:
+            if node.paused or node.partitioned:
+                continue
+            if not node.supervisor_alive() or not node.server_alive():
+                if node.supervisor_alive():  # its server died: it leaves by itself (status 1)
+                    try:
+                        node.supervisor.wait(15)
+                    except subprocess.TimeoutExpired:
+                        self.anomalies.append(f"{node.name}: supervisor still running 15s after its "
+                                              f"server died")
+                code = node.supervisor.poll() if node.supervisor is not None else None
+                if code is not None and code != -9:
+                    self.exits.append({"t": round(time.monotonic() - self.t0, 3), "node": node.name,
+                                       "status": code})
+                    self.say(f"{node.name}: supervisor exited with status {code}")
+                if cluster.restart(node, clear_stale_vip=self.clear_stale_vip):
+                    self.stale_vips.append({"t": round(time.monotonic() - self.t0, 3), "node": node.name})
+                    self.say(f"{node.name}: removed the VIP its killed supervisor left on eth0")
+                self.say(f"{node.name}: restarted with a fresh server")
+
+    def _pick(self, cluster: NetnsCluster, role: str) -> NetnsNode | None:
+        leader = cluster.leader()
+        if role == "leader":
+            return leader
+        others = [n for n in cluster.nodes if n is not leader and n.supervisor_alive()]
+        return self.rng.choice(others) if others else None
+
+    def _fault(self, cluster: NetnsCluster, kind: str) -> None:
+        action, role = kind.split("-")
+        node = self._pick(cluster, role)
+        if node is None:
+            self.say(f"{kind}: no {role} to pick; skipped")
+            return
+        record = {"t": round(time.monotonic() - self.t0, 3), "fault": kind, "node": node.name}
+        if action == "kill":
+            what = self.rng.choice(["supervisor", "server", "both"])
+            record["what"] = what
+            self.say(f"FAULT kill -9 {what} of {role} {node.name}")
+            cluster.kill(node, what)
+            time.sleep(self.rng.uniform(0.5, 3.0))
+        elif action == "partition":
+            hold = self.rng.uniform(2.0, 6.0)
+            record["seconds"] = round(hold, 2)
+            self.say(f"FAULT partition {role} {node.name} for {hold:.1f}s")
+            cluster.partition(node)
+            time.sleep(hold)
+            cluster.heal(node)
+            self.say(f"healed {node.name}")
+        else:
+            hold = self.rng.uniform(3, 8) * self.election_timeout_ms / 1000
+            record["seconds"] = round(hold, 2)
+            self.say(f"FAULT SIGSTOP supervisor of {role} {node.name} for {hold:.1f}s")
+            cluster.pause(node)
+            time.sleep(hold)
+            cluster.resume(node)
+            self.say(f"SIGCONT {node.name}")
+        self.faults.append(record)
+        time.sleep(0.5)
+        self._repair(cluster)
+
+    def _faults(self, cluster: NetnsCluster, until: float) -> None:
+        while time.monotonic() < until:
+            time.sleep(self.rng.uniform(1.0, 4.0))
+            if time.monotonic() >= until:
+                break
+            try:
+                cluster.wait_leader(timeout=30)
+            except TimeoutError:
+                self.anomalies.append(f"no leader for 30s at t={time.monotonic() - self.t0:.1f}")
+                self.say("ANOMALY no leader for 30s")
+                self._repair(cluster)
+                continue
+            kind = self.rng.choice(FAULT_KINDS)
+            try:
+                self._fault(cluster, kind)
+            except Exception as exc:  # noqa: BLE001 - recorded; the campaign goes on
+                self.anomalies.append(f"t={time.monotonic() - self.t0:.1f}: {kind} failed: {exc!r}")
+                self.say(f"ANOMALY {kind} failed: {exc!r}")
+
+    # ---- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        with NetnsCluster(vip=True, election_timeout_ms=self.election_timeout_ms) as cluster:
+            try:
+                return self._run(cluster)
+            except BaseException:
+                self.say("campaign failed; supervisor logs:\n" + cluster.logs())
+                raise
+            finally:
+                if self.logs_dir:
+                    cluster.save_logs(self.logs_dir)
+
+    def _run(self, cluster: NetnsCluster) -> dict:
+        self.say(f"seed {self.seed}, {self.duration:.0f}s, {self.clients} clients, keys {self.key_names}")
+        leader = cluster.start(timeout=90)
+        self.say(f"cluster up, leader {leader.name}; workdir {cluster.workdir}")
+        for key in self.key_names:
+            call = time.monotonic()
+            cluster.redis_call(cluster.service_addr, "SET", key, INIT, timeout=10)
+            self.history.append(Op(next(self._ids), -1, key, WRITE, INIT, call, time.monotonic()))
+        monitor = threading.Thread(target=self._monitor, args=(cluster,), daemon=True)
+        monitor.start()
+        clients = [threading.Thread(target=self._client, args=(i, cluster), daemon=True)
+                   for i in range(self.clients)]
+        for c in clients:
+            c.start()
+        started = time.monotonic()
+        try:
+            self._faults(cluster, started + self.duration)
+        finally:
+            self.say("healing everything")
+            for node in cluster.nodes:
+                if node.partitioned:
+                    cluster.heal(node)
+                if node.paused:
+                    cluster.resume(node)
+        for attempt in range(3):
+            time.sleep(1.0)
+            self._repair(cluster)
+            try:
+                cluster.wait_leader(timeout=30)
+                break
+            except TimeoutError:
+                self.anomalies.append(f"no leader 30s after healing (attempt {attempt + 1})")
+        time.sleep(3.0)  # the clients go on against the healed group
+        self._stop_clients.set()
+        for c in clients:
+            c.join(self.timeout + 10)
+        for key in self.key_names:  # one last read of each key: the last acknowledged writes
+            ok = False
+            for _ in range(10):
+
+                def final_read(key: str = key) -> bool:
+                    conn = self._connect(cluster.service_addr)
+                    try:
+                        alive, op = self._invoke(conn, -2, key, READ, None, ("GET", key))
+                        return op is not None and op.status == OK
+                    finally:
+                        conn.disconnect()
+
+                try:
+                    ok = cluster.in_client_ns(final_read)
+                except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+                    ok = False
+                if ok:
+                    break
+                time.sleep(1)
+            if not ok:
+                self.anomalies.append(f"final read of {key} through the VIP failed")
+        self._stop_monitor.set()
+        monitor.join(10)
+        return self._finish(cluster)
+
+    def _finish(self, cluster: NetnsCluster) -> dict:
+        convergence: dict[str, Any] = {}
+        try:
+            for attempt in range(3):
+                self._repair(cluster)  # a supervisor that failed to start is started again
+                try:
+                    convergence["applied"] = cluster.wait_applied(timeout=60)
+                    break
+                except TimeoutError:
+                    if attempt == 2:
+                        raise
+                    self.say("the nodes have not converged yet; repairing and waiting again")
+            docs = cluster.statuses()
+            convergence["diverged"] = sorted(n for n, d in docs.items() if d and d["diverged"])
+            snaps = {n.name: cluster.snapshot(n, self.key_names) for n in cluster.nodes}
+            values = {name: {k: (v.decode() if v is not None else None) for k, v in snap.items()}
+                      for name, snap in snaps.items()}
+            convergence["values"] = values
+            convergence["same"] = len({json.dumps(v, sort_keys=True) for v in values.values()}) == 1
+        except TimeoutError as exc:
+            convergence["error"] = str(exc)
+            convergence["same"] = False
+        self.say(f"convergence: {json.dumps(convergence)}")
+        self.say(f"checking {len(self.history)} operations")
+        t = time.monotonic()
+        relative = [replace(op, call=op.call - self.t0, ret=None if op.ret is None else op.ret - self.t0)
+                    for op in self.history]
+        verdicts = check(relative, init=None, max_seconds=self.check_seconds,
+                         slice_seconds=min(60.0, self.check_seconds))
+        check_seconds = time.monotonic() - t
+        return self._summary(verdicts, convergence, check_seconds)
+
+    def _summary(self, verdicts: dict[str, Verdict], convergence: dict, check_seconds: float) -> dict:
+        outcomes: Counter = Counter()
+        for op in self.history:
+            if op.client >= 0:
+                outcomes[f"{op.kind} {op.status}"] += 1
+        acked_writes = sum(1 for op in self.history if op.client >= 0 and op.status == OK
+                           and (op.kind == WRITE or op.kind == CAS and op.result))
+        fault_counts = Counter(f["fault"] + (f" ({f['what']})" if "what" in f else "") for f in self.faults)
+        passed = (all(v.result == "ok" for v in verdicts.values()) and convergence.get("same")
+                  and not convergence.get("diverged") and not self.anomalies)
+        out = {
+            "seed": self.seed, "duration": self.duration, "clients": self.clients,
+            "operations": sum(outcomes.values()), "outcomes": dict(sorted(outcomes.items())),
+            "not_executed": dict(self.failed), "acknowledged_writes": acked_writes,
+            "faults": len(self.faults), "fault_kinds": dict(sorted(fault_counts.items())),
+            "fault_timeline": self.faults,
+            "leader_changes": max(0, sum(1 for x in self.leaders if x["leader"]) - 1),
+            "leaders": self.leaders, "supervisor_exits": self.exits, "anomalies": self.anomalies,
+            "stale_vips_removed_by_harness": self.stale_vips, "warnings": self.warnings,
+            "convergence": {k: v for k, v in convergence.items() if k != "values"},
+            "verdicts": {k: {"result": v.result, "ops": v.ops, "indeterminate": v.indeterminate,
+                             "steps": v.steps, "seconds": round(v.seconds, 2), "reason": v.reason}
+                         for k, v in verdicts.items()},
+            "check_seconds": round(check_seconds, 1),
+            "transport_faults": "not injected: no fault hook reachable from a running supervise",
+            "passed": bool(passed),
+        }
+        lines = ["", "=== campaign summary ===",
+                 f"seed {self.seed}, {self.duration:.0f}s of faults, {self.clients} clients, "
+                 f"{out['operations']} operations"]
+        lines += [f"  {k:12s} {v}" for k, v in out["outcomes"].items()]
+        lines.append(f"  not executed (refused connection or error reply): {sum(self.failed.values())} "
+                     f"{dict(self.failed)}")
+        lines.append(f"acknowledged writes (SET, successful CAS): {acked_writes}")
+        lines.append(f"faults injected: {len(self.faults)}")
+        lines += [f"  {k:30s} {v}" for k, v in out["fault_kinds"].items()]
+        chain = " -> ".join(f"{x['leader']}@{x['ballot']}" if x["leader"] else "none" for x in self.leaders)
+        lines.append(f"leader changes: {out['leader_changes']} ({chain})")
+        lines.append(f"supervisor exits: {self.exits}")
+        lines.append(f"anomalies: {self.anomalies or 'none'}")
+        lines.append(f"warnings: {self.warnings or 'none'}")
+        lines.append(f"stale VIPs (left by a supervisor killed with -9) removed by the harness before a "
+                     f"restart: {len(self.stale_vips)} {self.stale_vips if self.stale_vips else ''}")
+        lines.append(f"convergence: {out['convergence']}")
+        lines.append(f"linearizability (checked in {check_seconds:.1f}s):")
+        for key, v in verdicts.items():
+            lines.append(f"  {key}: {v.result:9s} {v.ops} ops ({v.indeterminate} indeterminate), "
+                         f"{v.steps} steps {v.reason}")
+            if v.result == "violation":
+                lines.append(f"  shortest non-linearizable prefix of {key}, reads it does not need "
+                             f"removed: {len(v.slice)} operations; the last 40 (seconds from the start):")
+                lines += [f"    {o.describe()}" for o in v.slice[-40:]]
+        lines.append("transport message faults (delay/drop/duplicate): " + out["transport_faults"])
+        lines.append(f"VERDICT: {'PASS' if passed else 'FAIL'}")
+        self.say("\n".join(lines))
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.campaign", description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of faults")
+    p.add_argument("--clients", type=int, default=12)
+    p.add_argument("--keys", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=2.0, help="client socket timeout (s)")
+    p.add_argument("--check-seconds", type=float, default=300.0, help="checker budget per key (s)")
+    p.add_argument("--json", help="write the summary here as JSON")
+    p.add_argument("--keep-stale-vip", action="store_true",
+                   help="do not remove a VIP left by a killed supervisor before restarting its node")
+    p.add_argument("--logs", help="copy the supervisors' logs to this directory")
+    p.add_argument("--history", help="write every operation here (JSON Lines, times from the start)")
+    args = p.parse_args(argv)
+    from tracer.signalfd import block_sigchld
+
+    block_sigchld()
+    campaign = Campaign(seed=args.seed, duration=args.duration, clients=args.clients, keys=args.keys,
+                        timeout=args.timeout, check_seconds=args.check_seconds,
+                        clear_stale_vip=not args.keep_stale_vip, logs_dir=args.logs)
+    summary = campaign.run()
+    if args.history:
+        with open(args.history, "w") as f:
+            for op in sorted(campaign.history, key=lambda o: o.call):
+                f.write(json.dumps({"id": op.id, "client": op.client, "key": op.key, "kind": op.kind,
+                                    "arg": op.arg, "call": round(op.call - campaign.t0, 6),
+                                    "ret": None if op.ret is None else round(op.ret - campaign.t0, 6),
+                                    "result": op.result, "status": op.status}) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
