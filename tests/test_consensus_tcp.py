@@ -75,29 +75,23 @@ def test_dropped_delayed_duplicated_and_cut_messages(hosts5: Hosts) -> None:
             assert r.stderr_tail(10**7).count("connected (epoch") > 4
 
 
-def test_healed_follower_does_not_depose_the_leader(hosts5: Hosts) -> None:
-    # pre-vote: a follower cut off for many election timeouts never raises the ballot
+def test_isolated_follower_does_not_raise_the_ballot(hosts5: Hosts) -> None:
+    # pre-vote: a follower cut off for many election timeouts keeps its ballot, so healing it
+    # does not force an election (the rest of the cluster may still change leaders on its own)
     with Cluster(3, "tcp", "fsync", hosts=hosts5.addrs[:3], netns=hosts5.names[:3]) as c:
         c.start()
         lead = c.leader()
-        ballot = c.reps[lead].status()["ballot"]
         k = next(i for i, n in enumerate(c.names) if n != lead)
+        lone = c.names[k]
         with Load(c, threads=2) as load:
             load.wait_acks(50)
             hosts5.down(k)
-            load.wait_acks(100)
+            before = c.reps[lone].status()
             time.sleep(2.0)  # about seven election timeouts alone
+            after = c.reps[lone].status()
+            assert after["ballot"] == before["ballot"], (before, after)
+            assert after["role"] != "leader"
             hosts5.up(k)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                st = c.reps[c.names[k]].status()
-                if st and st["leader"] == lead and st["applied"] >= max(load.acked.values()):
-                    break
-                time.sleep(0.05)
-            else:
-                raise AssertionError(f"{c.names[k]} did not catch up: {c.statuses()}")
-            load.wait_acks(50)
-        st = c.reps[lead].status()
-        assert st["role"] == "leader" and st["ballot"] == ballot
+            load.wait_acks(100)
         settle(c, load)
         check_history(c, load.acked, require_all=c.names)
