@@ -16,7 +16,7 @@ def test_replicates_in_order_and_redirects(n: int) -> None:
     with Cluster(n, "shm", "fsync") as c:
         c.start()
         lead = c.leader()
-        other = next(x for x in c.names if x != lead)
+        other = next(x for x, st in c.statuses().items() if x != lead and st and st["leader"] == lead)
         cl = Client(c.reps[other].socket_path)
         assert cl.propose(b"to a follower") == ("NL", lead)
         cl.close()
@@ -37,17 +37,21 @@ def _check_metrics(c: Cluster, lead: str, top: int) -> None:
     import json
     import time
 
-    time.sleep(0.5)  # gauges are refreshed by the timer thread
-    cl = Client(c.reps[lead].socket_path)
-    text = json.loads(cl.call("M"))
-    cl.close()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, val = line.rpartition(" ")
-            name, _, labels = key.partition("{")
-            values[name + "{" + ",".join(sorted(labels.rstrip("}").split(","))) + "}"] = float(val)
     r = f'replica="{lead}"'
+    deadline = time.monotonic() + 20
+    while True:  # index gauges are refreshed by the timer thread
+        cl = Client(c.reps[lead].socket_path)
+        text = json.loads(cl.call("M"))
+        cl.close()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, val = line.rpartition(" ")
+                name, _, labels = key.partition("{")
+                values[name + "{" + ",".join(sorted(labels.rstrip("}").split(","))) + "}"] = float(val)
+        if values.get(f"supervise_consensus_applied_index{{{r}}}") == top or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert values[f'supervise_consensus_role{{{r},role="leader"}}'] == 1
     assert values[f'supervise_consensus_role{{{r},role="follower"}}'] == 0
     assert values[f"supervise_consensus_ballot{{{r}}}"] > 0
