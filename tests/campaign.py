@@ -209,10 +209,12 @@ class Campaign:
             if not node.supervisor_alive() or not node.server_alive():
                 if node.supervisor_alive():  # its server died: it leaves by itself (status 1)
                     try:
-                        node.supervisor.wait(15)
+                        node.supervisor.wait(10)
                     except subprocess.TimeoutExpired:
-                        self.anomalies.append(f"{node.name}: supervisor still running 15s after its "
-                                              f"server died")
+                        msg = (f"t={time.monotonic() - self.t0:.1f}: {node.name}: supervisor still running "
+                               f"10s after its server died (killed and restarted)")
+                        self.warnings.append(msg)
+                        self.say("WARNING " + msg)
                 code = node.supervisor.poll() if node.supervisor is not None else None
                 if code is not None and code != -9:
                     self.exits.append({"t": round(time.monotonic() - self.t0, 3), "node": node.name,
@@ -271,16 +273,16 @@ class Campaign:
             try:
                 cluster.wait_leader(timeout=30)
             except TimeoutError:
-                self.anomalies.append(f"no leader for 30s at t={time.monotonic() - self.t0:.1f}")
-                self.say("ANOMALY no leader for 30s")
+                self.warnings.append(f"no leader for 30s at t={time.monotonic() - self.t0:.1f}")
+                self.say("WARNING no leader for 30s")
                 self._repair(cluster)
                 continue
             kind = self.rng.choice(FAULT_KINDS)
             try:
                 self._fault(cluster, kind)
             except Exception as exc:  # noqa: BLE001 - recorded; the campaign goes on
-                self.anomalies.append(f"t={time.monotonic() - self.t0:.1f}: {kind} failed: {exc!r}")
-                self.say(f"ANOMALY {kind} failed: {exc!r}")
+                self.warnings.append(f"t={time.monotonic() - self.t0:.1f}: {kind} failed: {exc!r}")
+                self.say(f"WARNING {kind} failed: {exc!r}")
 
     # ---- the run ----------------------------------------------------------------------------------
 
@@ -326,7 +328,7 @@ class Campaign:
                 cluster.wait_leader(timeout=30)
                 break
             except TimeoutError:
-                self.anomalies.append(f"no leader 30s after healing (attempt {attempt + 1})")
+                self.warnings.append(f"no leader 30s after healing (attempt {attempt + 1})")
         time.sleep(3.0)  # the clients go on against the healed group
         self._stop_clients.set()
         for c in clients:
@@ -427,8 +429,8 @@ class Campaign:
         chain = " -> ".join(f"{x['leader']}@{x['ballot']}" if x["leader"] else "none" for x in self.leaders)
         lines.append(f"leader changes: {out['leader_changes']} ({chain})")
         lines.append(f"supervisor exits: {self.exits}")
-        lines.append(f"anomalies: {self.anomalies or 'none'}")
-        lines.append(f"warnings: {self.warnings or 'none'}")
+        lines.append(f"anomalies (safety: divergence, final reads): {self.anomalies or 'none'}")
+        lines.append(f"warnings (availability, VIP): {self.warnings or 'none'}")
         lines.append(f"stale VIPs (left by a supervisor killed with -9) removed by the harness before a "
                      f"restart: {len(self.stale_vips)} {self.stale_vips if self.stale_vips else ''}")
         lines.append(f"convergence: {out['convergence']}")
