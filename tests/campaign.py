@@ -75,7 +75,9 @@ class Campaign:
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
+        self.rng = random.Random(self.seed)  # the schedule: kinds, gaps, holds, what to kill
+        self.pick_rng = random.Random(self.seed + 1)  # which follower
+        self._deck: list[str] = []
         self.key_names = [f"k{i}" for i in range(self.keys)]
         self._ids = itertools.count()
         self._stop_clients = threading.Event()
@@ -230,23 +232,25 @@ class Campaign:
         if role == "leader":
             return leader
         others = [n for n in cluster.nodes if n is not leader and n.supervisor_alive()]
-        return self.rng.choice(others) if others else None
+        return self.pick_rng.choice(others) if others else None
 
     def _fault(self, cluster: NetnsCluster, kind: str) -> None:
         action, role = kind.split("-")
+        what = self.rng.choice(["supervisor", "server", "both"])
+        pause = self.rng.uniform(0.5, 3.0)
+        hold = self.rng.uniform(2.0, 6.0) if action == "partition" else \
+            self.rng.uniform(3, 8) * self.election_timeout_ms / 1000
         node = self._pick(cluster, role)
         if node is None:
             self.say(f"{kind}: no {role} to pick; skipped")
             return
         record = {"t": round(time.monotonic() - self.t0, 3), "fault": kind, "node": node.name}
         if action == "kill":
-            what = self.rng.choice(["supervisor", "server", "both"])
             record["what"] = what
             self.say(f"FAULT kill -9 {what} of {role} {node.name}")
             cluster.kill(node, what)
-            time.sleep(self.rng.uniform(0.5, 3.0))
+            time.sleep(pause)
         elif action == "partition":
-            hold = self.rng.uniform(2.0, 6.0)
             record["seconds"] = round(hold, 2)
             self.say(f"FAULT partition {role} {node.name} for {hold:.1f}s")
             cluster.partition(node)
@@ -254,7 +258,6 @@ class Campaign:
             cluster.heal(node)
             self.say(f"healed {node.name}")
         else:
-            hold = self.rng.uniform(3, 8) * self.election_timeout_ms / 1000
             record["seconds"] = round(hold, 2)
             self.say(f"FAULT SIGSTOP supervisor of {role} {node.name} for {hold:.1f}s")
             cluster.pause(node)
@@ -277,7 +280,10 @@ class Campaign:
                 self.say("WARNING no leader for 30s")
                 self._repair(cluster)
                 continue
-            kind = self.rng.choice(FAULT_KINDS)
+            if not self._deck:  # every kind once per round, in a seeded order
+                self._deck = list(FAULT_KINDS)
+                self.rng.shuffle(self._deck)
+            kind = self._deck.pop()
             try:
                 self._fault(cluster, kind)
             except Exception as exc:  # noqa: BLE001 - recorded; the campaign goes on
