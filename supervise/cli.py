@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tracer.probes import MAX_SNAPLEN
 from tracer.signalfd import block_sigchld
 
 USAGE = """\
@@ -48,8 +49,8 @@ def _run_main_form(argv: list[str]) -> int:
         from .run import run_node
 
         return run_node(load(args.config), args.node, args.pid, args.command)
-    if not 1 <= args.snaplen <= 65536:
-        parser.error(f"--snaplen must be between 1 and 65536, not {args.snaplen}")
+    if not 1 <= args.snaplen <= MAX_SNAPLEN:
+        parser.error(f"--snaplen must be between 1 and {MAX_SNAPLEN}, not {args.snaplen}")
     from .trace_cmd import run_trace
 
     return run_trace(args.pid, args.command, args.json, args.snaplen)

@@ -8,6 +8,7 @@ how a copy happened to split a large reply (see README: output checking).
 
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass, field
 
@@ -46,23 +47,27 @@ class OutputChecker:
         self.mismatches = 0
         self.unverifiable = 0
         self.first_mismatch: str | None = None
+        self._lock = threading.Lock()  # outputs come from the tracer thread, expectations from the log
 
     def output(self, key: object, data: bytes, length: int) -> None:
-        stream = self.streams.setdefault(key, StreamDigest())
-        stream.add(data, length)
-        self._settle(key)
+        with self._lock:
+            stream = self.streams.setdefault(key, StreamDigest())
+            stream.add(data, length)
+            self._settle(key)
 
     def expect(self, key: object, offset: int, crc: int) -> None:
-        self.pending.setdefault(key, []).append(PendingCheck(offset, crc))
-        self._settle(key)
+        with self._lock:
+            self.pending.setdefault(key, []).append(PendingCheck(offset, crc))
+            self._settle(key)
 
     def digest(self, key: object) -> tuple[int, int]:
         stream = self.streams.get(key)
         return stream.latest if stream else (0, 0)
 
     def forget(self, key: object) -> None:
-        self.streams.pop(key, None)
-        self.pending.pop(key, None)
+        with self._lock:
+            self.streams.pop(key, None)
+            self.pending.pop(key, None)
 
     def _settle(self, key: object) -> None:
         checks = self.pending.get(key)
@@ -78,10 +83,10 @@ class OutputChecker:
             elif mine == check.crc:
                 self.checks += 1
             else:
-                self.checks += 1
-                self.mismatches += 1
                 if self.first_mismatch is None:
                     self.first_mismatch = (
                         f"connection {key}: output up to byte {check.offset} has crc32 {mine:08x} "
                         f"here but {check.crc:08x} on the leader"
                     )
+                self.checks += 1
+                self.mismatches += 1

@@ -303,7 +303,7 @@ class Node:
             self.metrics.digest_checks.inc(new_checks)
         if self.checker.mismatches and not self.diverged:
             self.diverged = True
-            self.diverged_reason = self.checker.first_mismatch
+            self.diverged_reason = self.checker.first_mismatch or "output digests differ"
             self.metrics.divergences.inc(self.checker.mismatches)
             self.metrics.diverged.set(1)
             log.error("DIVERGED: %s; this node stops applying the log and is out of service",

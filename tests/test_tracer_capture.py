@@ -28,7 +28,7 @@ def _commands(n: int, tag: str) -> list[bytes]:
 
 
 def test_redis_client_bytes_appear_exactly_and_in_order_on_their_connection(redis):
-    proc = start_trace_cli("--pid", str(redis.pid), "--json", "--snaplen", "65536")
+    proc = start_trace_cli("--pid", str(redis.pid), "--json", "--snaplen", "16384")
     try:
         sent = {"a": _commands(40, "a"), "b": _commands(40, "b")}
         clients = {k: socket.create_connection(("127.0.0.1", redis.port)) for k in sent}

@@ -14,8 +14,8 @@ SOCK_LISTEN = 1
 SOCK_CONN = 2
 BPF_NOEXIST = 1
 PREFILL_CONN_BASE = 1 << 40
-MAX_SNAPLEN = 65536
-RINGBUF_PAGES = 4096  # 16 MiB
+MAX_SNAPLEN = 16384  # an event is built in a per-CPU map value (at most 32 KiB)
+RINGBUF_PAGES = 8192  # 32 MiB; records take their real size, not the snap length
 
 
 class ProbeError(Exception):

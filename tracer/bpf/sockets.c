@@ -77,6 +77,7 @@ BPF_HASH(tids, u32, u8, 65536);                  // seized thread ids (gating ap
 BPF_HASH(socks, struct sock_key, struct sock_val, 65536);
 BPF_HASH(args, u32, struct saved_args, 65536);   // tid -> arguments saved at syscall entry
 BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2: lost events
+BPF_PERCPU_ARRAY(scratch, struct event, 1);      // an event is built here, then copied out at its size
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline u64 next_counter(u32 idx) {
@@ -212,11 +213,10 @@ static __always_inline int finish(s64 ret) {
         goto out;
     }
 
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        next_counter(2);
+    u32 zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (!e)
         goto out;
-    }
     e->ts_ns = bpf_ktime_get_ns();
     e->seq = next_counter(0);
     e->conn = conn;
@@ -256,7 +256,11 @@ static __always_inline int finish(s64 ret) {
             bpf_send_signal_thread(SIGSTOP_NR);
         }
     }
-    events.ringbuf_submit(e, 0);
+    u64 size = sizeof(struct event) - SNAPLEN + e->data_len;
+    if (size > sizeof(struct event))
+        size = sizeof(struct event);
+    if (events.ringbuf_output(e, size, 0) != 0)
+        next_counter(2);
 out:
     args.delete(&tid);
     return 0;
