@@ -231,7 +231,8 @@ class Campaign:
         leader = cluster.leader()
         if role == "leader":
             return leader
-        others = [n for n in cluster.nodes if n is not leader and n.supervisor_alive()]
+        others = [n for n in cluster.nodes  # a follower that is up (not still attaching)
+                  if n is not leader and n.supervisor_alive() and cluster.status(n) is not None]
         return self.pick_rng.choice(others) if others else None
 
     def _fault(self, cluster: NetnsCluster, kind: str) -> None:
