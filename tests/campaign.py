@@ -232,7 +232,8 @@ class Campaign:
         if role == "leader":
             return leader
         others = [n for n in cluster.nodes  # a follower that is up (not still attaching)
-                  if n is not leader and n.supervisor_alive() and cluster.status(n) is not None]
+                  if n is not leader and n.supervisor_alive()
+                  and (cluster.status(n) or {}).get("role") == "follower"]
         return self.pick_rng.choice(others) if others else None
 
     def _fault(self, cluster: NetnsCluster, kind: str) -> None:
