@@ -3,7 +3,9 @@ hand-over, durability settings and catch-up from segment files."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import pytest
 
@@ -11,62 +13,91 @@ from tests.consensus_cluster import Cluster, Load, check_history, settle
 from tests.consensus_harness import Client
 
 
+def _converged(c: Cluster, timeout: float = 30) -> tuple[str, dict]:
+    """Wait until one leader sees every peer caught up and every replica applied its log.
+    (On a starved host a spurious election may append a no-op at any time: compare with a
+    snapshot that is consistent in itself, not with an earlier figure.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = c.statuses()
+        leads = [n for n, s in st.items() if s and s["role"] == "leader"]
+        if len(leads) == 1 and all(st.values()):
+            last = st[leads[0]]["last"]
+            if all(s["applied"] == last for s in st.values()) and \
+                    all(p["match_index"] == last for p in st[leads[0]]["peers"].values()):
+                return leads[0], st
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no convergence: {st}")
+        time.sleep(0.05)
+
+
+def _metrics(c: Cluster, name: str) -> dict[str, float]:
+    cl = Client(c.reps[name].socket_path)
+    text = json.loads(cl.call("M"))
+    cl.close()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, val = line.rpartition(" ")
+            metric, _, labels = key.partition("{")
+            values[metric + "{" + ",".join(sorted(labels.rstrip("}").split(","))) + "}"] = float(val)
+    return values
+
+
 @pytest.mark.parametrize("n", [3, 5])
 def test_replicates_in_order_and_redirects(n: int) -> None:
     with Cluster(n, "shm", "fsync") as c:
         c.start()
-        lead = c.leader()
-        other = next(x for x, st in c.statuses().items() if x != lead and st and st["leader"] == lead)
+        lead, st = _converged(c)
+        other = next(x for x in c.names if x != lead)
         cl = Client(c.reps[other].socket_path)
-        assert cl.propose(b"to a follower") == ("NL", lead)
+        verdict, leader_named = cl.propose(b"to a follower")
         cl.close()
+        assert verdict == "NL" and leader_named in c.names
         with Load(c, threads=4) as load:
             load.wait_acks(300)
         settle(c, load)
         top = check_history(c, load.acked, require_all=c.names)
         assert top >= 300
-        st = c.statuses()
-        assert {s["applied"] for s in st.values() if s} == {top}
-        lag = st[lead]["peers"]
-        assert all(p["reachable"] and p["match_index"] == top for p in lag.values())
+        lead, st = _converged(c)
+        assert all(p["reachable"] for p in st[lead]["peers"].values())
         if n == 3:
-            _check_metrics(c, lead, top)
+            _check_metrics(c, len(load.acked))
 
 
-def _check_metrics(c: Cluster, lead: str, top: int) -> None:
-    import json
-    import time
-
-    r = f'replica="{lead}"'
-    deadline = time.monotonic() + 20
-    while True:  # index gauges are refreshed by the timer thread
-        cl = Client(c.reps[lead].socket_path)
-        text = json.loads(cl.call("M"))
-        cl.close()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, val = line.rpartition(" ")
-                name, _, labels = key.partition("{")
-                values[name + "{" + ",".join(sorted(labels.rstrip("}").split(","))) + "}"] = float(val)
-        if values.get(f"supervise_consensus_applied_index{{{r}}}") == top or time.monotonic() > deadline:
+def _check_metrics(c: Cluster, acked: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # gauges are refreshed by each replica's timer thread
+        lead, st = _converged(c)
+        values = {n: _metrics(c, n) for n in c.names}
+        r, last = f'replica="{lead}"', st[lead]["last"]
+        fresh = [values[n].get(f'supervise_consensus_applied_index{{replica="{n}"}}') == st[n]["applied"]
+                 for n in c.names]
+        fresh += [values[lead].get(f"supervise_consensus_{g}{{{r}}}") == last
+                  for g in ("commit_index", "durable_index", "commits_total")]
+        if all(fresh) and _converged(c)[1][lead]["last"] == last:
             break
-        time.sleep(0.1)
-    assert values[f'supervise_consensus_role{{{r},role="leader"}}'] == 1
-    assert values[f'supervise_consensus_role{{{r},role="follower"}}'] == 0
-    assert values[f"supervise_consensus_ballot{{{r}}}"] > 0
-    assert values[f"supervise_consensus_leader_changes_total{{{r}}}"] >= 1
-    assert values[f"supervise_consensus_proposals_total{{{r}}}"] >= 300
-    assert values[f"supervise_consensus_commits_total{{{r}}}"] >= top
-    assert values[f"supervise_consensus_commit_index{{{r}}}"] == top
-    assert values[f"supervise_consensus_applied_index{{{r}}}"] == top
-    assert values[f"supervise_consensus_durable_index{{{r}}}"] == top
-    assert values[f"supervise_consensus_commit_latency_seconds_count{{{r}}}"] >= 300
-    assert values[f"supervise_consensus_batch_size_count{{{r}}}"] > 0
+        assert time.monotonic() < deadline, (st, values)
+        time.sleep(0.2)
+
+    def total(metric: str) -> float:
+        return sum(values[n][f'{metric}{{replica="{n}"}}'] for n in c.names)
+
+    v = values[lead]
+    assert v[f'supervise_consensus_role{{{r},role="leader"}}'] == 1
+    assert v[f'supervise_consensus_role{{{r},role="follower"}}'] == 0
+    assert v[f"supervise_consensus_ballot{{{r}}}"] == st[lead]["ballot"]
+    assert v[f"supervise_consensus_commit_index{{{r}}}"] == last
+    assert v[f"supervise_consensus_durable_index{{{r}}}"] == last
+    assert v[f"supervise_consensus_commits_total{{{r}}}"] == last
+    assert total("supervise_consensus_leader_changes_total") >= 1
+    assert total("supervise_consensus_proposals_total") >= acked
+    assert total("supervise_consensus_commit_latency_seconds_count") >= acked
+    assert total("supervise_consensus_batch_size_count") > 0
     for p in c.names:
         if p != lead:
-            assert values[f'supervise_consensus_peer_reachable{{peer="{p}",{r}}}'] == 1
-            assert values[f'supervise_consensus_replication_lag_entries{{peer="{p}",{r}}}'] == 0
+            assert v[f'supervise_consensus_peer_reachable{{peer="{p}",{r}}}'] == 1
+            assert v[f'supervise_consensus_replication_lag_entries{{peer="{p}",{r}}}'] == 0
 
 
 def test_step_down_hands_over_and_memory_durability() -> None:
