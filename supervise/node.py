@@ -56,6 +56,7 @@ class Node:
         self._barrier: tuple[bytes, threading.Event] | None = None
         self._vip = None
         self._checks_reported = 0
+        self._stepping_down = False
         metrics.track(len(cluster.nodes),
                       lambda: len(self._live) if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.stats.held if self.tracer else 0)
@@ -111,6 +112,7 @@ class Node:
         """A follower leaves its server running; a leader steps down first and its server, which
         answered clients on its own, leaves the service with it (PTRACE_O_EXITKILL)."""
         if self.leading and self.replica is not None:
+            self._stepping_down = True
             handed = self.replica.step_down(timeout=2.0)
             log.info("stepping down: %s", "another node leads" if handed else "no majority to hand to")
         if self.replica is not None:
@@ -176,7 +178,7 @@ class Node:
         if role == "leader" and not self.leading and self._barrier is None:
             threading.Thread(target=self._become_leader, args=(ballot,), name="failover",
                              daemon=True).start()
-        elif role != "leader" and self.leading:
+        elif role != "leader" and self.leading and not self._stepping_down:
             log.error("lost leadership (ballot %d, leader now %s) while gating: this copy answered "
                       "clients on its own and leaves the service; restart the node with a fresh "
                       "server to rejoin", ballot, leader)

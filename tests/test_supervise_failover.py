@@ -1,5 +1,6 @@
 """kill -9 of the leader mid-workload: a follower takes over with nothing acknowledged lost."""
 
+import signal
 import threading
 import time
 
@@ -7,6 +8,7 @@ import redis as redis_py
 
 from supervise.localcluster import LocalCluster
 
+from .procs import alive
 from .workload import redis_snapshot
 
 
@@ -35,7 +37,7 @@ def _writer(cluster, index, acked, stop, errors):
 
 def test_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
     with LocalCluster(n=3, server="redis", transport="shm") as cluster:
-        cluster.start(timeout=60)
+        cluster.start(timeout=120)
         old = cluster.wait_leader()
         acked: list[str] = []
         errors: list[BaseException] = []
@@ -74,3 +76,27 @@ def test_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
         snaps = {n.name: redis_snapshot(n.server_port) for n in cluster.nodes}
         assert snaps[old.name] == snaps[new.name]
         assert len(snaps[new.name]) >= len(acked)
+
+
+def test_sigterm_leader_hands_over_and_a_follower_leaves_its_server_running():
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        cluster.start(timeout=120)
+        leader = cluster.wait_leader()
+        client = redis_py.Redis(port=leader.server_port)
+        client.set("before", "handover")
+        leader.supervisor.send_signal(signal.SIGTERM)
+        assert leader.supervisor.wait(30) == 0
+        new = cluster.wait_leader(timeout=30, exclude=leader.name)
+        assert "stepping down: another node leads" in leader.log_path.read_text()
+        new_client = redis_py.Redis(port=new.server_port)
+        assert new_client.get("before") == b"handover"
+        new_client.set("after", "handover")
+
+        follower = next(n for n in cluster.nodes if n not in (leader, new))
+        cluster.wait_applied()
+        follower.supervisor.send_signal(signal.SIGTERM)
+        assert follower.supervisor.wait(30) == 0
+        assert alive(follower.server.pid)
+        assert redis_py.Redis(port=follower.server_port).get("after") == b"handover"
+        status = open(f"/proc/{follower.server.pid}/status").read()
+        assert "TracerPid:\t0" in status

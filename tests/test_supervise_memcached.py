@@ -46,7 +46,7 @@ def _worker(port: int, seed: int, ops: int, errors: list) -> None:
 
 def test_memcached_copies_hold_the_same_items_after_concurrent_writes():
     with LocalCluster(n=3, server="memcached", transport="shm") as cluster:
-        cluster.start(timeout=60)
+        cluster.start(timeout=120)
         leader = cluster.wait_leader()
         errors: list = []
         threads = [threading.Thread(target=_worker, args=(leader.server_port, i, 500, errors))

@@ -19,7 +19,7 @@ def cluster():
     """One group for the module; the divergence test, which spoils a copy, runs last."""
     c = LocalCluster(n=3, server="redis", transport="shm")
     try:
-        c.start(timeout=60)
+        c.start(timeout=120)
         yield c
     finally:
         c.stop()
