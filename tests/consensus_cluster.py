@@ -163,6 +163,38 @@ class Load:
             cl.close()
 
 
+class Proposer:
+    """Proposes through whichever replica leads, keeping a connection to it; after NotLeader or
+    a lost leadership it finds the leader again and retries with a fresh payload (the attempt
+    number is passed to ``make_payload``), so that no payload can be committed twice."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+        self.cl: Client | None = None
+
+    def propose(self, make_payload: Callable[[int], bytes], timeout: float = 60) -> tuple[bytes, int]:
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
+            payload = make_payload(attempt)
+            try:
+                if self.cl is None:
+                    self.cl = Client(self.c.reps[self.c.leader()].socket_path, timeout=15)
+                verdict, arg = self.cl.propose(payload)
+            except (OSError, ConnectionError, TimeoutError):
+                verdict, arg = "ERR", ""
+            if verdict == "OK":
+                return payload, int(arg)
+            self.close()
+        raise TimeoutError(f"no proposal acknowledged within {timeout}s")
+
+    def close(self) -> None:
+        if self.cl is not None:
+            self.cl.close()
+            self.cl = None
+
+
 def read_applied(path: Path) -> list[tuple[int, bytes | None]]:
     out: list[tuple[int, bytes | None]] = []
     if not path.exists():

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.consensus_cluster import Cluster, Load, check_history, settle
+from tests.consensus_cluster import Cluster, Load, Proposer, check_history, settle
 from tests.consensus_harness import Client
 
 
@@ -107,7 +107,7 @@ def test_step_down_hands_over_and_memory_durability() -> None:
         with Load(c, threads=4) as load:
             load.wait_acks(100)
             cl = Client(c.reps[lead].socket_path)
-            assert cl.call("D 5") == "OK 1"
+            assert cl.call("D 20") == "OK 1"
             cl.close()
             new = c.leader(exclude={lead})
             assert new != lead
@@ -129,15 +129,12 @@ def test_catch_up_beyond_the_log_region_from_segment_files() -> None:
         c.leader()
         victim = c.names[2]
         c.reps[victim].kill()
-        lead = c.leader()
-        cl = Client(c.reps[lead].socket_path)
         acked = {}
+        prop = Proposer(c)
         for k in range(2000):
-            payload = b"%05d-" % k + os.urandom(1000)
-            verdict, idx = cl.propose(payload)
-            assert verdict == "OK"
-            acked[payload] = int(idx)
-        cl.close()
+            payload, idx = prop.propose(lambda a, k=k: b"%05d-%d-" % (k, a) + os.urandom(1000))
+            acked[payload] = idx
+        prop.close()
         c.reps[victim].start()
         top = max(acked.values())
         c.wait_applied(top, [victim], timeout=60)
@@ -147,13 +144,12 @@ def test_catch_up_beyond_the_log_region_from_segment_files() -> None:
 def test_resident_memory_does_not_grow_with_the_log() -> None:
     with Cluster(3, "shm", "memory", log_region_bytes=1 << 20, record=False) as c:
         c.start()
-        lead = c.leader()
-        cl = Client(c.reps[lead].socket_path)
         payload = os.urandom(16 << 10)
+        prop = Proposer(c)
 
         def write(mib: int) -> None:
             for _ in range(mib * 64):
-                assert cl.propose(payload)[0] == "OK"
+                prop.propose(lambda _a: payload)
 
         write(8)
         c.wait_applied(8 * 64)
@@ -161,7 +157,7 @@ def test_resident_memory_does_not_grow_with_the_log() -> None:
         write(32)
         c.wait_applied(40 * 64)
         after = {n: s["rss"] for n, s in c.statuses().items()}
-        cl.close()
+        prop.close()
         for n in c.names:  # 32 MiB more log on disk, resident memory about flat
             assert after[n] - base[n] < 12 << 20, (n, base[n], after[n])
             log_bytes = sum(p.stat().st_size for p in (c.dir / f"data-{n}" / "log").glob("seg-*"))
