@@ -223,7 +223,14 @@ class Node:
             return
         self.replayer.on_server_event(ev)
         if ev.gated:
-            self.tracer.release(ev)  # the end of a connection of the old leadership
+            if ev.call in READS and ev.ret > 0:
+                # a client that was connected to this copy before it led: its input is not in
+                # the log, so the server must never see it
+                log.warning("refused %d input bytes on connection %d, which is not in the log; the "
+                            "server drops it", ev.ret, ev.conn)
+                self.tracer.refuse(ev)
+            else:
+                self.tracer.release(ev)  # the end of a connection of the old leadership
 
     def _lead_event(self, ev: SocketEvent) -> None:
         assert self.replica is not None and self.tracer is not None

@@ -43,6 +43,22 @@ def test_held_input_gets_no_reply_until_released(redis):
         client.close()
 
 
+def test_a_refused_input_never_reaches_the_server_and_its_client_is_dropped(redis):
+    with traced(redis.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+        client = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())
+        client.sendall(b"*3\r\n$3\r\nSET\r\n$7\r\nrefused\r\n$1\r\n1\r\n")
+        tracer.refuse(rec.next_input())
+        client.settimeout(5)
+        assert client.recv(100) == b"", "the server should drop the connection"
+        other = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())
+        other.sendall(b"*2\r\n$6\r\nEXISTS\r\n$7\r\nrefused\r\n")
+        tracer.release(rec.next_input())
+        other.settimeout(5)
+        assert other.recv(100) == b":0\r\n"
+
+
 def test_server_keeps_serving_after_trace_exits(redis):
     proc = start_trace_cli("--pid", str(redis.pid))
     assert _ping(redis.port)

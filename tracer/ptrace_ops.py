@@ -72,6 +72,18 @@ def detach(tid: int, sig: int = 0) -> None:
     _call(pt.PTRACE_DETACH, tid, 0, sig)
 
 
+def set_syscall_result(tid: int, value: int) -> None:
+    """Rewrite what the stopped thread's last syscall returns to user space (x86_64: rax)."""
+    try:
+        regs = pt.ptrace_getregs(tid)
+        regs.rax = value & 0xFFFFFFFFFFFFFFFF
+        pt.ptrace_setregs(tid, regs)
+    except PtraceError as exc:
+        if exc.errno == errno.ESRCH:
+            raise ThreadGone(tid) from None
+        raise
+
+
 def event_msg(tid: int) -> int:
     msg = ctypes.c_ulong()
     _call(pt.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))

@@ -8,6 +8,7 @@ the probe sent its thread, and restarts the thread when the caller releases the 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import select
@@ -148,6 +149,12 @@ class Tracer:
         if self.probes is not None:
             for tgid in list(self._tgids):
                 self.probes.supervise_tgid(tgid, self._bpf_mode())
+
+    def refuse(self, event: SocketEvent) -> None:
+        """Let the held thread go on, but with its input taken back: the syscall returns
+        ECONNRESET instead, so the server drops that connection without having seen the bytes."""
+        event.refused = True
+        self.release(event)
 
     def detach(self, timeout: float = 10.0) -> None:
         """Release every thread, remove the probes and leave the process running."""
@@ -461,7 +468,16 @@ class Tracer:
         if thread.gate_stopped:
             thread.pending = None
             thread.gate_stopped = False
-            self._cont(thread.tid, 0)
+            self._resume_held(thread.tid, event)
+
+    def _resume_held(self, tid: int, event: SocketEvent) -> None:
+        if event.refused:
+            try:
+                pt.set_syscall_result(tid, -errno.ECONNRESET)
+            except pt.ThreadGone:
+                self._forget_thread(tid)
+                return
+        self._cont(tid, 0)
 
     def _cont(self, tid: int, sig: int) -> None:
         try:
@@ -525,7 +541,7 @@ class Tracer:
         pending = thread.pending
         if pending is not None and pending.released:
             thread.pending = None  # released before its stop arrived
-            self._cont(thread.tid, 0)
+            self._resume_held(thread.tid, pending)
             return
         thread.gate_stopped = True  # its event may still be in the ring buffer
 
