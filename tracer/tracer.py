@@ -35,7 +35,6 @@ _DIRECTIONS = tuple(Direction)
 # x86_64 numbers of the input syscalls a thread may be blocked in when we attach
 BLOCKING_INPUTS = {0: Call.READ, 19: Call.READV, 43: Call.ACCEPT, 45: Call.RECVFROM,
                    47: Call.RECVMSG, 288: Call.ACCEPT4}
-STOP_SPIN_SECONDS = 0.0005
 
 
 class Mode(Enum):
@@ -437,14 +436,12 @@ class Tracer:
             self.on_escape(lost)
 
     def _await_gate_stop(self, thread: _Thread) -> None:
-        """The stop follows its event within microseconds; catch it without a syscall round."""
-        deadline = time.monotonic() + STOP_SPIN_SECONDS
-        while not thread.gate_stopped and time.monotonic() < deadline:
+        """Pair the event with its stop if the stop is already there; otherwise its SIGCHLD
+        wakes this thread later (spinning here would steal the CPU the held thread needs)."""
+        if not thread.gate_stopped:
             tid, status = pt.wait_tid(thread.tid, nohang=True)
             if tid:
                 self._on_wait(tid, status)
-                if thread.tid not in self._threads:
-                    return
 
     # ---- releasing --------------------------------------------------------------------------
 
