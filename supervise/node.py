@@ -74,24 +74,45 @@ class Node:
             self.server_pid = self.tracer.launch(command or [])
             self._wait_listening()
         self.listen_fds = {fd for fd, s in procfs.tcp_fds(self.server_pid).items()
-                           if s.state == procfs.TCP_LISTEN and s.local == self.me.server}
+                           if s.state == procfs.TCP_LISTEN and self._serves_clients(s.local)}
+
+    def _serves_clients(self, local: str) -> bool:
+        """A listener that clients of ``node.server`` (or of the VIP) reach: that address, the
+        VIP's, or a wildcard, on the configured port."""
+        host, _, port = local.rpartition(":")
+        if int(port) != self.me.server_port:
+            return False
+        wanted = {self.me.server_host.strip("[]"), "0.0.0.0", "::"}
+        if self.cluster.vip:
+            wanted.add(self.cluster.vip.split("/")[0])
+        return host.strip("[]") in wanted
+
+    def _listening(self, pid: int) -> bool:
+        return any(self._serves_clients(a) for a in procfs.listening_addresses(pid))
 
     def _check_listening(self, pid: int) -> None:
         if not procfs.exists(pid):
             return  # the tracer's own check gives the clear error
         addresses = procfs.listening_addresses(pid)
-        if self.me.server not in addresses:
+        if not self._listening(pid):
             found = ", ".join(addresses) or "nothing"
             raise ConfigError(f"{self.cluster.path}: node {self.me.name!r}.server: pid {pid} "
                               f"does not listen on {self.me.server} (it listens on {found})")
 
     def _wait_listening(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.me.server not in procfs.listening_addresses(self.server_pid):
+        while not self._listening(self.server_pid):
             if time.monotonic() > deadline or not procfs.exists(self.server_pid):
                 raise ConfigError(f"{self.cluster.path}: node {self.me.name!r}.server: the command "
                                   f"did not listen on {self.me.server} within {timeout:.0f}s")
             time.sleep(0.05)
+
+    def drop_stale_vip(self) -> None:
+        """A supervisor killed while leading leaves its VIP behind; a starting node leads nothing."""
+        if self.cluster.vip is not None:
+            from .vip import VirtualIP
+
+            VirtualIP(self.cluster.vip, self.cluster.vip_interface or "").release()
 
     def start_replica(self) -> None:
         cfg = ReplicaConfig(

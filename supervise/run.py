@@ -28,6 +28,7 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
         raise ConfigError(f"{cluster.path}: node {name!r}.status: cannot listen on {me.status}: "
                           f"{exc.strerror}") from None
     node.attach(pid, command)
+    node.drop_stale_vip()
     node.start_replica()
     log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",
              name, node.server_pid, me.server, me.replication, me.status)
