@@ -4,30 +4,57 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+METRICS_MAX_AGE = 0.5  # seconds one rendering of /metrics is served again
+
+
+class Exposition:
+    """The registry rendered at most once per ``max_age`` and one rendering at a time, however
+    many scrapers ask at once: they share the bytes (and wait on a lock, which costs nothing)
+    instead of competing with the consensus and tracer threads for the interpreter."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, max_age: float = METRICS_MAX_AGE) -> None:
+        self._registry = registry
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._body = b""
+        self._at = float("-inf")
+
+    def body(self) -> bytes:
+        with self._lock:
+            if time.monotonic() - self._at >= self._max_age:
+                self._body = generate_latest(self._registry)
+                self._at = time.monotonic()
+            return self._body
 
 
 def serve(endpoint: str, status: Callable[[], dict]) -> ThreadingHTTPServer:
     host, _, port = endpoint.rpartition(":")
+    exposition = Exposition()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.split("?")[0]
             if path == "/metrics":
-                body, ctype = generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+                body, ctype = exposition.body(), CONTENT_TYPE_LATEST
             elif path == "/status":
                 body, ctype = json.dumps(status()).encode(), "application/json"
             else:
                 self.send_error(404, "try /metrics or /status")
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up waiting (a timed-out probe): nothing to report
 
         def log_message(self, *_args: object) -> None:
             pass

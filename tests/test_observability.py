@@ -225,7 +225,7 @@ def refuse_wrong_secret(endpoint: str) -> None:
 def cluster() -> Iterator[LocalCluster]:
     c = LocalCluster(n=3, server="redis", transport="shm")
     try:
-        c.start(timeout=60)
+        c.start(timeout=120)  # bounds for a starved host; a healthy one takes seconds
         yield c
     except BaseException:
         print(c.logs())
@@ -251,6 +251,12 @@ def prometheus(cluster: LocalCluster, load: Load) -> Iterator[Prometheus]:
         yield server
     finally:
         server.stop()
+
+
+def supervisors(cluster: LocalCluster) -> str:
+    return ", ".join(f"{n.name}: " + ("running" if n.supervisor and n.supervisor.poll() is None
+                                      else f"exited {n.supervisor.poll() if n.supervisor else None}")
+                     for n in cluster.nodes)
 
 
 # ---- tests ----------------------------------------------------------------------------------
@@ -346,7 +352,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         if sorted(t["labels"]["node"] for t in active if t["health"] == "up") == names:
             break
         time.sleep(0.5)
-    assert sorted(t["labels"]["node"] for t in active if t["health"] == "up") == names, active
+    up = sorted(t["labels"]["node"] for t in active if t["health"] == "up")
+    assert up == names, f"{active}; {supervisors(cluster)}\n{cluster.logs()}"
 
     # every (dashboard, panel, node) query to evaluate, and whether it must have a finite value
     checks: list[tuple[str, str, str, str | None]] = []
@@ -436,10 +443,11 @@ def test_metrics_endpoint_under_concurrent_scraping_while_loaded(cluster: LocalC
         t.join(timeout=120)
     assert len(results) == 8 * 50
     failed = [r for r in results if not (isinstance(r, tuple) and r == (200, 1))]
-    assert not failed, f"{len(failed)} of {len(results)} scrapes failed, e.g. {failed[0]!r}"
+    assert not failed, (f"{len(failed)} of {len(results)} scrapes failed, e.g. {failed[0]!r}; "
+                        f"{supervisors(cluster)}\n{cluster.logs()}")
 
     # the cluster kept working: writes went on, and still go on, the copies agree
-    assert not load.errors, repr(load.errors[0])
+    assert not load.errors, f"{load.errors[0]!r}; {supervisors(cluster)}\n{cluster.logs()}"
     assert load.ops > ops_before
     client = redis_py.Redis(port=leader.server_port, socket_timeout=30)
     try:
