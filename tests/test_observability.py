@@ -467,3 +467,20 @@ def test_metrics_endpoint_under_concurrent_scraping_while_loaded(cluster: LocalC
     assert reference[b"observability:after-scraping"] == ("string", b"ok", False)
     for node in cluster.nodes:
         assert redis_snapshot(node.server_port) == reference, f"{node.name} differs from the leader"
+
+
+def test_prometheus_config_brackets_ipv6_targets(tmp_path: Path) -> None:
+    nodes = [("a", "127.0.0.1:9201"), ("b", "[::1]:9202"), ("c", "::1:9203")]
+    lines = ['[cluster]', 'transport = "shm"', 'durability = "memory"', ""]
+    for i, (name, status) in enumerate(nodes):
+        lines += ["[[node]]", f'name = "{name}"', f'replication = "127.0.0.1:{9101 + i}"',
+                  f'server = "127.0.0.1:{7001 + i}"', f'status = "{status}"', f'data_dir = "{name}"', ""]
+    (tmp_path / "cluster.toml").write_text("\n".join(lines))
+    text = render(load_config(tmp_path / "cluster.toml"))
+    doc = yaml.safe_load(text)
+    got = {c["labels"]["node"]: c["targets"] for c in doc["scrape_configs"][0]["static_configs"]}
+    assert got == {"a": ["127.0.0.1:9201"], "b": ["[::1]:9202"], "c": ["[::1]:9203"]}
+    (tmp_path / "prometheus.yml").write_text(text)
+    check = subprocess.run([PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml")],
+                           capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
