@@ -134,9 +134,11 @@ class LocalCluster:
         """The node gating its clients, once every live node agrees on it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for node in self.nodes:
-                if node.name == exclude or node.supervisor is None or node.supervisor.poll() is not None:
-                    continue
+            running = [n for n in self.nodes if n.name != exclude and n.supervisor is not None
+                       and n.supervisor.poll() is None]
+            if not running:
+                raise RuntimeError(f"every supervisor has exited; logs in {self.workdir}:\n{self.logs()}")
+            for node in running:
                 doc = node.status()
                 if doc and doc["role"] == "leader" and doc["gating"]:
                     return node

@@ -1,0 +1,346 @@
+"""The seized tasks of a traced process: attaching, ptrace stops, detaching.
+
+A mixin of ``Tracer`` (tracer/tracer.py): these methods run on the tracer thread, which owns
+every ptrace call, and share the tracer's task table, probes and statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+from . import procfs
+from . import ptrace_ops as pt
+from .events import Call, SocketEvent
+from .probes import MODE_GATE, MODE_OBSERVE, SOCK_CONN, SOCK_LISTEN
+
+log = logging.getLogger("tracer")
+
+STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+# x86_64 numbers of the input syscalls a thread may be blocked in when we attach
+BLOCKING_INPUTS = {0: Call.READ, 19: Call.READV, 43: Call.ACCEPT, 45: Call.RECVFROM,
+                   47: Call.RECVMSG, 288: Call.ACCEPT4}
+
+
+class Mode(Enum):
+    OBSERVE = "observe"
+    GATE = "gate"
+
+
+class AttachError(Exception):
+    """The target cannot be attached; the message is one line for the operator."""
+
+
+@dataclass
+class TracerStats:
+    events: int = 0
+    inputs: int = 0
+    held: int = 0
+    released: int = 0
+    escapes: int = 0
+    threads: int = 0
+    bpf_lost: int = 0
+
+
+class Task:
+    """What the tracer knows about one seized thread."""
+
+    __slots__ = ("tid", "tgid", "gate_stopped", "pending", "group_stopped")
+
+    def __init__(self, tid: int, tgid: int) -> None:
+        self.tid = tid
+        self.tgid = tgid
+        self.gate_stopped = False
+        self.pending: SocketEvent | None = None
+        self.group_stopped = False
+
+
+class TaskControl:
+    """Attaching to, stopping for and detaching from the tasks of traced processes."""
+
+    # ---- attaching --------------------------------------------------------------------------
+
+    def _options(self) -> int:
+        return pt.FOLLOW | (pt.O_EXITKILL if self.exitkill else 0)
+
+    def _bpf_mode(self) -> int:
+        return MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
+
+    def _attach(self, pid: int) -> None:
+        self.pid = pid
+        self._supervise(pid)
+        self._prefill_sockets(pid)
+        self._seize_threads(pid)
+
+    def _launch(self, argv: list[str]) -> None:
+        """Fork, stop the child before it execs, seize it, then let it exec under the tracer."""
+        if shutil.which(argv[0]) is None:
+            raise AttachError(f"cannot start {argv[0]}: command not found")
+        pid = os.fork()
+        if pid == 0:  # child: only async-signal-safe work until exec
+            try:
+                os.kill(os.getpid(), signal.SIGSTOP)
+                os.execvp(argv[0], argv)
+            finally:
+                os._exit(127)
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            raise AttachError(f"{argv[0]} exited before it could be traced")
+        self.pid = self.child_pid = pid
+        self._supervise(pid)
+        pt.seize(pid, self._options())
+        self._adopt(pid, pid)
+        os.kill(pid, signal.SIGCONT)
+
+    def _supervise(self, tgid: int) -> None:
+        assert self.probes is not None
+        self.probes.supervise_tgid(tgid, self._bpf_mode())
+        self._tgids.add(tgid)
+
+    def _prefill_sockets(self, tgid: int) -> None:
+        assert self.probes is not None
+        for fd, sock in procfs.tcp_fds(tgid).items():
+            if sock.state == procfs.TCP_LISTEN:
+                self.probes.add_socket(tgid, fd, SOCK_LISTEN)
+            elif sock.state == procfs.TCP_ESTABLISHED:
+                conn = self.probes.add_socket(tgid, fd, SOCK_CONN)
+                self._peers[conn] = sock.remote
+
+    def _seize_threads(self, pid: int) -> None:
+        quiet_passes = 0
+        while quiet_passes < 2:
+            found_new = False
+            for tid in procfs.threads(pid):
+                if tid in self._threads:
+                    continue
+                try:
+                    pt.seize(tid, self._options())
+                except pt.ThreadGone:
+                    continue
+                except Exception as exc:
+                    raise AttachError(f"cannot seize thread {tid} of pid {pid}: {exc}") from None
+                self._adopt(tid, pid)
+                self._seed_blocked_syscall(tid)
+                found_new = True
+            quiet_passes = 0 if found_new else quiet_passes + 1
+        if not self._threads:
+            raise AttachError(f"pid {pid} exited while attaching")
+
+    def _seed_blocked_syscall(self, tid: int) -> None:
+        blocked = procfs.blocked_syscall(tid)
+        if blocked is None or blocked[0] not in BLOCKING_INPUTS:
+            return
+        assert self.probes is not None
+        call = BLOCKING_INPUTS[blocked[0]]
+        fd, buf, count, flags = blocked[1][:4]
+        if call is Call.RECVMSG:
+            count, flags = 0, count
+        elif call is not Call.RECVFROM:
+            flags = 0
+        self.probes.seed_args(tid, call, fd, buf, count, flags)
+
+    def _adopt(self, tid: int, tgid: int) -> None:
+        """Record a seized thread; only now may the probe gate it."""
+        assert self.probes is not None
+        self._threads[tid] = Task(tid, tgid)
+        self.probes.trace_tid(tid)
+        self.stats.threads = len(self._threads)
+
+    # ---- ptrace stops -----------------------------------------------------------------------
+
+    def _reap_all(self) -> None:
+        while True:
+            tid, status = pt.wait_any(nohang=True)
+            if not tid:
+                return
+            self._on_wait(tid, status)
+
+    def _on_wait(self, tid: int, status: int) -> None:
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._on_thread_exit(tid, status)
+            return
+        if not os.WIFSTOPPED(status):
+            return
+        thread = self._threads.get(tid)
+        if thread is None:
+            thread = self._adopt_unknown(tid)
+            if thread is None:
+                return
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == 0:
+            self._on_signal_stop(thread, sig)
+        elif event == pt.EVENT_STOP:
+            if sig in STOP_SIGNALS:
+                thread.group_stopped = True
+                self._listen(tid)
+            else:
+                thread.group_stopped = False
+                self._cont(tid, 0)
+        elif event in (pt.EVENT_CLONE, pt.EVENT_FORK, pt.EVENT_VFORK):
+            self._on_new_task(thread, event)
+            self._cont(tid, 0)
+        elif event == pt.EVENT_EXEC:
+            self._prefill_sockets(thread.tgid)
+            self._cont(tid, 0)
+        else:
+            self._cont(tid, 0)
+
+    def _on_signal_stop(self, thread: Task, sig: int) -> None:
+        if sig == signal.SIGSTOP:
+            try:
+                _, code = pt.siginfo_code(thread.tid)
+            except pt.ThreadGone:
+                self._forget_thread(thread.tid)
+                return
+            if code == pt.SI_KERNEL:
+                self._on_gate_stop(thread)
+                return
+        self._cont(thread.tid, sig)
+
+    def _on_gate_stop(self, thread: Task) -> None:
+        pending = thread.pending
+        if pending is not None and pending.released:
+            thread.pending = None  # released before its stop arrived
+            self._resume_held(thread.tid, pending)
+            return
+        thread.gate_stopped = True  # its event may still be in the ring buffer
+
+    def _listen(self, tid: int) -> None:
+        try:
+            pt.listen(tid)
+        except pt.ThreadGone:
+            self._forget_thread(tid)
+
+    def _on_new_task(self, parent: Task, event: int) -> None:
+        new_tid = pt.event_msg(parent.tid)
+        if new_tid in self._threads:
+            return
+        if event == pt.EVENT_CLONE:
+            self._adopt(new_tid, parent.tgid)
+        else:
+            self._adopt_process(new_tid, parent.tgid)
+
+    def _adopt_process(self, pid: int, parent_tgid: int) -> None:
+        """A forked child holds its parent's sockets: supervise it like its parent, before it
+        is allowed to run."""
+        assert self.probes is not None
+        self.probes.supervise_tgid(pid, self._bpf_mode())
+        self._tgids.add(pid)
+        self.probes.copy_sockets(parent_tgid, pid)
+        self._adopt(pid, pid)
+
+    def _adopt_unknown(self, tid: int) -> Task | None:
+        """A stop from a task whose creation event has not been seen yet."""
+        try:
+            tgid = int(procfs.status_field(tid, "Tgid") or 0)
+            parent = int(procfs.status_field(tgid, "PPid") or 0)
+        except FileNotFoundError:
+            return None
+        if tgid in self._tgids:
+            self._adopt(tid, tgid)
+        elif tgid == tid and parent in self._tgids:
+            self._adopt_process(tid, parent)
+        else:
+            return None
+        return self._threads[tid]
+
+    def _on_thread_exit(self, tid: int, status: int) -> None:
+        thread = self._threads.get(tid)
+        self._forget_thread(tid)
+        if thread is not None and tid == thread.tgid:
+            self._exit_status = os.waitstatus_to_exitcode(status)
+            self._tgids.discard(tid)
+            if self.probes is not None:
+                self.probes.forget_tgid(tid)
+
+    def _forget_thread(self, tid: int) -> None:
+        thread = self._threads.pop(tid, None)
+        if thread is None:
+            return
+        if thread.pending is not None and not thread.pending.released:
+            self.stats.held -= 1
+        if self.probes is not None:
+            self.probes.untrace_tid(tid)
+        self.stats.threads = len(self._threads)
+
+    # ---- detaching --------------------------------------------------------------------------
+
+    def _detach_all(self) -> None:
+        """Stop gating, then detach thread by thread so that no SIGSTOP is left behind."""
+        assert self.probes is not None
+        for tgid in list(self._tgids):
+            self.probes.tgids.pop(self.probes.tgids.Key(tgid), None)
+        self._pump_events()
+        for thread in list(self._threads.values()):
+            if thread.gate_stopped:
+                self._detach_one(thread.tid, 0)
+            else:
+                try:
+                    pt.interrupt(thread.tid)
+                except pt.ThreadGone:
+                    self._forget_thread(thread.tid)
+        deadline = time.monotonic() + 5.0
+        while self._threads and time.monotonic() < deadline:
+            tid, status = pt.wait_any(nohang=True)
+            if not tid:
+                time.sleep(0.0005)
+                continue
+            self._on_detach_wait(tid, status)
+        for tgid in list(self._tgids):
+            self.probes.forget_tgid(tgid)
+        self._tgids.clear()
+        if self._threads:
+            log.error("threads %s did not stop for detach", sorted(self._threads))
+
+    def _on_detach_wait(self, tid: int, status: int) -> None:
+        if tid not in self._threads:
+            return
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._forget_thread(tid)
+            return
+        sig = os.WSTOPSIG(status)
+        event = status >> 16
+        if event == 0:
+            if sig == signal.SIGSTOP and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
+                self._detach_one(tid, 0)
+            else:
+                self._detach_one(tid, sig)
+            return
+        if procfs.pending_signals(tid) & (1 << (signal.SIGSTOP - 1)):
+            self._cont(tid, 0)  # a probe's SIGSTOP is still queued: let it surface, then drop it
+            return
+        self._detach_one(tid, 0)
+
+    def _detach_one(self, tid: int, sig: int) -> None:
+        try:
+            pt.detach(tid, sig)
+        except pt.ThreadGone:
+            pass
+        self._forget_thread(tid)
+
+
+def _stop_self() -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def check_attachable(pid: int) -> None:
+    """Refuse, with one line for the operator, what cannot or must not be attached."""
+    if os.geteuid() != 0:
+        raise AttachError("must run as root (ptrace and BPF need CAP_SYS_PTRACE and CAP_BPF)")
+    if pid <= 0 or not procfs.exists(pid):
+        raise AttachError(f"no process with pid {pid}")
+    if procfs.is_kernel_thread(pid):
+        raise AttachError(f"pid {pid} ({procfs.comm(pid)}) is a kernel thread; nothing to trace")
+    if pid == os.getpid():
+        raise AttachError(f"pid {pid} is this supervisor itself")
+    tracer = procfs.tracer_pid(pid)
+    if tracer:
+        raise AttachError(
+            f"pid {pid} is already traced by pid {tracer} ({procfs.comm(tracer)}); detach it first"
+        )
