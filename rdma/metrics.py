@@ -14,7 +14,10 @@ from prometheus_client.core import REGISTRY, CounterMetricFamily
 WRITES, WRITE_BYTES, ERRORS = 0, 1, 2
 
 _stats: dict[str, list[int]] = {}
-_auth_failures: dict[str, int] = {}
+# every reason the handshake refuses for, at 0 from the start so that a dashboard shows zero
+AUTH_REASONS = ("bad_secret", "garbage", "truncated", "timeout", "oversize", "provider_mismatch",
+                "overload", "error")
+_auth_failures: dict[str, int] = dict.fromkeys(AUTH_REASONS, 0)
 _lock = threading.Lock()
 
 
