@@ -1,9 +1,10 @@
 """Output checking: a running crc32 of what the server wrote on each connection.
 
 Every node digests its own server's output stream per connection. The leader puts its digest
-at a byte offset into the log; each node compares its own at the same offset. Writes longer
-than the tracer's snap length contribute their length only, so the digest does not depend on
-how a copy happened to split a large reply (see README: output checking).
+at a byte offset into the log; each node compares its own at the same offset. The digest is of
+the byte stream, so it does not depend on how a copy split its writes. Once a write was captured
+only in part (longer than the snap length, or a writev past its first buffer) the stream's
+digest stops: later offsets are "unverifiable" rather than compared, on every node alike.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ class StreamDigest:
     crc: int = 0
     latest: tuple[int, int] = (0, 0)  # (offset, crc), replaced whole: other threads read it
     checkpoints: dict[int, int] = field(default_factory=dict)
+    complete_until: int | None = None  # offset where the first partly captured write began
 
     def add(self, data: bytes, length: int) -> None:
-        if len(data) == length:
-            self.crc = zlib.crc32(data, self.crc)
+        if self.complete_until is not None:
+            self.offset += length
+            return
+        if len(data) != length:
+            self.complete_until = self.offset
+            self.offset += length
+            return
+        self.crc = zlib.crc32(data, self.crc)
         self.offset += length
         self.checkpoints[self.offset] = self.crc
         self.latest = (self.offset, self.crc)
@@ -61,6 +69,7 @@ class OutputChecker:
             self._settle(key)
 
     def digest(self, key: object) -> tuple[int, int]:
+        """(offset, crc) of the stream's digested prefix: what the leader logs."""
         stream = self.streams.get(key)
         return stream.latest if stream else (0, 0)
 
@@ -78,6 +87,8 @@ class OutputChecker:
         while checks and checks[0].offset <= offset:
             check = checks.pop(0)
             mine = stream.checkpoints.get(check.offset) if stream else (0 if check.offset == 0 else None)
+            if stream and stream.complete_until is not None and check.offset > stream.complete_until:
+                mine = None
             if mine is None:
                 self.unverifiable += 1
             elif mine == check.crc:

@@ -69,3 +69,15 @@ def test_a_check_waits_until_the_output_reaches_its_offset():
     assert follower.checks == 0
     follower.output("c", b"cd", 2)
     assert follower.checks == 1 and follower.mismatches == 0
+
+
+def test_after_a_partly_captured_write_later_offsets_are_unverifiable_not_mismatched():
+    leader, follower = OutputChecker(), OutputChecker()
+    for checker, parts in ((leader, [(b"ab", 2), (b"cdef", 4)]), (follower, [(b"ab", 2), (b"cd", 4)])):
+        for data, length in parts:
+            checker.output("c", data, length)
+    assert leader.digest("c") == (6, zlib.crc32(b"abcdef"))
+    assert follower.digest("c") == (2, zlib.crc32(b"ab"))  # digested up to the partial write
+    follower.expect("c", 2, zlib.crc32(b"ab"))
+    follower.expect("c", 6, zlib.crc32(b"abcdef"))
+    assert (follower.checks, follower.mismatches, follower.unverifiable) == (1, 0, 1)
