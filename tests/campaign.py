@@ -165,6 +165,13 @@ class Campaign:
     # ---- monitor ----------------------------------------------------------------------------------
 
     def _monitor(self, cluster: NetnsCluster) -> None:
+        try:
+            self._monitor_loop(cluster)
+        except Exception as exc:  # noqa: BLE001 - said, not silently lost
+            self.warnings.append(f"the monitor stopped: {exc!r}")
+            self.say(f"WARNING the monitor stopped: {exc!r}")
+
+    def _monitor_loop(self, cluster: NetnsCluster) -> None:
         current: tuple[str, int] | None = None
         multi_vip = False
         holders_seen: tuple[list[str], str | None] | None = None
@@ -190,8 +197,11 @@ class Campaign:
                 self.leaders.append({"t": round(time.monotonic() - self.t0, 3), "leader": best[0],
                                      "ballot": best[1]})
                 self.say(f"leader {best[0]} (ballot {best[1]})")
-            holders = cluster.vip_holders_netlink()
-            arp = cluster.vip_arp_owner()
+            try:
+                holders = cluster.vip_holders_netlink()
+                arp = cluster.vip_arp_owner()
+            except Exception:  # noqa: BLE001 - a netlink hiccup: ask again next round
+                continue
             if (holders, arp) != holders_seen:
                 holders_seen = (holders, arp)
                 self.say(f"VIP on {holders or 'no host'}; the client host sends VIP traffic to {arp}")

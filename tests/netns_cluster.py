@@ -309,7 +309,7 @@ class NetnsCluster:
             try:
                 with urllib.request.urlopen(node.status_url, timeout=timeout) as resp:
                     return json.loads(resp.read())
-            except (OSError, ValueError):
+            except Exception:  # noqa: BLE001 - refused, reset, cut short (IncompleteRead), bad JSON
                 return None
 
         try:
