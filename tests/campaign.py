@@ -62,7 +62,7 @@ class Campaign:
     timeout: float = 2.0
     election_timeout_ms: int = 300
     check_seconds: float = 120.0
-    clear_stale_vip: bool = True
+    clear_stale_vip: bool = False
     logs_dir: str | None = None
     log: Any = None
     history: list[Op] = field(default_factory=list)
@@ -449,8 +449,9 @@ class Campaign:
         lines.append(f"supervisor exits: {self.exits}")
         lines.append(f"anomalies (safety: divergence, final reads): {self.anomalies or 'none'}")
         lines.append(f"warnings (availability, VIP): {self.warnings or 'none'}")
-        lines.append(f"stale VIPs (left by a supervisor killed with -9) removed by the harness before a "
-                     f"restart: {len(self.stale_vips)} {self.stale_vips if self.stale_vips else ''}")
+        if self.clear_stale_vip:
+            lines.append(f"stale VIPs (left by a supervisor killed with -9) removed by the harness before "
+                         f"a restart: {len(self.stale_vips)} {self.stale_vips if self.stale_vips else ''}")
         lines.append(f"convergence: {out['convergence']}")
         lines.append(f"linearizability (checked in {check_seconds:.1f}s):")
         for key, v in verdicts.items():
@@ -475,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=2.0, help="client socket timeout (s)")
     p.add_argument("--check-seconds", type=float, default=300.0, help="checker budget per key (s)")
     p.add_argument("--json", help="write the summary here as JSON")
-    p.add_argument("--keep-stale-vip", action="store_true",
-                   help="do not remove a VIP left by a killed supervisor before restarting its node")
+    p.add_argument("--clear-stale-vip", action="store_true",
+                   help="remove a VIP left by a killed supervisor before restarting its node (a "
+                        "workaround for supervise versions that do not do it themselves)")
     p.add_argument("--logs", help="copy the supervisors' logs to this directory")
     p.add_argument("--history", help="write every operation here (JSON Lines, times from the start)")
     args = p.parse_args(argv)
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     block_sigchld()
     campaign = Campaign(seed=args.seed, duration=args.duration, clients=args.clients, keys=args.keys,
                         timeout=args.timeout, check_seconds=args.check_seconds,
-                        clear_stale_vip=not args.keep_stale_vip, logs_dir=args.logs)
+                        clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs)
     summary = campaign.run()
     if args.history:
         with open(args.history, "w") as f:

@@ -12,14 +12,11 @@ beside it (``Host.popen``, so both live in that host's namespace); host n is the
 Code that must talk from a namespace (status polls, redis clients) runs in a thread that entered
 it (``enter_netns``), so the test process itself needs no address anywhere.
 
-The virtual IP. ``supervise`` adds the VIP to the leader's ``eth0``, but a server bound to its
-node address (``node.server``, which the supervisor requires it to listen on) refuses
-connections to the VIP, and a server also bound to the VIP has a second listening socket that
-the supervisor does not gate (``Node.listen_fds`` keeps only sockets whose local address is
-exactly ``node.server``): those clients' inputs would never be replicated. So each host runs a
-plain TCP relay bound to VIP:port (IP_FREEBIND: the address need not be local yet) that
-forwards to the host's own server address, the way a local haproxy would. Only the host that
-holds the VIP receives anything on it.
+The virtual IP. Each server listens on its host's address and on the VIP (the namespace has
+``net.ipv4.ip_nonlocal_bind=1``, so it can bind the VIP before holding it); only the host that
+holds the VIP receives anything on it. ``vip_relay=True`` instead runs a plain TCP relay bound to
+VIP:port that forwards to the host's own server address (the way a local haproxy would): that
+was needed while ``supervise`` gated only the listening socket at exactly ``node.server``.
 
 ``stop()`` kills every process, removes the namespaces and the work directory.
 """
@@ -121,11 +118,12 @@ class NetnsCluster:
 
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
                  election_timeout_ms: int = 300, durability: str = "fsync",
-                 subnet: str = "10.77.0") -> None:
+                 subnet: str = "10.77.0", vip_relay: bool = False) -> None:
         self.n = n
         self.subnet = subnet
         self.vip = f"{subnet}.{VIP_HOST}" if vip else None
         self.election_timeout_ms = election_timeout_ms
+        self.vip_relay = vip_relay
         self.workdir = Path(tempfile.mkdtemp(prefix="supervise-netns-"))
         self.hosts = Hosts(n + 1, subnet=subnet)
         try:
@@ -208,8 +206,12 @@ class NetnsCluster:
         workdir = self.workdir / f"{node.name}-server"
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir()
+        bind = [node.addr]
+        if self.vip and not self.vip_relay:
+            self.hosts[node.index].run(["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"], timeout=10)
+            bind.append(self.vip)
         node.server = self.hosts[node.index].popen(
-            ["redis-server", "--port", str(REDIS_PORT), "--bind", node.addr, "--save", "",
+            ["redis-server", "--port", str(REDIS_PORT), "--bind", *bind, "--save", "",
              "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir),
              "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -229,7 +231,7 @@ class NetnsCluster:
         node.paused = False
 
     def start_relay(self, node: NetnsNode) -> None:
-        if self.vip is None or node.relay is not None and node.relay.poll() is None:
+        if self.vip is None or not self.vip_relay or node.relay is not None and node.relay.poll() is None:
             return
         node.relay = self.hosts[node.index].popen(
             [sys.executable, "-m", "tests.netns_cluster", "relay", self.vip, str(REDIS_PORT),
@@ -237,12 +239,24 @@ class NetnsCluster:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent.parent))
 
     def start(self, timeout: float = 60.0) -> NetnsNode:
+        """Start everything and wait for a gating leader. A supervisor that leaves meanwhile (on a
+        starved host the first elections can depose a leader that already gated: status 3) is
+        restarted with a fresh server, as its operator would."""
         for node in self.nodes:
             self.start_relay(node)
             self.start_server(node)
         for node in self.nodes:
             self.start_supervisor(node)
-        return self.wait_leader(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.wait_leader(min(5.0, max(0.1, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+            for node in self.nodes:
+                if not node.supervisor_alive():
+                    self.restart(node)
 
     def kill(self, key: int | str | NetnsNode, what: str = "both") -> None:
         """kill -9 of the node's supervisor, server or both (waits until they are gone)."""
