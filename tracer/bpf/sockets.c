@@ -259,9 +259,7 @@ static __always_inline int finish(s64 ret) {
     u64 size = sizeof(struct event) - SNAPLEN + e->data_len;
     if (size > sizeof(struct event))
         size = sizeof(struct event);
-    // A held thread's stop wakes the tracer (SIGCHLD) once the event is surely queued: no need
-    // for the ring buffer to wake it earlier and make it wait for the stop.
-    if (events.ringbuf_output(e, size, e->gated ? BPF_RB_NO_WAKEUP : 0) != 0)
+    if (events.ringbuf_output(e, size, 0) != 0)
         next_counter(2);
 out:
     args.delete(&tid);
