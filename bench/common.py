@@ -46,11 +46,14 @@ class RedisServer:
 
 def redis_benchmark(port: int, tests: str, clients: int, requests: int) -> dict[str, dict]:
     """Run redis-benchmark; returns per test: rps, p50_ms, p99_ms."""
-    out = subprocess.run(
+    run = subprocess.run(
         ["redis-benchmark", "-p", str(port), "-t", tests, "-c", str(clients), "-n", str(requests),
          "-r", "1000", "--csv"],
-        capture_output=True, text=True, check=True, timeout=600,
-    ).stdout
+        capture_output=True, text=True, timeout=600,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed: {(run.stderr or run.stdout).strip()[-300:]}")
+    out = run.stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     return {
         row["test"]: {"rps": float(row["rps"]), "p50_ms": float(row["p50_latency_ms"]),
