@@ -57,6 +57,7 @@ class Node:
         self._vip = None
         self._checks_reported = 0
         self._stepping_down = False
+        self._taking_over = False
         metrics.track(len(cluster.nodes),
                       lambda: len(self._live) if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.stats.held if self.tracer else 0)
@@ -196,7 +197,8 @@ class Node:
 
     def _on_role_change(self, role: str, ballot: int, leader: str | None) -> None:
         self.metrics.leader.set(1 if self.leading else 0)
-        if role == "leader" and not self.leading and self._barrier is None:
+        if role == "leader" and not self.leading and not self._taking_over:
+            self._taking_over = True
             threading.Thread(target=self._become_leader, args=(ballot,), name="failover",
                              daemon=True).start()
         elif role != "leader" and self.leading and not self._stepping_down:
@@ -208,33 +210,55 @@ class Node:
             self.fatal.set()
 
     def _become_leader(self, ballot: int) -> None:
-        """Replay all that is committed, close the old leadership's connections, then gate."""
+        """Replay all that is committed, close the old leadership's connections, then gate.
+
+        A copy may have a long log to replay first: the takeover waits for as long as this node
+        still leads with ``ballot`` and the replay goes on, retrying a barrier that timed out."""
         assert self.replica is not None and self.tracer is not None
-        marker = f"{self.me.name}:{ballot}:{time.time_ns()}".encode()
-        done = threading.Event()
-        self._barrier = (marker, done)
+        attempt = 0
         try:
-            self.replica.propose(Entry(Kind.BARRIER, ballot, 0, marker).encode()).result(10)
-            if not done.wait(30):
-                raise TimeoutError("the replayer did not reach the barrier")
-            stale = self.replayer.open_connections()
-            for cid in stale:
-                self.replica.propose(Entry(Kind.CLOSE, cid[0], cid[1]).encode())
-            if stale:
-                self.replica.propose(Entry(Kind.BARRIER, ballot, 1, marker + b"/closed").encode()).result(10)
-            self.epoch = ballot
-            self.leading = True
-            self.tracer.set_mode(Mode.GATE)
-            self.metrics.leader.set(1)
-            log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
-                     "clients of %s", ballot, len(stale), self.me.server)
-            self._take_vip()
+            while self.replica.role == "leader" and self.replica.ballot == ballot:
+                attempt += 1
+                try:
+                    self._take_over(ballot, attempt)
+                    return
+                except TimeoutError as exc:
+                    log.warning("taking over with ballot %d (attempt %d): %s; retrying", ballot, attempt, exc)
+            log.info("leadership with ballot %d ended before this node could take over", ballot)
         except NotLeader as exc:
             log.info("leadership ended while taking over: %s", exc)
         except Exception:
-            log.exception("taking over leadership failed")
+            log.exception("taking over leadership failed; handing leadership on")
+            self.replica.step_down(timeout=2.0)
         finally:
             self._barrier = None
+            self._taking_over = False
+
+    def _take_over(self, ballot: int, attempt: int) -> None:
+        assert self.replica is not None and self.tracer is not None
+        marker = f"{self.me.name}:{ballot}:{attempt}:{time.time_ns()}".encode()
+        done = threading.Event()
+        self._barrier = (marker, done)
+        self.replica.propose(Entry(Kind.BARRIER, ballot, 0, marker).encode()).result(30)
+        applied = self.replica.applied_index
+        while not done.wait(5.0):
+            if self.replica.role != "leader" or self.replica.ballot != ballot:
+                raise NotLeader(self.replica.leader)
+            if self.replica.applied_index == applied:
+                raise TimeoutError("the replay made no progress for 5 s")
+            applied = self.replica.applied_index
+        stale = self.replayer.open_connections()
+        for cid in stale:
+            self.replica.propose(Entry(Kind.CLOSE, cid[0], cid[1]).encode())
+        if stale:
+            self.replica.propose(Entry(Kind.BARRIER, ballot, 1, marker + b"/closed").encode()).result(30)
+        self.epoch = ballot
+        self.leading = True
+        self.tracer.set_mode(Mode.GATE)
+        self.metrics.leader.set(1)
+        log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
+                 "clients of %s", ballot, len(stale), self.me.server)
+        self._take_vip()
 
     # ---- tracer callbacks (tracer thread) -----------------------------------------------------
 
