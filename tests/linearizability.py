@@ -194,10 +194,32 @@ def _observed(ops: list[Op]) -> set[Any]:
     return seen
 
 
+def impossible_value(ops: list[Op], init: Any = None) -> Op | None:
+    """A read (or successful CAS) that observed a value no operation ever wrote, when only the
+    initial value can be that and some write had already completed before it began: no search
+    needed (and none could finish in time when many operations are indeterminate)."""
+    written = {op.arg if op.kind == WRITE else op.arg[1] for op in ops if op.kind != READ}
+    done = [op.ret for op in ops if op.status == OK and op.ret is not None
+            and (op.kind == WRITE or op.kind == CAS and op.result)]
+    first = min(done) if done else None
+    for op in ops:
+        if op.status != OK or not (op.kind == READ or op.kind == CAS and op.result):
+            continue
+        seen = op.result if op.kind == READ else op.arg[0]
+        if seen in written:
+            continue
+        if seen != init or (first is not None and first < op.call):
+            return op
+    return None
+
+
 def check_key(ops: Iterable[Op], init: Any = None, max_steps: int = 2_000_000,
               max_seconds: float = 60.0) -> tuple[str, int, str]:
     """The verdict for one key's history: ("ok" | "violation" | "unknown", steps, reason)."""
     ops = _prepare(ops)
+    bad = impossible_value(ops, init)
+    if bad is not None:
+        return "violation", 0, f"observed a value that was never written: {bad.describe()}"
     deadline = time.monotonic() + max_seconds
     seen = _observed(ops)
     reduced = [op for op in ops

@@ -80,6 +80,15 @@ def test_failed_cas_explained_only_by_an_unobserved_indeterminate_write():
     assert verdict(h2) == "ok"
 
 
+def test_initial_value_after_a_completed_write_is_found_without_search():
+    """The fresh-copy symptom: the empty register read long after writes were acknowledged, with
+    many indeterminate writes around that a search would have to place."""
+    h = [op(1, WRITE, "a", 0, 1)] + [op(10 + i, WRITE, f"x{i}", 2, None) for i in range(60)]
+    h.append(op(100, READ, None, 5, 6, None))
+    assert check_key(h, max_steps=1000)[0] == "violation"
+    assert check_key([op(1, WRITE, "a", 2, 3), op(2, READ, None, 0, 1, None)])[0] == "ok"
+
+
 def test_cas_success_requires_the_expected_value():
     h = [op(1, WRITE, "a", 0, 1), op(2, CAS, ("b", "c"), 2, 3, True)]
     assert verdict(h) == "violation"
@@ -102,7 +111,8 @@ def test_keys_are_checked_separately():
 
 
 def test_budget_gives_unknown():
-    h = [op(i, WRITE, f"v{i}", 0, 100) for i in range(1, 16)] + [op(99, READ, None, 200, 201, "nope")]
+    h = [op(i, WRITE, f"v{i}", 0, 100) for i in range(1, 16)]
+    h += [op(98, READ, None, 200, 201, "v1"), op(99, READ, None, 300, 301, "v2")]
     assert check_key(h, max_steps=50)[0] == "unknown"
 
 
