@@ -142,7 +142,10 @@ class Node:
         self._drop_vip()
         if self.leading and self.server_pid:
             log.warning("leader leaving: its server (pid %d) leaves the service with it", self.server_pid)
-            os.kill(self.server_pid, 9)
+            try:
+                os.kill(self.server_pid, 9)
+            except ProcessLookupError:
+                pass
         if self.tracer is not None:
             self.tracer.detach()
         self.replayer.close()
@@ -150,7 +153,7 @@ class Node:
     # ---- status -------------------------------------------------------------------------------
 
     def status(self) -> dict:
-        r = self.replica
+        r = self.replica if self.replica is not None and hasattr(self.replica, "core") else None
         return {
             "node": self.me.name,
             "role": r.role if r else "starting",
@@ -380,8 +383,11 @@ class Node:
             return
         from .vip import VirtualIP
 
-        self._vip = VirtualIP(self.cluster.vip, self.cluster.vip_interface or "")
-        self._vip.take()
+        vip = VirtualIP(self.cluster.vip, self.cluster.vip_interface or "")
+        vip.take()
+        self._vip = vip
+        if not self.leading or self.replica is None or self.replica.role != "leader":
+            self._drop_vip()  # leadership ended while the address was being taken
 
     def _drop_vip(self) -> None:
         if self._vip is not None:

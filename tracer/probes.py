@@ -60,6 +60,7 @@ class Probes:
             from bcc import BPF
         except ImportError as exc:
             raise ProbeError(f"bcc is not importable ({exc}); run 'supervise doctor'") from None
+        _ensure_tracefs()
         cflags = [f"-DSNAPLEN={snaplen}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", "-w"]
         try:
             self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
@@ -150,6 +151,15 @@ class Probes:
         for table in (self.tgids, self.tids):
             table.clear()
         self.bpf.cleanup()
+
+
+def _ensure_tracefs() -> None:
+    """bcc needs the syscall tracepoints' formats; `ip netns exec` mounts a /sys without them."""
+    if os.path.isdir("/sys/kernel/tracing/events/syscalls") or os.geteuid() != 0:
+        return
+    import subprocess
+
+    subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], capture_output=True)
 
 
 def bpf_available() -> tuple[bool, str]:

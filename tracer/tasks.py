@@ -251,9 +251,8 @@ class TaskControl:
         return self._threads[tid]
 
     def _on_thread_exit(self, tid: int, status: int) -> None:
-        thread = self._threads.get(tid)
         self._forget_thread(tid)
-        if thread is not None and tid == thread.tgid:
+        if tid in self._tgids:  # a process's leader thread is reported last
             self._exit_status = os.waitstatus_to_exitcode(status)
             self._tgids.discard(tid)
             if self.probes is not None:

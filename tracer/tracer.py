@@ -178,6 +178,8 @@ class Tracer(TaskControl):
                 ready = {fd for fd, _ in poller.poll(0 if now < busy_until else BACKSTOP_SECONDS)}
                 if ready and self.mode is Mode.GATE:
                     busy_until = time.monotonic() + GATE_SPIN_SECONDS
+                elif not ready:
+                    self._forget_vanished_processes()
                 if sigchld.fd in ready:
                     sigchld.drain()
                 if self._wake_fd in ready:
@@ -201,6 +203,15 @@ class Tracer(TaskControl):
                 self.on_exit(exit_status)
 
     _exit_status: int | None = None
+
+    def _forget_vanished_processes(self) -> None:
+        """Backstop for an exit whose notification was missed: the process is gone from /proc."""
+        for tgid in list(self._tgids):
+            if not os.path.exists(f"/proc/{tgid}"):
+                log.warning("pid %d is gone without an exit notification", tgid)
+                self._tgids.discard(tgid)
+                for tid in [t for t, task in self._threads.items() if task.tgid == tgid]:
+                    self._forget_thread(tid)
 
     def _teardown_probes(self) -> None:
         if self.probes is not None:
