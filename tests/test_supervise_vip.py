@@ -46,7 +46,7 @@ def _wait(pred, timeout: float, what: str) -> None:
 def test_clients_use_only_the_vip_before_and_after_the_leaders_host_is_cut_off():
     with NetnsCluster(vip=True) as cluster:
         try:
-            old = cluster.start(timeout=60)
+            old = cluster.start(timeout=120)
             _wait(lambda: cluster.vip_holders() == [old.name], 10, "the leader did not take the VIP")
             acked: list[str] = []
             stop = threading.Event()
