@@ -35,7 +35,7 @@ def test_twenty_clients_mixed_writes_leave_identical_copies(cluster):
         assert doc["escapes"] == 0
     # DEBUG DIGEST covers every key, type, value and list order, and its output is deterministic.
     # The leader's is read through the gate first; the followers' directly once that is applied
-    # (a stray client on a follower while replayed connections open: see README, known issues).
+    # (a direct client changes a follower: its connection numbers show in later HELLO replies).
     leader_client = redis_py.Redis(port=leader.server_port)
     digests = {leader.name: leader_client.execute_command("DEBUG", "DIGEST")}
     leader_client.close()
