@@ -101,6 +101,8 @@ class Replayer:
 
     def _send(self, conn: ReplayConn, data: bytes) -> None:
         if conn.server_closed:
+            log.warning("replay: %d input bytes for connection %s dropped: the server closed it",
+                        len(data), conn.cid)
             return
         try:
             conn.sock.setblocking(True)

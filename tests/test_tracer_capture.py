@@ -5,10 +5,12 @@ import json
 import os
 import signal
 import socket
+import threading
+import time
 
 import redis as redis_py
 
-from tracer.events import Direction
+from tracer.events import ACCEPTS, Call, Direction
 from tracer.tracer import Mode
 
 from .procs import free_port, memcached_server, python_server, wait_port
@@ -167,3 +169,35 @@ def test_memcached_under_trace_cli_reports_threads_and_io():
     finally:
         server.stop()
 
+
+
+def _short_connections(port: int, tag: str, n: int) -> None:
+    for i in range(n):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(f"set {tag}:{i} 0 0 1\r\nx\r\n".encode())
+            assert client.recv(100) == b"STORED\r\n"
+
+
+def test_connections_accepted_while_another_thread_closes_the_same_fd_number_are_all_seen(memcached):
+    """memcached closes on a worker thread while its listener thread accepts: the fd number a
+    close frees is often the very next one accepted."""
+    threads_, per_thread = 4, 250
+    with traced(memcached.pid, Mode.OBSERVE) as (_, rec):
+        workers = [threading.Thread(target=_short_connections, args=(memcached.port, f"t{t}", per_thread))
+                   for t in range(threads_)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        time.sleep(0.5)
+        events = rec.drain()
+    inputs = [e for e in events if e.dir is Direction.IN and e.ret > 0]
+    seen = {e.data.split(b" ")[1].decode() for e in inputs}
+    sent = {f"t{t}:{i}" for t in range(threads_) for i in range(per_thread)}
+    assert sent - seen == set(), f"{len(sent - seen)} connections' inputs were not seen"
+    by_conn: dict[int, list[str]] = {}
+    for e in events:
+        if e.call is Call.CLOSE or e.call in ACCEPTS:
+            by_conn.setdefault(e.conn, []).append(e.call.name)
+    assert all(calls[0] != "CLOSE" for calls in by_conn.values()), \
+        "a close was reported under a connection accepted later"

@@ -22,6 +22,7 @@
 
 #define SIGSTOP_NR 19
 #define MSG_PEEK_FLAG 2
+#define EBADF_NR 9
 #define ECONNRESET_NR 104
 #define ETIMEDOUT_NR 110
 
@@ -50,6 +51,7 @@ struct saved_args {
     u64 addrlen;  // accept: user pointer to the address length
     u32 flags;
     u32 pad;
+    u64 conn;     // close: the connection the fd held when the call began
 };
 
 struct event {
@@ -101,6 +103,27 @@ static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrle
     }
     struct saved_args a = {.call = call, .fd = fd, .buf = buf, .count = count,
                            .addrlen = addrlen, .flags = flags};
+    args.update(&tid, &a);
+    return 0;
+}
+
+// A socket's entry leaves the map when close begins, not when it returns: the fd number is
+// free for another thread's accept as soon as the kernel releases it inside close, and an
+// entry deleted at exit would then take the new connection's entry with it.
+static __always_inline int save_close(s32 fd) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u32 tid = (u32)id;
+    if (!tgids.lookup(&tgid))
+        return 0;
+    struct sock_key key = {.tgid = tgid, .fd = fd};
+    struct sock_val *sv = socks.lookup(&key);
+    if (!sv) {
+        args.delete(&tid);
+        return 0;
+    }
+    struct saved_args a = {.call = C_CLOSE, .fd = fd, .conn = sv->conn};
+    socks.delete(&key);
     args.update(&tid, &a);
     return 0;
 }
@@ -192,9 +215,9 @@ static __always_inline int finish(s64 ret) {
         dir = DIR_OUT;
         break;
     case C_CLOSE:
-        if (!sv || ret != 0)
+        if (ret == -EBADF_NR)
             goto out;
-        socks.delete(&key);
+        conn = a->conn;
         break;
     case C_SHUTDOWN:
         if (!sv)
@@ -315,7 +338,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) {
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return finish(args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_close) { return save(C_CLOSE, args->fd, 0, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_close) { return save_close(args->fd); }
 TRACEPOINT_PROBE(syscalls, sys_exit_close) { return finish(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_shutdown) {
     return save(C_SHUTDOWN, args->fd, 0, args->how, 0, 0);
