@@ -78,8 +78,10 @@ class LocalNode:
 class LocalCluster:
     def __init__(self, n: int = 3, server: str = "redis", transport: str = "shm",
                  durability: str = "fsync", workdir: str | None = None,
-                 heartbeat_ms: int = 20, election_timeout_ms: int = 300) -> None:
+                 heartbeat_ms: int = 20, election_timeout_ms: int = 300,
+                 env: dict[str, str] | None = None) -> None:
         self.server_kind = server
+        self.env = {**os.environ, **(env or {})}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supervise-cluster-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         ports = free_ports(3 * n)
@@ -119,7 +121,7 @@ class LocalCluster:
         node.supervisor = subprocess.Popen(
             [sys.executable, "-m", "supervise", "--pid", str(node.server.pid),
              "--config", str(self.config), "--node", node.name],
-            stdout=log, stderr=log,
+            stdout=log, stderr=log, env=self.env,
         )
         log.close()
 

@@ -9,6 +9,7 @@ import sys
 import threading
 
 from .config import ClusterConfig, ConfigError
+from .failpoints import FailpointFile
 from .metrics import NodeMetrics
 from .node import LOST_LEADERSHIP_EXIT, Node
 
@@ -32,6 +33,10 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     node.start_replica()
     log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",
              name, node.server_pid, me.server, me.replication, me.status)
+    failpoints = FailpointFile.from_environment()
+    if failpoints is not None and node.replica is not None and node.replica.transport.ctx.provider != "tcp":
+        log.warning("failpoints in %s are ignored: only the tcp transport has them", failpoints.path)
+        failpoints = None
     stop = threading.Event()
 
     def on_signal(_sig: int, _frame: object) -> None:
@@ -40,7 +45,8 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     while not stop.wait(0.2) and not node.fatal.is_set():
-        pass
+        if failpoints is not None and node.replica is not None:
+            failpoints.poll(node.replica.transport)
     if node.exit_code == LOST_LEADERSHIP_EXIT:
         os._exit(LOST_LEADERSHIP_EXIT)  # without detaching: EXITKILL takes the server down
     node.shutdown()
