@@ -50,7 +50,7 @@ CAS_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS
            "return 1 else return 0 end")
 INIT = "init"
 FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-follower",
-               "pause-leader", "pause-follower")
+               "pause-leader", "pause-follower", "flaky-leader", "flaky-follower")
 
 
 @dataclass
@@ -250,8 +250,11 @@ class Campaign:
         action, role = kind.split("-")
         what = self.rng.choice(["supervisor", "server", "both"])
         pause = self.rng.uniform(0.5, 3.0)
-        hold = self.rng.uniform(2.0, 6.0) if action == "partition" else \
+        hold = self.rng.uniform(2.0, 6.0) if action in ("partition", "flaky") else \
             self.rng.uniform(3, 8) * self.election_timeout_ms / 1000
+        network = {"drop": round(self.rng.uniform(0.02, 0.2), 3),
+                   "delay": round(self.rng.uniform(0.001, 0.02), 4),
+                   "duplicate": round(self.rng.uniform(0.02, 0.2), 3), "seed": self.rng.randrange(1 << 16)}
         node = self._pick(cluster, role)
         if node is None:
             self.say(f"{kind}: no {role} to pick; skipped")
@@ -269,6 +272,14 @@ class Campaign:
             time.sleep(hold)
             cluster.heal(node)
             self.say(f"healed {node.name}")
+        elif action == "flaky":
+            record.update(seconds=round(hold, 2), **network)
+            self.say(f"FAULT {role} {node.name}'s transport requests dropped, held and duplicated "
+                     f"({json.dumps(network)}) for {hold:.1f}s")
+            cluster.degrade(node, network)
+            time.sleep(hold)
+            cluster.restore(node)
+            self.say(f"network of {node.name} restored")
         else:
             record["seconds"] = round(hold, 2)
             self.say(f"FAULT SIGSTOP supervisor of {role} {node.name} for {hold:.1f}s")

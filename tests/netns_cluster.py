@@ -226,7 +226,8 @@ class NetnsCluster:
                 ["sh", "-c", MOUNT_TRACEFS, "supervise", sys.executable, "-m", "supervise",
                  "--pid", str(node.server.pid),
                  "--config", str(self.config), "--node", node.name],
-                stdout=log, stderr=log)
+                stdout=log, stderr=log,
+                env={**os.environ, "SUPERVISE_FAILPOINTS": str(self.failpoints_file(node))})
         node.starts += 1
         node.paused = False
 
@@ -310,6 +311,20 @@ class NetnsCluster:
         node = self.node(key)
         self.hosts.link_up(node.index)
         node.partitioned = False
+
+    def failpoints_file(self, node: NetnsNode) -> Path:
+        return self.workdir / f"{node.name}-failpoints.json"
+
+    def degrade(self, key: int | str | NetnsNode, spec: dict) -> None:
+        """The node's outgoing transport requests are dropped, held and duplicated per ``spec``
+        (supervise's tcp failpoints; its supervisor applies the file within 0.2 s)."""
+        path = self.failpoints_file(self.node(key))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(spec))
+        tmp.replace(path)
+
+    def restore(self, key: int | str | NetnsNode) -> None:
+        self.degrade(key, {})
 
     # ---- status ---------------------------------------------------------------------------------
 
