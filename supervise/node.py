@@ -256,8 +256,9 @@ class Node:
         if stale:
             self.replica.propose(Entry(Kind.BARRIER, ballot, 1, marker + b"/closed").encode()).result(30)
         self.epoch = ballot
-        self.leading = True
+        # gating first: an input seen while leading must never have been let through ungated
         self.tracer.set_mode(Mode.GATE)
+        self.leading = True
         self.metrics.leader.set(1)
         log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
                  "clients of %s", ballot, len(stale), self.me.server)
