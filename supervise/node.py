@@ -47,6 +47,8 @@ class Node:
         self.diverged = False
         self.diverged_reason: str | None = None
         self.stray = 0
+        self.stray_input = 0
+        self._stray_inputs_seen: set[int] = set()
         self.fatal = threading.Event()
         self.exit_code = 0
         self.checker = OutputChecker()
@@ -168,6 +170,7 @@ class Node:
             "server_pid": self.server_pid,
             "server": self.me.server,
             "stray_connections": self.stray,
+            "stray_input_bytes": self.stray_input,
             "escapes": self.tracer.stats.escapes if self.tracer else 0,
             "held": self.tracer.stats.held if self.tracer else 0,
             "peers": r.peer_status() if r else {},
@@ -337,6 +340,14 @@ class Node:
         self._check_divergence()
 
     def _on_stray(self, ev: SocketEvent) -> None:
+        if ev.call in READS:
+            if not self.leading and not ev.gated:  # a leader refuses such input (_on_event)
+                self.stray_input += ev.ret
+                if ev.conn not in self._stray_inputs_seen:
+                    self._stray_inputs_seen.add(ev.conn)
+                    log.warning("the server read %d bytes on connection %d (%s), which is not in the log: "
+                                "this copy no longer matches the log", ev.ret, ev.conn, ev.peer or "?")
+            return
         if ev.fd not in self.listen_fds:
             return
         self.stray += 1

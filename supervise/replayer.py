@@ -157,6 +157,8 @@ class Replayer:
             return
         conn = self._by_server_conn.get(event.conn)
         if conn is None:
+            if event.call in READS and event.ret > 0:
+                self.on_stray(event)  # input the log does not hold
             return
         if event.dir is Direction.OUT:
             self.on_output(conn.cid, event.data, event.ret)

@@ -1,6 +1,7 @@
 """A bounded fault campaign with a fixed seed (issue 7): twelve clients through the VIP while
-leaders and followers are killed, cut off, paused and given a lossy network; the history must be linearizable for every
-key, nothing acknowledged lost, and the healed copies identical. Longer runs: see README.md."""
+leaders and followers are killed, cut off, paused and given a lossy network; the history must be
+linearizable for every key, nothing acknowledged lost, and the healed copies identical. Longer
+runs: see README.md."""
 
 from __future__ import annotations
 
