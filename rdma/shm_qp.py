@@ -174,7 +174,7 @@ class ShmQP(QueuePair):
             type(local) is ShmMR
             and local.valid
             and local.pd is self._pd
-            and local.access & ACC_LOCAL_WRITE
+            and local.access_bits & ACC_LOCAL_WRITE
             and 0 <= local_offset <= end <= local.length
         ):
             return self._fail(wr_id, OP_READ, WCStatus.LOC_PROT_ERR)
@@ -232,7 +232,7 @@ class ShmQP(QueuePair):
             type(local) is ShmMR
             and local.valid
             and local.pd is self._pd
-            and local.access & ACC_LOCAL_WRITE
+            and local.access_bits & ACC_LOCAL_WRITE
             and 0 <= local_offset
             and 0 <= length
             and local_offset + length <= local.length

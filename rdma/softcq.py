@@ -132,6 +132,7 @@ class SoftMR(MemoryRegion):
         self._mm = mm
         self.length = length
         self.access = Access(access)
+        self.access_bits = int(self.access)  # for hot paths: Flag arithmetic costs a microsecond
         self.lkey = self.rkey = key
         self.addr = buffer_address(mm)
         self.view = memoryview(mm)[:length]

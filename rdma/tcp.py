@@ -133,6 +133,11 @@ class TcpCQ(SoftCQ):
 
     def _take(self, max_entries: int) -> list[WorkCompletion]:
         q = self._q
+        if len(q) == 1:
+            try:
+                return [q.popleft()]
+            except IndexError:
+                return []
         out: list[WorkCompletion] = []
         try:
             while q and len(out) < max_entries:
@@ -142,28 +147,28 @@ class TcpCQ(SoftCQ):
         return out
 
     def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
+        q = self._q
+        if q:
+            return self._take(max_entries)
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
         # Busy-poll epoll (timeout 0) for a moment first: a reply usually comes within a round
-        # trip, and sleeping and being woken costs more than that on a loaded machine.
-        spin_end = now + self._spin
-        ep, drains, efd = self._ep, self._drains, self._efd
+        # trip, and sleeping and being woken costs more than that on a quiet machine.
+        spin_end = now + self._spin if self._spin else 0.0
+        ep, drains, efd, lock = self._ep, self._drains, self._efd, self._sleep_lock
         while True:
-            out = self._take(max_entries)
-            if out:
-                return out
-            if time.monotonic() < spin_end:
+            if spin_end and time.monotonic() < spin_end:
                 events = ep.poll(0)
             else:
                 # Count as a sleeper only around a blocking epoll: completions we push ourselves
                 # while draining need no eventfd wakeup; one pushed by another thread before the
                 # count went up is already in the queue.
-                with self._sleep_lock:
-                    self._sleepers += 1
+                lock.acquire()
+                self._sleepers += 1
+                lock.release()
                 try:
-                    out = self._take(max_entries)
-                    if out or self.closed:
-                        return out
+                    if q or self.closed:
+                        return self._take(max_entries)
                     left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                     if left <= 0:
                         return self.poll(max_entries)
@@ -172,8 +177,9 @@ class TcpCQ(SoftCQ):
                     except (OSError, ValueError):
                         return self.poll(max_entries)
                 finally:
-                    with self._sleep_lock:
-                        self._sleepers -= 1
+                    lock.acquire()
+                    self._sleepers -= 1
+                    lock.release()
             for fd, _ in events:
                 if fd == efd:
                     try:
@@ -184,6 +190,8 @@ class TcpCQ(SoftCQ):
                     drain = drains.get(fd)
                     if drain is not None:
                         drain()
+            if q:
+                return self._take(max_entries)
 
     def close(self) -> None:
         if not self.closed:

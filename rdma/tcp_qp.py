@@ -93,7 +93,7 @@ class TcpQP(Responder, QueuePair):
             type(local) is SoftMR
             and local.valid
             and local.pd is self._pd
-            and (not need_write or local.access & ACC_LOCAL_WRITE)
+            and (not need_write or local.access_bits & ACC_LOCAL_WRITE)
             and 0 <= offset <= offset + length <= local.length
         )
 
@@ -107,7 +107,7 @@ class TcpQP(Responder, QueuePair):
             and local.valid
             and local.pd is self._pd
             and 0 <= loff <= loff + length <= local.length
-            and (op != READ or local.access & ACC_LOCAL_WRITE)
+            and (op != READ or local.access_bits & ACC_LOCAL_WRITE)
         ):
             return self._decided(wr_id, opcode, WCStatus.LOC_PROT_ERR)
         if len(self._pending) >= 512:  # unpolled acknowledgements must not fill the socket buffers

@@ -94,7 +94,7 @@ class Responder:
                         off = addr - mr.addr
                         if (
                             mr.valid
-                            and mr.access & ACC_REMOTE_WRITE
+                            and mr.access_bits & ACC_REMOTE_WRITE
                             and 0 <= off
                             and off + length <= mr.length
                         ):
@@ -154,7 +154,7 @@ class Responder:
         mr = self._pd.mrs.get(rkey)
         need = ACC_REMOTE_WRITE if op == WRITE else ACC_REMOTE_READ
         off = addr - mr.addr if mr is not None else -1
-        if mr is None or not mr.valid or not mr.access & need or off < 0 or off + length > mr.length:
+        if mr is None or not mr.valid or not mr.access_bits & need or off < 0 or off + length > mr.length:
             status = WCStatus.REM_ACCESS_ERR
         if op == READ:
             sock = self._resp

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from typing import NamedTuple
 
 
 class WCStatus(IntEnum):
@@ -68,8 +69,9 @@ class VerbsError(Exception):
     """A verb could not be posted or a resource could not be created (ibverbs' errno returns)."""
 
 
-@dataclass(frozen=True)
-class WorkCompletion:
+class WorkCompletion(NamedTuple):
+    """One completed work request (a tuple: made on every completion, so it must be cheap)."""
+
     wr_id: int
     status: WCStatus
     opcode: WCOpcode
