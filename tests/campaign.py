@@ -316,7 +316,8 @@ class Campaign:
     # ---- the run ----------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        with NetnsCluster(vip=True, election_timeout_ms=self.election_timeout_ms) as cluster:
+        with NetnsCluster(vip=True, election_timeout_ms=self.election_timeout_ms,
+                          launch_restarts=True) as cluster:
             try:
                 return self._run(cluster)
             except BaseException:

@@ -88,13 +88,48 @@ def _reap(proc: subprocess.Popen | None, timeout: float = 10) -> None:
         pass
 
 
+class LaunchedServer:
+    """A server its supervisor started (`supervise ... -- CMD`): its child, ours to signal.
+
+    Dead once it is gone or a zombie (its supervisor reaps it, or is itself stopped)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "X"
+            if state in ("Z", "X"):
+                self.returncode = -1  # its exit status went to its supervisor
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"server pid {self.pid}", timeout or 0)
+            time.sleep(0.01)
+        return self.returncode  # type: ignore[return-value]
+
+
 @dataclass
 class NetnsNode:
     index: int
     name: str
     addr: str
     ns: str
-    server: subprocess.Popen | None = None
+    server: subprocess.Popen | LaunchedServer | None = None
     supervisor: subprocess.Popen | None = None
     relay: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -118,8 +153,12 @@ class NetnsCluster:
 
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
                  election_timeout_ms: int = 300, durability: str = "fsync",
-                 subnet: str = "10.77.0", vip_relay: bool = False) -> None:
+                 subnet: str = "10.77.0", vip_relay: bool = False, launch_restarts: bool = False) -> None:
+        """``launch_restarts``: restart nodes as an operator should, with the launch form
+        (`supervise ... -- redis-server ...`): the supervisor removes a VIP left on the host by a
+        killed leader before the fresh server exists, so no client reaches a copy nobody holds."""
         self.n = n
+        self.launch_restarts = launch_restarts
         self.subnet = subnet
         self.vip = f"{subnet}.{VIP_HOST}" if vip else None
         self.election_timeout_ms = election_timeout_ms
@@ -202,7 +241,8 @@ class NetnsCluster:
 
         self.in_ns(node.ns, probe, timeout=timeout + 5)
 
-    def start_server(self, node: NetnsNode) -> None:
+    def _server_argv(self, node: NetnsNode) -> list[str]:
+        """A fresh, empty redis-server for the node (its directory emptied)."""
         workdir = self.workdir / f"{node.name}-server"
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir()
@@ -210,22 +250,41 @@ class NetnsCluster:
         if self.vip and not self.vip_relay:
             self.hosts[node.index].run(["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"], timeout=10)
             bind.append(self.vip)
-        node.server = self.hosts[node.index].popen(
-            ["redis-server", "--port", str(REDIS_PORT), "--bind", *bind, "--save", "",
-             "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir),
-             "--enable-debug-command", "local"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return ["redis-server", "--port", str(REDIS_PORT), "--bind", *bind, "--save", "",
+                "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir),
+                "--enable-debug-command", "local"]
+
+    def start_server(self, node: NetnsNode) -> None:
+        node.server = self.hosts[node.index].popen(self._server_argv(node), stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.DEVNULL)
         self._wait_port(node, REDIS_PORT)
 
-    def start_supervisor(self, node: NetnsNode) -> None:
-        assert node.server is not None
+    def launch(self, node: NetnsNode, timeout: float = 60.0) -> None:
+        """Supervisor first, then the server it starts under its tracer (the launch form)."""
+        self.start_supervisor(node, ["--", *self._server_argv(node)])
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = (self.status(node) or {}).get("server_pid") or 0
+            if pid:
+                break
+            if not node.supervisor_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{node.name}: the supervisor did not start its server "
+                                   f"(see {node.log_path})")
+            time.sleep(0.05)
+        node.server = LaunchedServer(pid)
+        self._wait_port(node, REDIS_PORT)
+
+    def start_supervisor(self, node: NetnsNode, launch: list[str] | None = None) -> None:
+        """With ``launch`` (``["--", CMD...]``) the supervisor starts the server itself."""
+        if launch is None:
+            assert node.server is not None
+        target = launch if launch is not None else ["--pid", str(node.server.pid)]  # type: ignore[union-attr]
         node.log_path = self.workdir / f"{node.name}.log"
         with open(node.log_path, "ab") as log:
             log.write(f"=== start {node.starts} at {time.time():.3f}\n".encode())
             node.supervisor = self.hosts[node.index].popen(
                 ["sh", "-c", MOUNT_TRACEFS, "supervise", sys.executable, "-m", "supervise",
-                 "--pid", str(node.server.pid),
-                 "--config", str(self.config), "--node", node.name],
+                 "--config", str(self.config), "--node", node.name, *target],
                 stdout=log, stderr=log,
                 env={**os.environ, "SUPERVISE_FAILPOINTS": str(self.failpoints_file(node))})
         node.starts += 1
@@ -286,8 +345,11 @@ class NetnsCluster:
                            capture_output=True, timeout=10)
         if fresh_data:
             shutil.rmtree(self.workdir / f"{node.name}-data", ignore_errors=True)
-        self.start_server(node)
-        self.start_supervisor(node)
+        if self.launch_restarts:
+            self.launch(node)
+        else:
+            self.start_server(node)
+            self.start_supervisor(node)
         return stale
 
     def pause(self, key: int | str | NetnsNode) -> None:
