@@ -1,0 +1,61 @@
+"""The launch form, `supervise --config FILE --node NAME -- CMD`: the supervisor starts the server
+under its tracer, so the copy is held from its first instruction on."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import redis as redis_py
+
+from supervise.localcluster import SERVERS, LocalCluster, wait_port
+
+
+def _launch(cluster: LocalCluster, node) -> subprocess.Popen:
+    workdir = cluster.workdir / f"{node.name}-server"
+    workdir.mkdir(exist_ok=True)
+    node.log_path = cluster.workdir / f"{node.name}.log"
+    with open(node.log_path, "ab") as log:
+        node.supervisor = subprocess.Popen(
+            [sys.executable, "-m", "supervise", "--config", str(cluster.config), "--node", node.name,
+             "--", *SERVERS["redis"](node.server_port, str(workdir))],
+            stdout=log, stderr=log)
+    wait_port(node.server_port, timeout=60)
+    return node.supervisor
+
+
+def _server_pid(node, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = (node.status() or {}).get("server_pid") or 0
+        if pid:
+            return pid
+        time.sleep(0.05)
+    raise TimeoutError(f"{node.name} reported no server pid")
+
+
+def test_a_launched_copy_replicates_and_dies_with_its_killed_supervisor():
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        attached, launched = cluster.nodes[:2], cluster.nodes[2]
+        for node in attached:
+            cluster.start_server(node)
+            cluster.start_supervisor(node)
+        _launch(cluster, launched)
+        leader = cluster.wait_leader(timeout=120)
+        pid = _server_pid(launched)
+        assert pid != launched.supervisor.pid
+        client = redis_py.Redis(port=leader.server_port)
+        for i in range(100):
+            client.set(f"k{i}", i)
+        client.close()
+        cluster.wait_applied(timeout=60)
+        direct = redis_py.Redis(port=launched.server_port)
+        assert direct.dbsize() == 100 and direct.get("k99") == b"99"
+        direct.close()
+        launched.supervisor.send_signal(signal.SIGKILL)
+        launched.supervisor.wait(10)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}"), "the launched server outlived its supervisor"
