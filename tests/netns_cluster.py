@@ -224,22 +224,26 @@ class NetnsCluster:
             return self.nodes[key]
         return next(n for n in self.nodes if n.name == key)
 
-    def _wait_port(self, node: NetnsNode, port: int, timeout: float = 15.0) -> None:
-        def probe() -> None:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    socket.create_connection((node.addr, port), timeout=0.5).close()
+    def _wait_listening(self, node: NetnsNode, port: int, timeout: float = 15.0) -> None:
+        """Until the node's server listens on ``port``, read from /proc, never by connecting: Redis
+        numbers its connections and shows the number in HELLO replies, so a probe connection
+        on one copy and not on another makes their replies differ."""
+        deadline = time.monotonic() + timeout
+        want = f":{port:04X}"
+        while True:
+            assert node.server is not None
+            if node.server.poll() is not None:
+                raise RuntimeError(f"{node.name}: redis-server exited ({node.server.returncode})")
+            try:
+                with open(f"/proc/{node.server.pid}/net/tcp") as f:
+                    rows = [line.split() for line in f]
+                if any(row[1].endswith(want) and row[3] == "0A" for row in rows[1:]):  # 0A: LISTEN
                     return
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"nothing listens on {node.addr}:{port} in {node.ns}") from None
-                    if node.server is not None and node.server.poll() is not None:
-                        code = node.server.returncode
-                        raise RuntimeError(f"{node.name}: redis-server exited ({code})") from None
-                    time.sleep(0.02)
-
-        self.in_ns(node.ns, probe, timeout=timeout + 5)
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {node.addr}:{port} in {node.ns}")
+            time.sleep(0.02)
 
     def _server_argv(self, node: NetnsNode) -> list[str]:
         """A fresh, empty redis-server for the node (its directory emptied)."""
@@ -257,7 +261,7 @@ class NetnsCluster:
     def start_server(self, node: NetnsNode) -> None:
         node.server = self.hosts[node.index].popen(self._server_argv(node), stdout=subprocess.DEVNULL,
                                                    stderr=subprocess.DEVNULL)
-        self._wait_port(node, REDIS_PORT)
+        self._wait_listening(node, REDIS_PORT)
 
     def launch(self, node: NetnsNode, timeout: float = 60.0) -> None:
         """Supervisor first, then the server it starts under its tracer (the launch form)."""
@@ -272,7 +276,7 @@ class NetnsCluster:
                                    f"(see {node.log_path})")
             time.sleep(0.05)
         node.server = LaunchedServer(pid)
-        self._wait_port(node, REDIS_PORT)
+        self._wait_listening(node, REDIS_PORT)
 
     def start_supervisor(self, node: NetnsNode, launch: list[str] | None = None) -> None:
         """With ``launch`` (``["--", CMD...]``) the supervisor starts the server itself."""
