@@ -444,7 +444,8 @@ class Campaign:
                              "steps": v.steps, "seconds": round(v.seconds, 2), "reason": v.reason}
                          for k, v in verdicts.items()},
             "check_seconds": round(check_seconds, 1),
-            "transport_faults": "not injected: no fault hook reachable from a running supervise",
+            "transport_faults": "flaky-leader / flaky-follower: the tcp provider's failpoints "
+                                "(SUPERVISE_FAILPOINTS)",
             "passed": bool(passed),
         }
         lines = ["", "=== campaign summary ===",
