@@ -78,7 +78,6 @@ class SocketEvent:
     refused: bool = field(default=False, repr=False)
     buf: int = field(default=0, repr=False)
     count: int = field(default=0, repr=False)
-    cpu: int = field(default=-1, repr=False)
 
     @property
     def is_eof(self) -> bool:

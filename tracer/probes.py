@@ -35,7 +35,6 @@ def event_struct(snaplen: int) -> type[ctypes.Structure]:
             ("tid", ctypes.c_uint32),
             ("call", ctypes.c_uint32),
             ("fd", ctypes.c_int32),
-            ("cpu", ctypes.c_uint32),
             ("data_len", ctypes.c_uint32),
             ("dir", ctypes.c_uint8),
             ("gated", ctypes.c_uint8),

@@ -29,7 +29,6 @@ log = logging.getLogger("tracer")
 
 BACKSTOP_SECONDS = 0.02
 GATE_SPIN_SECONDS = 0.0002
-COLOCATE = os.environ.get("TRACER_COLOCATE", "0") == "1"
 _CALLS = {c.value: c for c in Call}
 _DIRECTIONS = tuple(Direction)
 
@@ -74,7 +73,6 @@ class Tracer(TaskControl):
         self._thread: threading.Thread | None = None
         self._thread_ident = 0
         self._batch: list[SocketEvent] = []
-        self._cpu = -1  # the CPU this thread is pinned to, next to the threads it gates
         self._clock_offset = time.time() - time.monotonic()
         self.probes: Probes | None = None
 
@@ -177,8 +175,6 @@ class Tracer(TaskControl):
                 # while inputs flow, poll without sleeping for a moment: a wake-up from sleep
                 # costs tens of microseconds on a VM, more than the work on one input
                 now = time.monotonic()
-                if now < busy_until and self._cpu >= 0:
-                    os.sched_yield()  # a released thread on this CPU runs first
                 ready = {fd for fd, _ in poller.poll(0 if now < busy_until else BACKSTOP_SECONDS)}
                 if ready and self.mode is Mode.GATE:
                     busy_until = time.monotonic() + GATE_SPIN_SECONDS
@@ -253,7 +249,6 @@ class Tracer(TaskControl):
                 peer=peer,
                 buf=raw.buf,
                 count=raw.count,
-                cpu=raw.cpu,
             )
         )
 
@@ -275,9 +270,6 @@ class Tracer(TaskControl):
         if thread is not None and thread.pending is not None and not thread.gate_stopped:
             self._escaped(thread)
         if event.gated and thread is not None:
-            if COLOCATE and event.cpu != self._cpu and event.cpu >= 0:
-                os.sched_setaffinity(0, {event.cpu})
-                self._cpu = event.cpu
             thread.pending = event
             self.stats.held += 1
             self._await_gate_stop(thread)

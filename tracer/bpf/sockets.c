@@ -65,7 +65,6 @@ struct event {
     u32 tid;
     u32 call;
     s32 fd;
-    u32 cpu;       // where the thread ran: a gating tracer moves next to it
     u32 data_len;
     u8 dir;
     u8 gated;
@@ -251,7 +250,6 @@ static __always_inline int finish(s64 ret) {
     e->tid = tid;
     e->call = call;
     e->fd = fd;
-    e->cpu = bpf_get_smp_processor_id();
     e->dir = dir;
     e->input = input;
     e->gated = 0;
