@@ -180,9 +180,24 @@ class Prometheus:
                  f"--web.listen-address=127.0.0.1:{self.port}"],
                 stdout=self.log, stderr=subprocess.STDOUT)
             wait_port(self.port, timeout=30)
+            self._wait_ready(timeout=60)
         except BaseException:
             self.stop()
             raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Prometheus answers 503 until its storage is open (slow on a loaded machine)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if http_get(f"http://127.0.0.1:{self.port}/-/ready", timeout=5)[0] == 200:
+                    return
+            except OSError:  # urllib's HTTPError (503) is an OSError too
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Prometheus not ready in {timeout:.0f}s "
+                                   f"(see {self.dir / 'prometheus.log'})")
+            time.sleep(0.1)
 
     def api(self, path: str, **params: str) -> object:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
