@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 from .config import ClusterConfig, ConfigError
 from .failpoints import FailpointFile
@@ -37,14 +36,12 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     if failpoints is not None and node.replica is not None and node.replica.transport.ctx.provider != "tcp":
         log.warning("failpoints in %s are ignored: only the tcp transport has them", failpoints.path)
         failpoints = None
-    stop = threading.Event()
-
-    def on_signal(_sig: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while not stop.wait(0.2) and not node.fatal.is_set():
+    # A handler only appends to a list: one that took a lock (Event.set) deadlocked when a second
+    # signal arrived while the first handler held it (SIGINT from a terminal and from `timeout`).
+    signals: list[int] = []
+    signal.signal(signal.SIGINT, lambda sig, _frame: signals.append(sig))
+    signal.signal(signal.SIGTERM, lambda sig, _frame: signals.append(sig))
+    while not signals and not node.fatal.wait(0.2):
         if failpoints is not None and node.replica is not None:
             failpoints.poll(node.replica.transport)
     if node.exit_code == LOST_LEADERSHIP_EXIT:

@@ -63,12 +63,11 @@ def run_trace(pid: int | None, command: list[str], as_json: bool, snaplen: int) 
         target = f"{command[0]} (pid {tracer.pid})"
     print(f"tracing {target} ({tracer.stats.threads} threads); Ctrl-C to stop", file=sys.stderr)
 
-    def stop(_sig: int, _frame: object) -> None:
-        done.set()
+    signals: list[int] = []  # a handler only appends: see run.py
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    while not done.wait(0.2):
+    signal.signal(signal.SIGINT, lambda sig, _frame: signals.append(sig))
+    signal.signal(signal.SIGTERM, lambda sig, _frame: signals.append(sig))
+    while not signals and not done.wait(0.2):
         if printer.broken.is_set() or not tracer.running:
             break
     tracer.detach()

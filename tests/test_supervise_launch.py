@@ -59,3 +59,17 @@ def test_a_launched_copy_replicates_and_dies_with_its_killed_supervisor():
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not os.path.exists(f"/proc/{pid}"), "the launched server outlived its supervisor"
+
+
+def test_a_follower_stopped_by_a_burst_of_signals_exits_cleanly_and_leaves_its_server():
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        cluster.start(timeout=120)
+        leader = cluster.wait_leader(timeout=120)
+        follower = next(n for n in cluster.nodes if n is not leader)
+        for i in range(50):
+            follower.supervisor.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
+        assert follower.supervisor.wait(30) == 0, cluster.logs()
+        assert follower.server.poll() is None, "a follower leaves its server running"
+        direct = redis_py.Redis(port=follower.server_port)
+        assert direct.ping()
+        direct.close()

@@ -201,3 +201,13 @@ def test_connections_accepted_while_another_thread_closes_the_same_fd_number_are
             by_conn.setdefault(e.conn, []).append(e.call.name)
     assert all(calls[0] != "CLOSE" for calls in by_conn.values()), \
         "a close was reported under a connection accepted later"
+
+
+def test_trace_cli_stops_cleanly_under_a_burst_of_interrupts(redis):
+    """A second signal used to arrive while the first handler held a lock it took again."""
+    proc = start_trace_cli("--pid", str(redis.pid))
+    for i in range(50):
+        proc.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "detached" in err
