@@ -10,6 +10,7 @@ from pathlib import Path
 BPF_SOURCE = Path(__file__).with_name("bpf") / "sockets.c"
 MODE_OBSERVE = 1
 MODE_GATE = 2
+MODE_TRACE = 3  # observe; the reader is woken per batch, not per event
 SOCK_LISTEN = 1
 SOCK_CONN = 2
 BPF_NOEXIST = 1

@@ -17,7 +17,7 @@ from enum import Enum
 from . import procfs
 from . import ptrace_ops as pt
 from .events import Call, SocketEvent
-from .probes import MODE_GATE, MODE_OBSERVE, SOCK_CONN, SOCK_LISTEN
+from .probes import MODE_GATE, MODE_OBSERVE, MODE_TRACE, SOCK_CONN, SOCK_LISTEN
 
 log = logging.getLogger("tracer")
 
@@ -69,7 +69,9 @@ class TaskControl:
         return pt.FOLLOW | (pt.O_EXITKILL if self.exitkill else 0)
 
     def _bpf_mode(self) -> int:
-        return MODE_GATE if self.mode is Mode.GATE else MODE_OBSERVE
+        if self.mode is Mode.GATE:
+            return MODE_GATE
+        return MODE_TRACE if self.background else MODE_OBSERVE
 
     def _attach(self, pid: int) -> None:
         self.pid = pid

@@ -12,6 +12,10 @@
 
 #define MODE_OBSERVE 1
 #define MODE_GATE 2
+#define MODE_TRACE 3        // observe, and wake the reader once per WAKE_EVERY events a CPU
+#define WAKE_EVERY 64
+#define RB_NO_WAKEUP 1
+#define RB_FORCE_WAKEUP 2
 
 #define SOCK_LISTEN 1
 #define SOCK_CONN 2
@@ -81,6 +85,7 @@ BPF_HASH(args, u32, struct saved_args, 65536);   // tid -> arguments saved at sy
 BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2: lost events
 BPF_PERCPU_ARRAY(scratch, struct event, 1);      // an event is built here, then copied out at its size
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(unwoken, u32, 1);               // MODE_TRACE: events since this CPU last woke the reader
 
 static __always_inline u64 next_counter(u32 idx) {
     u64 *v = counters.lookup(&idx);
@@ -272,17 +277,26 @@ static __always_inline int finish(s64 ret) {
         }
     }
 
-    if (input) {
-        u32 *mode = tgids.lookup(&tgid);
-        if (mode && *mode == MODE_GATE && tids.lookup(&tid)) {
-            e->gated = 1;
-            bpf_send_signal_thread(SIGSTOP_NR);
+    u32 *mode = tgids.lookup(&tgid);
+    if (input && mode && *mode == MODE_GATE && tids.lookup(&tid)) {
+        e->gated = 1;
+        bpf_send_signal_thread(SIGSTOP_NR);
+    }
+    // A wake-up per event costs the traced thread more than the event itself; a tracer that
+    // only prints takes them in batches (and polls every 20 ms for the rest).
+    u64 wake = 0;
+    if (mode && *mode == MODE_TRACE) {
+        u32 *n = unwoken.lookup(&zero);
+        wake = RB_NO_WAKEUP;
+        if (n && ++*n >= WAKE_EVERY) {
+            *n = 0;
+            wake = RB_FORCE_WAKEUP;
         }
     }
     u64 size = sizeof(struct event) - SNAPLEN + e->data_len;
     if (size > sizeof(struct event))
         size = sizeof(struct event);
-    if (events.ringbuf_output(e, size, 0) != 0)
+    if (events.ringbuf_output(e, size, wake) != 0)
         next_counter(2);
 out:
     args.delete(&tid);
