@@ -135,6 +135,7 @@ class Node:
     def shutdown(self) -> None:
         """A follower leaves its server running; a leader steps down first and its server, which
         answered clients on its own, leaves the service with it (PTRACE_O_EXITKILL)."""
+        self.replayer.abandon()
         if self.leading and self.replica is not None:
             self._stepping_down = True
             handed = self.replica.step_down(timeout=2.0)
@@ -360,6 +361,7 @@ class Node:
 
     def _on_server_exit(self, status: int | None) -> None:
         log.error("the server (pid %d) exited with status %s", self.server_pid, status)
+        self.replayer.abandon()
         self.exit_code = 1
         self.fatal.set()
 

@@ -59,6 +59,7 @@ class Replayer:
         self._drainer.start()
         self.applied = 0
         self.stalls = 0
+        self._abandoned = False
 
     # ---- entries (delivery thread) ------------------------------------------------------------
 
@@ -77,6 +78,15 @@ class Replayer:
                 self._close(conn)
         self.applied += 1
 
+    def abandon(self) -> None:
+        """Stop waiting on the server (it exited, or this node is leaving): a wait in progress
+        returns now and later entries are skipped, so shutdown is not held up by timeouts."""
+        self._abandoned = True
+        for conn in list(self.conns.values()):
+            with conn.cond:
+                conn.server_closed = True
+                conn.cond.notify_all()
+
     def open_connections(self) -> list[tuple[int, int]]:
         return list(self.conns)
 
@@ -90,6 +100,9 @@ class Replayer:
         with self._lock:
             self._by_peer[peer] = conn
             self.conns[cid] = conn
+        if self._abandoned:
+            conn.server_closed = True
+            return
         try:
             sock.connect(self.server)
         except OSError as exc:
@@ -101,8 +114,9 @@ class Replayer:
 
     def _send(self, conn: ReplayConn, data: bytes) -> None:
         if conn.server_closed:
-            log.warning("replay: %d input bytes for connection %s dropped: the server closed it",
-                        len(data), conn.cid)
+            if not self._abandoned:
+                log.warning("replay: %d input bytes for connection %s dropped: the server closed it",
+                            len(data), conn.cid)
             return
         try:
             conn.sock.setblocking(True)
