@@ -32,7 +32,6 @@ class FailpointFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._seen: tuple[int, int] | None = None
-        self.active: dict = {}
 
     @classmethod
     def from_environment(cls) -> FailpointFile | None:
@@ -57,7 +56,6 @@ class FailpointFile:
             log.error("%s: %s; failpoints left as they were", self.path, exc)
             return
         transport.inject(spec)
-        self.active = {k: v for k, v in spec.items() if k != "cut"}
         if spec:
             log.warning("transport failpoints now %s (from %s)", json.dumps(spec), self.path)
         else:

@@ -134,7 +134,7 @@ class Node:
 
     def shutdown(self) -> None:
         """A follower leaves its server running; a leader steps down first and its server, which
-        answered clients on its own, leaves the service with it (PTRACE_O_EXITKILL)."""
+        holds its own clients' connections, leaves the service with it (PTRACE_O_EXITKILL)."""
         self.replayer.abandon()
         if self.leading and self.replica is not None:
             self._stepping_down = True

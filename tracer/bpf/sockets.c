@@ -55,7 +55,7 @@ struct saved_args {
     u64 addrlen;  // accept: user pointer to the address length
     u32 flags;
     u32 pad;
-    u64 conn;     // close: the connection the fd held when the call began
+    u64 conn;     // the connection the fd held when the call began (close needs it)
 };
 
 struct event {
@@ -107,28 +107,12 @@ static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrle
         return 0;
     }
     struct saved_args a = {.call = call, .fd = fd, .buf = buf, .count = count,
-                           .addrlen = addrlen, .flags = flags};
-    args.update(&tid, &a);
-    return 0;
-}
-
-// A socket's entry leaves the map when close begins, not when it returns: the fd number is
-// free for another thread's accept as soon as the kernel releases it inside close, and an
-// entry deleted at exit would then take the new connection's entry with it.
-static __always_inline int save_close(s32 fd) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    u32 tid = (u32)id;
-    if (!tgids.lookup(&tgid))
-        return 0;
-    struct sock_key key = {.tgid = tgid, .fd = fd};
-    struct sock_val *sv = socks.lookup(&key);
-    if (!sv) {
-        args.delete(&tid);
-        return 0;
-    }
-    struct saved_args a = {.call = C_CLOSE, .fd = fd, .conn = sv->conn};
-    socks.delete(&key);
+                           .addrlen = addrlen, .flags = flags, .conn = sv->conn};
+    // A socket's entry leaves the map when close begins, not when it returns: the fd number is
+    // free for another thread's accept as soon as the kernel releases it inside close, and an
+    // entry deleted at exit would then take the new connection's entry with it.
+    if (call == C_CLOSE)
+        socks.delete(&key);
     args.update(&tid, &a);
     return 0;
 }
@@ -352,7 +336,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) {
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return finish(args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_close) { return save_close(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_close) { return save(C_CLOSE, args->fd, 0, 0, 0, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_close) { return finish(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_shutdown) {
     return save(C_SHUTDOWN, args->fd, 0, args->how, 0, 0);
