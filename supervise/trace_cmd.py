@@ -61,12 +61,11 @@ def run_trace(pid: int | None, command: list[str], as_json: bool, snaplen: int) 
     else:
         tracer.launch(command)
         target = f"{command[0]} (pid {tracer.pid})"
-    print(f"tracing {target} ({tracer.stats.threads} threads); Ctrl-C to stop", file=sys.stderr)
-
     signals: list[int] = []  # a handler only appends: see run.py
-
     signal.signal(signal.SIGINT, lambda sig, _frame: signals.append(sig))
     signal.signal(signal.SIGTERM, lambda sig, _frame: signals.append(sig))
+    # announced only once a signal stops the trace cleanly
+    print(f"tracing {target} ({tracer.stats.threads} threads); Ctrl-C to stop", file=sys.stderr)
     while not signals and not done.wait(0.2):
         if printer.broken.is_set() or not tracer.running:
             break
