@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,12 +30,22 @@ SERVERS = {
 
 
 def free_ports(n: int) -> list[int]:
-    socks = []
+    """``n`` distinct loopback ports that can be bound now, taken from below the kernel's
+    ephemeral range: a port from that range can go to some outgoing connection's local end
+    between now and the moment its server binds it (a restarted replica then fails to start)."""
     try:
-        for _ in range(n):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
             socks.append(s)
+            try:
+                s.bind(("127.0.0.1", random.randrange(10000, low) if low > 11000 else 0))
+            except OSError:
+                socks.pop().close()
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

@@ -193,10 +193,10 @@ def _bench(rep, kind: str, args: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # parent
 # ---------------------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    from supervise.localcluster import free_ports
+
+    return free_ports(1)[0]
 
 
 class Client:

@@ -12,14 +12,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from supervise.localcluster import free_ports
+
 VENV_BIN = Path(sys.executable).parent
 SERVERS = Path(__file__).parent / "servers"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
