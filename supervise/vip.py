@@ -44,13 +44,19 @@ class VirtualIP:
         except Exception as exc:  # noqa: BLE001 - an address already gone is fine
             log.debug("dropping virtual IP: %s", exc)
 
-    def _announce(self, mac: str, count: int = 3) -> None:
-        """Gratuitous ARP replies: sender and target are both the virtual IP."""
+    def _announce(self, mac: str, rounds: int = 3) -> None:
+        """Gratuitous ARP, as Linux recognises it: a request whose sender and target are both the
+        virtual IP (an RFC 5227 announcement) and a reply whose target MAC is also the sender's.
+        Anything else (a reply to ff:ff:ff:ff:ff:ff, say) is ignored by a neighbour entry updated
+        less than ``locktime`` (1 s) ago, so clients that had just resolved the old leader would
+        keep sending to it until their entry expires, tens of seconds later."""
         hw = bytes.fromhex(mac.replace(":", ""))
         ip = self.iface.ip.packed
-        frame = (b"\xff" * 6 + hw + struct.pack("!H", ETH_P_ARP)
-                 + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) + hw + ip + b"\xff" * 6 + ip)
+        head = b"\xff" * 6 + hw + struct.pack("!H", ETH_P_ARP)
+        request = head + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip + b"\x00" * 6 + ip
+        reply = head + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) + hw + ip + hw + ip
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
             sock.bind((self.interface, 0))
-            for _ in range(count):
-                sock.send(frame)
+            for _ in range(rounds):
+                sock.send(request)
+                sock.send(reply)

@@ -1,0 +1,71 @@
+"""The VIP's announcement moves clients to its new holder at once, also a client whose neighbour
+entry for the VIP was refreshed a moment before (inside the kernel's ``locktime``, where only a
+true gratuitous ARP may override it)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from pyroute2 import IPRoute
+
+from supervise.vip import VirtualIP
+
+from .netns import Hosts
+from .netns_cluster import enter_netns
+
+VIP = "10.77.0.100"
+
+
+def _mac() -> str:
+    with IPRoute() as ipr:
+        return ipr.get_links(ipr.link_lookup(ifname="eth0")[0])[0].get_attr("IFLA_ADDRESS")
+
+
+def _neighbour_mac(addr: str) -> str | None:
+    with IPRoute() as ipr:
+        for n in ipr.get_neighbours(dst=addr):
+            return n.get_attr("NDA_LLADDR")
+    return None
+
+
+def _answered(addr: str) -> bool:
+    """A TCP connection to a closed port: refused means the address's holder answered."""
+    try:
+        socket.create_connection((addr, 9), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def test_client_follows_the_vip_to_its_new_holder_right_after_resolving_the_old_one():
+    with Hosts(3) as hosts:
+        old, new, client = hosts
+        pools = {h.name: ThreadPoolExecutor(1, initializer=enter_netns, initargs=(h.name,)) for h in hosts}
+        try:
+            def on(host, fn, *args):
+                return pools[host.name].submit(fn, *args).result(30)
+
+            # a neighbour entry refreshed less than 10 s ago ignores all but gratuitous ARP
+            sysctl = client.run(["sysctl", "-w", "net.ipv4.neigh.eth0.locktime=1000"])
+            assert sysctl.returncode == 0, sysctl.stderr
+            vip_old = VirtualIP(f"{VIP}/24", "eth0")
+            vip_new = VirtualIP(f"{VIP}/24", "eth0")
+            on(old, vip_old.take)
+            assert on(client, _answered, VIP)
+            assert on(client, _neighbour_mac, VIP) == on(old, _mac)
+
+            on(old, vip_old.release)
+            on(new, vip_new.take)
+            new_mac = on(new, _mac)
+            deadline = time.monotonic() + 2
+            while on(client, _neighbour_mac, VIP) != new_mac and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert on(client, _neighbour_mac, VIP) == new_mac, "the client still sends to the old holder"
+            assert on(client, _answered, VIP)
+        finally:
+            for pool in pools.values():
+                pool.shutdown(wait=True)
