@@ -174,11 +174,11 @@ class Tracer(TaskControl):
             while not self._stopping.is_set() and self._tgids:
                 # while inputs flow, poll without sleeping for a moment: a wake-up from sleep
                 # costs tens of microseconds on a VM, more than the work on one input
-                now = time.monotonic()
-                ready = {fd for fd, _ in poller.poll(0 if now < busy_until else BACKSTOP_SECONDS)}
+                spinning = time.monotonic() < busy_until
+                ready = {fd for fd, _ in poller.poll(0 if spinning else BACKSTOP_SECONDS)}
                 if ready and self.mode is Mode.GATE:
                     busy_until = time.monotonic() + GATE_SPIN_SECONDS
-                elif not ready:
+                elif not ready and not spinning:
                     self._forget_vanished_processes()
                 if sigchld.fd in ready:
                     sigchld.drain()
