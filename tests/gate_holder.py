@@ -1,5 +1,8 @@
 """Runs the tracer in gate mode against a pid, releasing every input at once (for tests that
-need a gating supervisor in its own process, e.g. to kill it)."""
+need a gating supervisor in its own process, e.g. to kill it, and for the tracer benchmark).
+
+Usage: gate_holder.py [--idle-poll] PID
+"""
 
 import sys
 import threading
@@ -16,8 +19,11 @@ def main() -> None:
         if event.gated:
             tracer.release(event)
 
-    tracer = Tracer(Mode.GATE, on_event)
-    tracer.attach(int(sys.argv[1]))
+    args = sys.argv[1:]
+    idle_poll = "--idle-poll" in args
+    pid = int([a for a in args if a != "--idle-poll"][0])
+    tracer = Tracer(Mode.GATE, on_event, idle_poll=idle_poll)
+    tracer.attach(pid)
     print("attached", flush=True)
     threading.Event().wait()
 

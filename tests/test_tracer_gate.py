@@ -11,6 +11,7 @@ from pathlib import Path
 import redis as redis_py
 
 from tracer.events import Direction
+from tracer.idle_poll import current_limit_us
 from tracer.tracer import Mode
 
 from .procs import alive
@@ -158,3 +159,17 @@ def _stopped_state(pid: int) -> bool:
         if state in "Tt":
             return True
     return False
+
+
+def test_idle_cpus_are_kept_polling_only_while_gating_with_idle_poll(redis):
+    unheld = current_limit_us()
+    assert unheld > 0, "another process keeps idle CPUs polling; this test needs them free"
+    with traced(redis.pid, Mode.GATE, idle_poll=True) as (tracer, _rec):
+        assert current_limit_us() == 0
+        assert _ping(redis.port)
+        tracer.set_mode(Mode.OBSERVE)
+        assert current_limit_us() == unheld
+        tracer.set_mode(Mode.GATE)
+        assert current_limit_us() == 0
+        assert _ping(redis.port)
+    assert current_limit_us() == unheld

@@ -7,6 +7,7 @@ import queue
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from tracer.events import SocketEvent
 from tracer.tracer import Mode, Tracer
@@ -42,9 +43,10 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def traced(pid: int, mode: Mode, auto_release: bool = True) -> Iterator[tuple[Tracer, Recorder]]:
+def traced(pid: int, mode: Mode, auto_release: bool = True,
+           **options: Any) -> Iterator[tuple[Tracer, Recorder]]:
     recorder = Recorder(auto_release)
-    tracer = Tracer(mode, recorder)
+    tracer = Tracer(mode, recorder, **options)
     recorder.tracer = tracer
     tracer.attach(pid)
     try:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from . import procfs
 from . import ptrace_ops as pt
 from .events import ACCEPTS, MSGHDR, READS, VECTORED, Call, Direction, SocketEvent, format_sockaddr
+from .idle_poll import IdlePolling
 from .probes import Probes
 from .signalfd import SigchldFd
 from .tasks import AttachError, Mode, Task, TaskControl, TracerStats, check_attachable
@@ -50,7 +51,10 @@ class Tracer(TaskControl):
         on_escape: Callable[[SocketEvent], None] | None = None,
         exitkill: bool | None = None,
         background: bool = False,
+        idle_poll: bool = False,
     ) -> None:
+        """``idle_poll``: while in gate mode, keep the machine's idle CPUs polling (see
+        tracer/idle_poll.py): faster gating, at the price of busy idle cores."""
         self.mode = mode
         self.exitkill = (mode is Mode.GATE) if exitkill is None else exitkill
         self.background = background
@@ -75,6 +79,7 @@ class Tracer(TaskControl):
         self._batch: list[SocketEvent] = []
         self._clock_offset = time.time() - time.monotonic()
         self.probes: Probes | None = None
+        self._idle_poll = IdlePolling() if idle_poll else None
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -111,6 +116,15 @@ class Tracer(TaskControl):
         if self.probes is not None:
             for tgid in list(self._tgids):
                 self.probes.supervise_tgid(tgid, self._bpf_mode())
+            self._sync_idle_poll()
+
+    def _sync_idle_poll(self) -> None:
+        if self._idle_poll is None:
+            return
+        if self.mode is Mode.GATE and self.probes is not None and not self._stopping.is_set():
+            self._idle_poll.hold()
+        else:
+            self._idle_poll.release()
 
     def refuse(self, event: SocketEvent) -> None:
         """Let the held thread go on, but with its input taken back: the syscall returns
@@ -164,6 +178,7 @@ class Tracer(TaskControl):
             sigchld.close()
             self._ready.set()
             return
+        self._sync_idle_poll()
         self._ready.set()
         poller = select.epoll()
         for fd in (ring_fd, sigchld.fd, self._wake_fd):
@@ -172,13 +187,13 @@ class Tracer(TaskControl):
         try:
             busy_until = 0.0
             while not self._stopping.is_set() and self._tgids:
-                # while inputs flow, poll without sleeping for a moment: a wake-up from sleep
-                # costs tens of microseconds on a VM, more than the work on one input
+                # after resuming a held thread, poll without sleeping for a moment: its next
+                # input comes soon, and a wake-up from sleep costs tens of microseconds on a VM.
+                # (Not while a thread waits for its release: on a supervisor that is a commit,
+                # hundreds of microseconds of CPU that the followers need.)
                 spinning = time.monotonic() < busy_until
                 ready = {fd for fd, _ in poller.poll(0 if spinning else BACKSTOP_SECONDS)}
-                if ready and self.mode is Mode.GATE:
-                    busy_until = time.monotonic() + GATE_SPIN_SECONDS
-                elif not ready and not spinning:
+                if not ready and not spinning:
                     self._forget_vanished_processes()
                 if sigchld.fd in ready:
                     sigchld.drain()
@@ -187,6 +202,9 @@ class Tracer(TaskControl):
                 self._pump_events()
                 self._reap_all()
                 self._apply_releases()
+                if self._resumed:
+                    self._resumed = False
+                    busy_until = time.monotonic() + GATE_SPIN_SECONDS
             if self._tgids:
                 self._detach_all()
             else:
@@ -203,6 +221,7 @@ class Tracer(TaskControl):
                 self.on_exit(exit_status)
 
     _exit_status: int | None = None
+    _resumed = False
 
     def _forget_vanished_processes(self) -> None:
         """Backstop for an exit whose notification was missed: the process is gone from /proc."""
@@ -218,6 +237,7 @@ class Tracer(TaskControl):
             self.stats.bpf_lost = self.probes.lost_events()
             self.probes.close()
             self.probes = None
+        self._sync_idle_poll()
 
     def _drain_wake(self) -> None:
         try:
@@ -367,6 +387,7 @@ class Tracer(TaskControl):
                 self._forget_thread(tid)
                 return
         self._cont(tid, 0)
+        self._resumed = True
 
     def _cont(self, tid: int, sig: int) -> None:
         try:

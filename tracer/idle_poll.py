@@ -1,0 +1,67 @@
+"""Idle CPUs that poll instead of halting, for as long as a tracer gates.
+
+Each held input costs two cross-CPU wake-ups: the held thread's stop wakes the tracer, its
+continue wakes the thread. On a VM whose idle CPUs halt, waking a halted CPU is an exit to the
+hypervisor and back, tens of microseconds. A PM QoS request of 0 µs on /dev/cpu_dma_latency keeps
+idle CPUs in their polling state while the file stays open; the kernel drops the request when its
+holder exits, however it exits. The price: the machine's idle CPUs spin while it is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+
+log = logging.getLogger("tracer.idle_poll")
+DEVICE = "/dev/cpu_dma_latency"
+
+
+def current_limit_us(device: str = DEVICE) -> int:
+    """The machine's wake-up latency limit in µs: the smallest request of all its holders."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return struct.unpack("i", os.read(fd, 4))[0]
+    finally:
+        os.close(fd)
+
+
+class IdlePolling:
+    """One PM QoS request of 0 µs: ``hold()`` and ``release()`` may be called any number of times."""
+
+    def __init__(self, device: str = DEVICE) -> None:
+        self.device = device
+        self._fd: int | None = None
+        self._lock = threading.Lock()  # the tracer thread and the mode setter both call in
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def hold(self) -> None:
+        with self._lock:
+            self._hold()
+
+    def _hold(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("cannot keep idle CPUs polling (%s: %s); gating goes on with halting CPUs",
+                        self.device, exc.strerror)
+            return
+        try:
+            os.write(fd, struct.pack("i", 0))
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        log.info("idle CPUs poll while gating (PM QoS request of 0 µs on %s)", self.device)
+
+    def release(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
