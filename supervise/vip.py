@@ -1,5 +1,10 @@
 """The leader's virtual IP: added with pyroute2 and announced with gratuitous ARP, as
-keepalived does, so that clients and switches move to the new leader at once."""
+keepalived does, so that clients and switches move to the new leader at once.
+
+The address is a lease: it carries a valid lifetime of LEASE_SECONDS that a thread renews every
+RENEW_SECONDS while the node leads. A supervisor killed with -9 cannot drop the address, so the
+kernel does, when the lease runs out: its host stops answering for the VIP within seconds.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +12,65 @@ import ipaddress
 import logging
 import socket
 import struct
+import threading
 
 from pyroute2 import IPRoute
 
 log = logging.getLogger("supervise.vip")
 ETH_P_ARP = 0x0806
+LEASE_SECONDS = 3
+RENEW_SECONDS = 1.0
 
 
 class VirtualIP:
     def __init__(self, address: str, interface: str) -> None:
         self.iface = ipaddress.ip_interface(address)
         self.interface = interface
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def take(self) -> None:
+        """Add the address (or renew its lease), announce it, and keep renewing until release()."""
+        self._lease(announce=True)
+        log.info("took virtual IP %s on %s (a %d s lease, renewed every %.0f s)", self.iface,
+                 self.interface, LEASE_SECONDS, RENEW_SECONDS)
+        if self._renewer is None:
+            self._stop.clear()
+            self._renewer = threading.Thread(target=self._renew, name="vip-lease", daemon=True)
+            self._renewer.start()
+
+    def _lease(self, announce: bool) -> bool:
+        """Add or renew the address; True when it was missing (added now)."""
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.interface)
             if not links:
                 raise RuntimeError(f"vip_interface {self.interface!r} does not exist on this host")
             index = links[0]
-            present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
-            if str(self.iface.ip) not in present:
-                ipr.addr("add", index=index, address=str(self.iface.ip),
-                         prefixlen=self.iface.network.prefixlen)
+            missing = str(self.iface.ip) not in {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            ipr.addr("replace", index=index, address=str(self.iface.ip),
+                     prefixlen=self.iface.network.prefixlen,
+                     IFA_CACHEINFO={"ifa_preferred": LEASE_SECONDS, "ifa_valid": LEASE_SECONDS,
+                                    "cstamp": 0, "tstamp": 0})
             mac = ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
-        self._announce(mac)
-        log.info("took virtual IP %s on %s", self.iface, self.interface)
+        if announce or missing:
+            self._announce(mac)
+        return missing
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_SECONDS):
+            try:
+                if self._lease(announce=False):
+                    log.warning("virtual IP %s had expired on %s (renewal more than %d s late): "
+                                "added and announced again", self.iface, self.interface, LEASE_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - keep trying: the lease is the leader's claim
+                log.warning("renewing virtual IP %s on %s: %s", self.iface, self.interface, exc)
 
     def release(self) -> None:
+        if self._renewer is not None:
+            self._stop.set()
+            if self._renewer is not threading.current_thread():
+                self._renewer.join()
+            self._renewer = None
         try:
             with IPRoute() as ipr:
                 links = ipr.link_lookup(ifname=self.interface)

@@ -9,6 +9,8 @@ import time
 
 import redis as redis_py
 
+from supervise.vip import LEASE_SECONDS
+
 from .netns_cluster import REDIS_PORT, NetnsCluster, enter_netns
 
 
@@ -88,6 +90,20 @@ def test_clients_use_only_the_vip_before_and_after_the_leaders_host_is_cut_off()
             snaps = {n.name: cluster.snapshot(n, acked) for n in cluster.nodes}
             assert snaps[old.name] == snaps[new.name]
             assert cluster.vip_holders() == [new.name]
+        except BaseException:
+            print(cluster.logs())
+            raise
+
+
+def test_a_leader_killed_with_9_loses_the_vip_when_its_lease_runs_out():
+    with NetnsCluster(vip=True) as cluster:
+        try:
+            old = cluster.start(timeout=120)
+            _wait(lambda: cluster.vip_holders() == [old.name], 10, "the leader did not take the VIP")
+            cluster.kill(old, what="supervisor")
+            new = cluster.wait_leader(timeout=30, exclude=(old.name,))
+            _wait(lambda: cluster.vip_holders() == [new.name], LEASE_SECONDS + 5,
+                  f"VIP holders {cluster.vip_holders()}, expected only {new.name}")
         except BaseException:
             print(cluster.logs())
             raise

@@ -1,16 +1,20 @@
-"""The VIP's announcement moves clients to its new holder at once, also a client whose neighbour
-entry for the VIP was refreshed a moment before (inside the kernel's ``locktime``, where only a
-true gratuitous ARP may override it)."""
+"""The VIP on a host: its announcement moves clients to its new holder at once, also a client
+whose neighbour entry for the VIP was refreshed a moment before (inside the kernel's
+``locktime``, where only a true gratuitous ARP may override it); and it is a lease, which a live
+holder keeps renewing and which runs out when the holder is killed with -9."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pyroute2 import IPRoute
 
-from supervise.vip import VirtualIP
+from supervise.vip import LEASE_SECONDS, VirtualIP
 
 from .netns import Hosts
 from .netns_cluster import enter_netns
@@ -66,6 +70,42 @@ def test_client_follows_the_vip_to_its_new_holder_right_after_resolving_the_old_
                 time.sleep(0.05)
             assert on(client, _neighbour_mac, VIP) == new_mac, "the client still sends to the old holder"
             assert on(client, _answered, VIP)
+            on(new, vip_new.release)
         finally:
             for pool in pools.values():
                 pool.shutdown(wait=True)
+
+
+HOLDER = f"""
+from supervise.vip import VirtualIP
+VirtualIP("{VIP}/24", "eth0").take()
+print("taken", flush=True)
+import time
+time.sleep(3600)
+"""
+
+
+def test_a_live_holder_keeps_the_vip_past_its_lease_and_a_killed_one_loses_it():
+    with Hosts(1) as hosts:
+        host = hosts[0]
+
+        def held() -> bool:
+            return f" {VIP}/" in host.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+
+        holder = host.popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "taken"
+            deadline = time.monotonic() + LEASE_SECONDS + 2
+            while time.monotonic() < deadline:
+                assert held(), "the VIP expired while its holder was alive"
+                time.sleep(0.2)
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+            killed = time.monotonic()
+            while held() and time.monotonic() < killed + LEASE_SECONDS + 3:
+                time.sleep(0.2)
+            assert not held(), "the VIP outlived its killed holder's lease"
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(10)
