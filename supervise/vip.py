@@ -3,7 +3,9 @@ keepalived does, so that clients and switches move to the new leader at once.
 
 The address is a lease: it carries a valid lifetime of LEASE_SECONDS that a thread renews every
 RENEW_SECONDS while the node leads. A supervisor killed with -9 cannot drop the address, so the
-kernel does, when the lease runs out: its host stops answering for the VIP within seconds.
+kernel does, when the lease runs out: its host stops answering for the VIP within seconds. A
+lease that ran out is never renewed: a leader stalled that long (stopped with SIGSTOP, say) has
+been replaced, and its late claim would pull clients back from the new leader.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pyroute2 import IPRoute
 
 log = logging.getLogger("supervise.vip")
 ETH_P_ARP = 0x0806
-LEASE_SECONDS = 3
+LEASE_SECONDS = 5
 RENEW_SECONDS = 1.0
 
 
@@ -31,7 +33,7 @@ class VirtualIP:
 
     def take(self) -> None:
         """Add the address (or renew its lease), announce it, and keep renewing until release()."""
-        self._lease(announce=True)
+        self._lease(create=True)
         log.info("took virtual IP %s on %s (a %d s lease, renewed every %.0f s)", self.iface,
                  self.interface, LEASE_SECONDS, RENEW_SECONDS)
         if self._renewer is None:
@@ -39,30 +41,35 @@ class VirtualIP:
             self._renewer = threading.Thread(target=self._renew, name="vip-lease", daemon=True)
             self._renewer.start()
 
-    def _lease(self, announce: bool) -> bool:
-        """Add or renew the address; True when it was missing (added now)."""
+    def _lease(self, create: bool) -> bool:
+        """Add the address and announce it (``create``), or renew its lease if it is still there;
+        False when it was not there to renew."""
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.interface)
             if not links:
                 raise RuntimeError(f"vip_interface {self.interface!r} does not exist on this host")
             index = links[0]
-            missing = str(self.iface.ip) not in {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            present = str(self.iface.ip) in {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            if not present and not create:
+                return False
             ipr.addr("replace", index=index, address=str(self.iface.ip),
                      prefixlen=self.iface.network.prefixlen,
                      IFA_CACHEINFO={"ifa_preferred": LEASE_SECONDS, "ifa_valid": LEASE_SECONDS,
                                     "cstamp": 0, "tstamp": 0})
             mac = ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
-        if announce or missing:
+        if create:
             self._announce(mac)
-        return missing
+        return True
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_SECONDS):
             try:
-                if self._lease(announce=False):
-                    log.warning("virtual IP %s had expired on %s (renewal more than %d s late): "
-                                "added and announced again", self.iface, self.interface, LEASE_SECONDS)
-            except Exception as exc:  # noqa: BLE001 - keep trying: the lease is the leader's claim
+                if not self._lease(create=False):
+                    log.error("virtual IP %s ran out on %s: its renewal came more than %d s late, so "
+                              "this node no longer claims it (the next leadership change takes it)",
+                              self.iface, self.interface, LEASE_SECONDS)
+                    return
+            except Exception as exc:  # noqa: BLE001 - keep trying while the lease lasts
                 log.warning("renewing virtual IP %s on %s: %s", self.iface, self.interface, exc)
 
     def release(self) -> None:

@@ -109,3 +109,27 @@ def test_a_live_holder_keeps_the_vip_past_its_lease_and_a_killed_one_loses_it():
             if holder.poll() is None:
                 holder.kill()
                 holder.wait(10)
+
+
+def test_a_holder_stalled_past_its_lease_does_not_claim_the_vip_again():
+    with Hosts(1) as hosts:
+        host = hosts[0]
+
+        def held() -> bool:
+            return f" {VIP}/" in host.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+
+        holder = host.popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "taken"
+            holder.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            while held() and time.monotonic() < stopped + LEASE_SECONDS + 3:
+                time.sleep(0.2)
+            assert not held(), "the VIP outlived its stalled holder's lease"
+            holder.send_signal(signal.SIGCONT)
+            time.sleep(3)  # three renewal periods
+            assert not held(), "a holder whose lease ran out claimed the VIP again"
+            assert holder.poll() is None
+        finally:
+            holder.kill()
+            holder.wait(10)
