@@ -5,11 +5,13 @@ holder keeps renewing and which runs out when the holder is killed with -9."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from pyroute2 import IPRoute
@@ -85,7 +87,9 @@ time.sleep(3600)
 """
 
 
-def test_a_live_holder_keeps_the_vip_past_its_lease_and_a_killed_one_loses_it():
+@contextlib.contextmanager
+def _vip_holder() -> Iterator[tuple[subprocess.Popen, Callable[[], bool]]]:
+    """A process on a one-host segment that took the VIP, and a check that the host holds it."""
     with Hosts(1) as hosts:
         host = hosts[0]
 
@@ -95,41 +99,35 @@ def test_a_live_holder_keeps_the_vip_past_its_lease_and_a_killed_one_loses_it():
         holder = host.popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "taken"
-            deadline = time.monotonic() + LEASE_SECONDS + 2
-            while time.monotonic() < deadline:
-                assert held(), "the VIP expired while its holder was alive"
-                time.sleep(0.2)
-            holder.send_signal(signal.SIGKILL)
-            holder.wait(10)
-            killed = time.monotonic()
-            while held() and time.monotonic() < killed + LEASE_SECONDS + 3:
-                time.sleep(0.2)
-            assert not held(), "the VIP outlived its killed holder's lease"
-        finally:
-            if holder.poll() is None:
-                holder.kill()
-                holder.wait(10)
-
-
-def test_a_holder_stalled_past_its_lease_does_not_claim_the_vip_again():
-    with Hosts(1) as hosts:
-        host = hosts[0]
-
-        def held() -> bool:
-            return f" {VIP}/" in host.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
-
-        holder = host.popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout.readline().strip() == "taken"
-            holder.send_signal(signal.SIGSTOP)
-            stopped = time.monotonic()
-            while held() and time.monotonic() < stopped + LEASE_SECONDS + 3:
-                time.sleep(0.2)
-            assert not held(), "the VIP outlived its stalled holder's lease"
-            holder.send_signal(signal.SIGCONT)
-            time.sleep(3)  # three renewal periods
-            assert not held(), "a holder whose lease ran out claimed the VIP again"
-            assert holder.poll() is None
+            yield holder, held
         finally:
             holder.kill()
             holder.wait(10)
+
+
+def _wait_gone(held: Callable[[], bool], since: float) -> None:
+    while held() and time.monotonic() < since + LEASE_SECONDS + 3:
+        time.sleep(0.2)
+
+
+def test_a_live_holder_keeps_the_vip_past_its_lease_and_a_killed_one_loses_it():
+    with _vip_holder() as (holder, held):
+        deadline = time.monotonic() + LEASE_SECONDS + 2
+        while time.monotonic() < deadline:
+            assert held(), "the VIP expired while its holder was alive"
+            time.sleep(0.2)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        _wait_gone(held, time.monotonic())
+        assert not held(), "the VIP outlived its killed holder's lease"
+
+
+def test_a_holder_stalled_past_its_lease_does_not_claim_the_vip_again():
+    with _vip_holder() as (holder, held):
+        holder.send_signal(signal.SIGSTOP)
+        _wait_gone(held, time.monotonic())
+        assert not held(), "the VIP outlived its stalled holder's lease"
+        holder.send_signal(signal.SIGCONT)
+        time.sleep(3)  # three renewal periods
+        assert not held(), "a holder whose lease ran out claimed the VIP again"
+        assert holder.poll() is None
