@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.consensus_harness import Client, ReplicaProc, free_port
+from tests.consensus_harness import Client, ReplicaProc
+from tests.procs import free_port
 
 SECRET = os.urandom(16).hex()
 

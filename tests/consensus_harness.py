@@ -193,12 +193,6 @@ def _bench(rep, kind: str, args: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # parent
 # ---------------------------------------------------------------------------------------------
-def free_port() -> int:
-    from supervise.localcluster import free_ports
-
-    return free_ports(1)[0]
-
-
 class Client:
     """A synchronous connection to one replica's control socket (one request at a time)."""
 
