@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 
 from .config import ClusterConfig, ConfigError
 from .failpoints import FailpointFile
 from .metrics import NodeMetrics
 from .node import LOST_LEADERSHIP_EXIT, Node
+from .stop_signals import catch_stop_signals
 
 log = logging.getLogger("supervise")
 
@@ -36,11 +36,7 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     if failpoints is not None and node.replica is not None and node.replica.transport.ctx.provider != "tcp":
         log.warning("failpoints in %s are ignored: only the tcp transport has them", failpoints.path)
         failpoints = None
-    # A handler only appends to a list: one that took a lock (Event.set) deadlocked when a second
-    # signal arrived while the first handler held it (SIGINT from a terminal and from `timeout`).
-    signals: list[int] = []
-    signal.signal(signal.SIGINT, lambda sig, _frame: signals.append(sig))
-    signal.signal(signal.SIGTERM, lambda sig, _frame: signals.append(sig))
+    signals = catch_stop_signals()
     while not signals and not node.fatal.wait(0.2):
         if failpoints is not None and node.replica is not None:
             failpoints.poll(node.replica.transport)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import threading
 import time
@@ -11,6 +10,8 @@ from typing import TextIO
 
 from tracer.events import SocketEvent
 from tracer.tracer import Mode, Tracer
+
+from .stop_signals import catch_stop_signals
 
 
 def format_line(event: SocketEvent) -> str:
@@ -61,9 +62,7 @@ def run_trace(pid: int | None, command: list[str], as_json: bool, snaplen: int) 
     else:
         tracer.launch(command)
         target = f"{command[0]} (pid {tracer.pid})"
-    signals: list[int] = []  # a handler only appends: see run.py
-    signal.signal(signal.SIGINT, lambda sig, _frame: signals.append(sig))
-    signal.signal(signal.SIGTERM, lambda sig, _frame: signals.append(sig))
+    signals = catch_stop_signals()
     # announced only once a signal stops the trace cleanly
     print(f"tracing {target} ({tracer.stats.threads} threads); Ctrl-C to stop", file=sys.stderr)
     while not signals and not done.wait(0.2):
