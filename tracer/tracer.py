@@ -185,13 +185,12 @@ class Tracer(TaskControl):
             poller.register(fd, select.EPOLLIN)
         exit_status: int | None = None
         try:
-            busy_until = 0.0
             while not self._stopping.is_set() and self._tgids:
                 # after resuming a held thread, poll without sleeping for a moment: its next
                 # input comes soon, and a wake-up from sleep costs tens of microseconds on a VM.
                 # (Not while a thread waits for its release: on a supervisor that is a commit,
                 # hundreds of microseconds of CPU that the followers need.)
-                spinning = time.monotonic() < busy_until
+                spinning = time.monotonic() < self._spin_until
                 ready = {fd for fd, _ in poller.poll(0 if spinning else BACKSTOP_SECONDS)}
                 if not ready and not spinning:
                     self._forget_vanished_processes()
@@ -202,9 +201,6 @@ class Tracer(TaskControl):
                 self._pump_events()
                 self._reap_all()
                 self._apply_releases()
-                if self._resumed:
-                    self._resumed = False
-                    busy_until = time.monotonic() + GATE_SPIN_SECONDS
             if self._tgids:
                 self._detach_all()
             else:
@@ -221,7 +217,7 @@ class Tracer(TaskControl):
                 self.on_exit(exit_status)
 
     _exit_status: int | None = None
-    _resumed = False
+    _spin_until = 0.0  # the loop polls without sleeping until then (set on resuming a held thread)
 
     def _forget_vanished_processes(self) -> None:
         """Backstop for an exit whose notification was missed: the process is gone from /proc."""
@@ -387,7 +383,7 @@ class Tracer(TaskControl):
                 self._forget_thread(tid)
                 return
         self._cont(tid, 0)
-        self._resumed = True
+        self._spin_until = time.monotonic() + GATE_SPIN_SECONDS
 
     def _cont(self, tid: int, sig: int) -> None:
         try:
