@@ -61,7 +61,6 @@ class Transport:
         self._wake: dict[str, threading.Event] = {p: threading.Event() for p in self.peers}
         self._faults: dict | None = None
         self.async_send = False
-        self.spin_while: Callable[[], bool] | None = None
         self._outq: dict[str, deque] = {p: deque() for p in self.peers}
         self._outq_wake = {p: threading.Event() for p in self.peers}
 
@@ -324,16 +323,14 @@ class Transport:
         views = {p: mr.buf[SLOT:] for p, mr in self.inbox.items()}
         cq = self.recv_cq
         spin_s = SPIN_S
-        busy = self.spin_while
         last = 0.0
         while not self._stop.is_set():
             try:
                 wcs = cq.poll(64)
                 if not wcs:
-                    # Shortly after traffic (or while the owner says so) poll, yielding the core
-                    # and the GIL between polls: a futex wakeup costs more than a round trip.
-                    now = time.monotonic()
-                    if now - last < spin_s or (busy is not None and busy()):
+                    # Shortly after traffic poll, yielding the core and the GIL between polls:
+                    # a futex wakeup costs more than a round trip.
+                    if time.monotonic() - last < spin_s:
                         os.sched_yield()
                         continue
                     wcs = cq.wait(timeout=0.5, max_entries=64)

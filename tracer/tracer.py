@@ -288,6 +288,7 @@ class Tracer(TaskControl):
         if event.gated and thread is not None:
             thread.pending = event
             self.stats.held += 1
+            self._spin_until = 0.0  # the input came: from here the thread waits for its release
             self._await_gate_stop(thread)
         self.on_event(event)
 
