@@ -2,8 +2,10 @@
 3 replicas in separate processes on this host, over shm and tcp, beside PySyncObj (3 nodes,
 separate processes, same payloads) measured in the same run.
 
-Proposals are made inside the leader's process, through the same call the supervisor uses
-(``Replica.propose(...).result()``; PySyncObj: a ``@replicated`` method with ``sync=True``).
+Proposals are made inside the leader's process by a thread that waits for each commit
+(``Replica.propose(...).result()``; PySyncObj: a ``@replicated`` method with ``sync=True``), so
+the latency includes that thread's wake-up. (The supervisor releases a held input from a
+callback run where the commit is seen, and wakes its tracer thread instead.)
 
     .venv/bin/python bench/bench_consensus.py [--quick]
 

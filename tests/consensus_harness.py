@@ -154,7 +154,7 @@ def _rss() -> int:
 
 
 def _bench(rep, kind: str, args: list[float]) -> dict:
-    """In-process measurement on the leader: what the supervisor's propose() call sees."""
+    """In-process measurement on the leader: a thread that proposes and waits for the commit."""
     import random as _random
 
     if kind == "lat":
