@@ -49,10 +49,6 @@ def padded(n: int) -> int:
     return (n + 7) & ~7
 
 
-def record_size(payload_len: int) -> int:
-    return HEADER_SIZE + padded(payload_len) + 8
-
-
 def encode(entry: Entry) -> bytes:
     payload = entry.payload
     n = len(payload)

@@ -76,7 +76,6 @@ class Core(Elections):
         self.inflight: dict[str, float] = {}
         self.last_sent = dict.fromkeys(self.peers, 0.0)
         self.last_heard = dict.fromkeys(self.peers, 0.0)
-        self._rng = random.Random()
 
     @property
     def ballot(self) -> int:

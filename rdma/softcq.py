@@ -154,18 +154,6 @@ def check_length(length: int) -> None:
         raise VerbsError(f"memory region length must be positive, got {length}")
 
 
-def local_ok(mr: MemoryRegion, pd: object, offset: int, length: int) -> bool:
-    """The local scatter/gather entry check (lkey valid, same PD, in bounds)."""
-    return (
-        isinstance(mr, SoftMR)
-        and mr.valid
-        and mr.pd is pd
-        and 0 <= offset
-        and 0 <= length
-        and offset + length <= mr.length
-    )
-
-
 SUCCESS = WCStatus.SUCCESS
 FLUSH = WCStatus.WR_FLUSH_ERR
 OP_WRITE = WCOpcode.RDMA_WRITE

@@ -58,7 +58,6 @@ class Replayer:
         self._running = True
         self._drainer.start()
         self.applied = 0
-        self.stalls = 0
         self._abandoned = False
 
     # ---- entries (delivery thread) ------------------------------------------------------------
@@ -151,7 +150,6 @@ class Replayer:
             while not done() and not conn.server_closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.stalls += 1
                     log.warning("replay: the server did not %s input on connection %s within %.0fs",
                                 what, conn.cid, timeout)
                     return

@@ -161,14 +161,3 @@ def _ensure_tracefs() -> None:
     import subprocess
 
     subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], capture_output=True)
-
-
-def bpf_available() -> tuple[bool, str]:
-    """Whether the probes compile and load here (used by the doctor)."""
-    if os.geteuid() != 0:
-        return False, "not root"
-    try:
-        Probes(snaplen=64).close()
-    except ProbeError as exc:
-        return False, str(exc)
-    return True, "compiled and attached"

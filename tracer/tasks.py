@@ -50,14 +50,13 @@ class TracerStats:
 class Task:
     """What the tracer knows about one seized thread."""
 
-    __slots__ = ("tid", "tgid", "gate_stopped", "pending", "group_stopped")
+    __slots__ = ("tid", "tgid", "gate_stopped", "pending")
 
     def __init__(self, tid: int, tgid: int) -> None:
         self.tid = tid
         self.tgid = tgid
         self.gate_stopped = False
         self.pending: SocketEvent | None = None
-        self.group_stopped = False
 
 
 class TaskControl:
@@ -93,7 +92,7 @@ class TaskControl:
         _, status = os.waitpid(pid, os.WUNTRACED)
         if not os.WIFSTOPPED(status):
             raise AttachError(f"{argv[0]} exited before it could be traced")
-        self.pid = self.child_pid = pid
+        self.pid = pid
         self._supervise(pid)
         pt.seize(pid, self._options())
         self._adopt(pid, pid)
@@ -179,10 +178,8 @@ class TaskControl:
             self._on_signal_stop(thread, sig)
         elif event == pt.EVENT_STOP:
             if sig in STOP_SIGNALS:
-                thread.group_stopped = True
                 self._listen(tid)
             else:
-                thread.group_stopped = False
                 self._cont(tid, 0)
         elif event in (pt.EVENT_CLONE, pt.EVENT_FORK, pt.EVENT_VFORK):
             self._on_new_task(thread, event)
@@ -324,10 +321,6 @@ class TaskControl:
         except pt.ThreadGone:
             pass
         self._forget_thread(tid)
-
-
-def _stop_self() -> None:
-    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def check_attachable(pid: int) -> None:

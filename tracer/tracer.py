@@ -64,7 +64,6 @@ class Tracer(TaskControl):
         self.snaplen = snaplen
         self.stats = TracerStats()
         self.pid = 0
-        self.child_pid = 0
         self._threads: dict[int, Task] = {}
         self._tgids: set[int] = set()
         self._peers: dict[int, str] = {}
