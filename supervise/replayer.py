@@ -2,8 +2,9 @@
 
 Each logged connection gets a real local TCP connection to the server. A DATA entry is written
 and then waited on until the tracer (observe mode) has seen the server's reads return all of
-its bytes, so the server consumes inputs in log order across connections. Replies are drained
-and dropped; their digests come from the tracer's output events.
+its bytes, so the server consumes inputs in log order across connections. Replies are read and
+dropped by the same thread between inputs (no thread wakes up for each reply); their digests
+come from the tracer's output events.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ log = logging.getLogger("supervise.replayer")
 
 CONSUME_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
+# While it waits for the server, the delivery thread reads replies this often: a server blocked
+# writing a reply that nobody reads would never consume its next input.
+DRAIN_EVERY = 0.02
 
 
 @dataclass
@@ -54,9 +58,7 @@ class Replayer:
         self._by_server_conn: dict[int, ReplayConn] = {}
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
-        self._drainer = threading.Thread(target=self._drain_replies, name="replay-drain", daemon=True)
         self._running = True
-        self._drainer.start()
         self.applied = 0
         self._abandoned = False
 
@@ -117,6 +119,7 @@ class Replayer:
                 log.warning("replay: %d input bytes for connection %s dropped: the server closed it",
                             len(data), conn.cid)
             return
+        self._drain_replies()
         try:
             conn.sock.setblocking(True)
             conn.sock.sendall(data)
@@ -146,14 +149,19 @@ class Replayer:
 
     def _wait(self, conn: ReplayConn, done, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
-        with conn.cond:
-            while not done() and not conn.server_closed:
+        while True:
+            with conn.cond:
+                if done() or conn.server_closed:
+                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.warning("replay: the server did not %s input on connection %s within %.0fs",
                                 what, conn.cid, timeout)
                     return
-                conn.cond.wait(left)
+                conn.cond.wait(min(left, DRAIN_EVERY))
+                if done() or conn.server_closed:
+                    return
+            self._drain_replies()
 
     # ---- the local server, as the tracer sees it (tracer thread) ------------------------------
 
@@ -189,26 +197,27 @@ class Replayer:
     # ---- replies --------------------------------------------------------------------------------
 
     def _drain_replies(self) -> None:
-        while self._running:
-            if not self._selector.get_map():
-                time.sleep(0.01)
-                continue
-            for key, _ in self._selector.select(0.1):
+        """Read and drop whatever the server has replied on any replayed connection."""
+        if not self._running:
+            return
+        for key, _ in self._selector.select(0):
+            sock = key.fileobj
+            while True:
                 try:
-                    data = key.fileobj.recv(1 << 16)
+                    data = sock.recv(1 << 16)
                 except (BlockingIOError, InterruptedError):
-                    continue
+                    break
                 except OSError:
                     data = b""
                 if not data:
                     try:
-                        self._selector.unregister(key.fileobj)
+                        self._selector.unregister(sock)
                     except (KeyError, ValueError):
                         pass
+                    break
 
     def close(self) -> None:
         self._running = False
-        self._drainer.join(2)
         for conn in list(self.conns.values()):
             conn.sock.close()
         self.conns.clear()
