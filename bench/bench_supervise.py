@@ -5,12 +5,16 @@ cluster (shm transport, durability memory and fsync); Redis's own primary with t
 Redis under strace -f. Throughput and p50/p99 latency as ratios to bare, plus each supervisor's
 peak resident memory. Writes bench/results/supervise.json.
 
-Usage: .venv/bin/python bench/bench_supervise.py [--requests N] [--replicated-requests N]
+Usage: .venv/bin/python bench/bench_supervise.py [--requests N] [--replicated-requests N] [--rounds N]
+
+Each round runs every setup once; each ratio is to the same round's bare run, and the table
+gives the median and range over the rounds (bare Redis moves by half between minutes here).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -69,13 +73,8 @@ def supervised(requests: int, durability: str) -> tuple[dict, dict[str, float]]:
         return result, rss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=100_000)
-    parser.add_argument("--replicated-requests", type=int, default=10_000)
-    args = parser.parse_args()
+def one_round(args: argparse.Namespace, rss: dict) -> dict[str, dict]:
     results = {"bare": bare(args.requests)}
-    rss = {}
     for durability in ("memory", "fsync"):
         for attempt in range(3):  # a spurious election on a starved host ends a leader's run
             try:
@@ -86,22 +85,42 @@ def main() -> None:
                 print(f"supervised ({durability}) attempt {attempt + 1}: {exc}")
     results["redis primary + 2 replicas"] = primary_replica(args.requests)
     results["strace -f"] = under_strace(args.replicated_requests)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--replicated-requests", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rss: dict[str, dict[str, float]] = {}
+    rounds = [one_round(args, rss) for _ in range(args.rounds)]
+
+    def ratios(name: str, test: str, key: str) -> list[float]:
+        """Each round's figure against the same round's bare run (bare moves between rounds)."""
+        return sorted(r[name][test][key] / r["bare"][test][key] for r in rounds if name in r)
+
     rows = []
-    for name, res in results.items():
+    for name in rounds[0]:
         for test in ("SET", "GET"):
-            r, b = res[test], results["bare"][test]
-            rows.append([name, test, f"{r['rps']:.0f}", f"{r['rps'] / b['rps']:.3f}x",
-                         f"{r['p50_ms']:.2f}", f"{r['p50_ms'] / b['p50_ms']:.1f}x",
-                         f"{r['p99_ms']:.2f}", f"{r['p99_ms'] / b['p99_ms']:.1f}x"])
-    print("redis-benchmark -t set,get -c 50")
-    print_table(["setup", "test", "req/s", "vs bare", "p50 ms", "vs bare", "p99 ms", "vs bare"], rows)
+            rps = ratios(name, test, "rps")
+            rows.append([name, test, f"{statistics.median(r[name][test]['rps'] for r in rounds):.0f}",
+                         f"{statistics.median(rps):.3f}x", f"{rps[0]:.3f}-{rps[-1]:.3f}x",
+                         f"{statistics.median(ratios(name, test, 'p50_ms')):.1f}x",
+                         f"{statistics.median(ratios(name, test, 'p99_ms')):.1f}x"])
+    print(f"redis-benchmark -t set,get -c 50, {args.rounds} rounds; ratios to the same round's bare "
+          "run, median (and range) over the rounds")
+    print_table(["setup", "test", "req/s", "vs bare", "range", "p50 vs bare", "p99 vs bare"], rows)
     for mode, per_node in rss.items():
-        print(f"supervisor peak RSS ({mode}): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in per_node.items()))
-    sup = results["supervised (memory)"]["SET"]["rps"]
-    print(f"supervised SET vs bare: {sup / results['bare']['SET']['rps']:.3f}x (target >= 0.15x); "
-          f"vs strace -f: {sup / results['strace -f']['SET']['rps']:.2f}x (target >= 4x)")
-    path = write_json("supervise", {"results": results, "peak_rss_mib": rss,
-                                    "requests": args.requests,
+        print(f"supervisor peak RSS ({mode}, last round): "
+              + ", ".join(f"{k} {v:.0f} MiB" for k, v in per_node.items()))
+    sup = statistics.median(ratios("supervised (memory)", "SET", "rps"))
+    vs_strace = statistics.median(sorted(r["supervised (memory)"]["SET"]["rps"] / r["strace -f"]["SET"]["rps"]
+                                         for r in rounds))
+    print(f"supervised SET vs bare: {sup:.3f}x (target >= 0.15x); vs strace -f: {vs_strace:.2f}x "
+          "(target >= 4x)")
+    path = write_json("supervise", {"rounds": rounds, "peak_rss_mib": rss, "requests": args.requests,
                                     "replicated_requests": args.replicated_requests})
     print(f"wrote {path}")
 
