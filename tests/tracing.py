@@ -22,10 +22,10 @@ class Recorder:
         self.tracer: Tracer | None = None
 
     def __call__(self, event: SocketEvent) -> None:
+        self.events.put(event)  # before the release: the reply it lets out may end the test's wait
         if event.gated and self.auto_release:
             assert self.tracer is not None
             self.tracer.release(event)
-        self.events.put(event)
 
     def next_input(self, timeout: float = 5.0) -> SocketEvent:
         while True:
