@@ -10,6 +10,7 @@ come from the tracer's output events.
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import socket
 import threading
@@ -121,15 +122,26 @@ class Replayer:
             return
         self._drain_replies()
         try:
-            conn.sock.setblocking(True)
-            conn.sock.sendall(data)
-            conn.sock.setblocking(False)
+            self._write(conn.sock, data)
         except OSError as exc:
             log.warning("replay: connection %s to the server failed: %s", conn.cid, exc)
             conn.server_closed = True
             return
         conn.sent += len(data)
         self._wait(conn, lambda: conn.consumed >= conn.sent, CONSUME_TIMEOUT, "consume")
+
+    def _write(self, sock: socket.socket, data: bytes) -> None:
+        """Send all of ``data``, reading replies whenever the socket is full: a server that is
+        blocked writing a reply to another of our connections reads nothing until it is read."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view):]
+            except BlockingIOError:
+                writable = select.poll()
+                writable.register(sock, select.POLLOUT)
+                writable.poll(DRAIN_EVERY * 1000)
+                self._drain_replies()
 
     def _close(self, conn: ReplayConn) -> None:
         try:
