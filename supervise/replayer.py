@@ -161,18 +161,19 @@ class Replayer:
 
     def _wait(self, conn: ReplayConn, done, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
+
+        def finished() -> bool:
+            return done() or conn.server_closed
+
         while True:
+            left = deadline - time.monotonic()
             with conn.cond:
-                if done() or conn.server_closed:
+                if conn.cond.wait_for(finished, min(max(left, 0), DRAIN_EVERY)):
                     return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("replay: the server did not %s input on connection %s within %.0fs",
-                                what, conn.cid, timeout)
-                    return
-                conn.cond.wait(min(left, DRAIN_EVERY))
-                if done() or conn.server_closed:
-                    return
+            if left <= 0:
+                log.warning("replay: the server did not %s input on connection %s within %.0fs",
+                            what, conn.cid, timeout)
+                return
             self._drain_replies()
 
     # ---- the local server, as the tracer sees it (tracer thread) ------------------------------

@@ -35,29 +35,22 @@ class IdlePolling:
         self._fd: int | None = None
         self._lock = threading.Lock()  # the tracer thread and the mode setter both call in
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def hold(self) -> None:
         with self._lock:
-            self._hold()
-
-    def _hold(self) -> None:
-        if self._fd is not None:
-            return
-        try:
-            fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            log.warning("cannot keep idle CPUs polling (%s: %s); gating goes on with halting CPUs",
-                        self.device, exc.strerror)
-            return
-        try:
-            os.write(fd, struct.pack("i", 0))
-        except OSError:
-            os.close(fd)
-            raise
-        self._fd = fd
+            if self._fd is not None:
+                return
+            try:
+                fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                log.warning("cannot keep idle CPUs polling (%s: %s); gating goes on with halting "
+                            "CPUs", self.device, exc.strerror)
+                return
+            try:
+                os.write(fd, struct.pack("i", 0))
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
         log.info("idle CPUs poll while gating (PM QoS request of 0 µs on %s)", self.device)
 
     def release(self) -> None:
