@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RedisServer, print_table, redis_benchmark, write_json  # noqa: E402
+from bench.common import RedisServer, print_table, redis_benchmark, round_ratios, write_json  # noqa: E402
 from supervise.localcluster import LocalCluster  # noqa: E402
 
 
@@ -97,27 +97,26 @@ def main() -> None:
     rss: dict[str, dict[str, float]] = {}
     rounds = [one_round(args, rss) for _ in range(args.rounds)]
 
-    def ratios(name: str, test: str, key: str) -> list[float]:
-        """Each round's figure against the same round's bare run (bare moves between rounds)."""
-        return sorted(r[name][test][key] / r["bare"][test][key] for r in rounds if name in r)
+    def ratios(name: str, test: str, key: str, base: str = "bare") -> tuple[float, float, float]:
+        ran = [r for r in rounds if name in r]
+        return round_ratios([r[name][test][key] for r in ran], [r[base][test][key] for r in ran])
 
     rows = []
     for name in rounds[0]:
         for test in ("SET", "GET"):
             rps = ratios(name, test, "rps")
             rows.append([name, test, f"{statistics.median(r[name][test]['rps'] for r in rounds):.0f}",
-                         f"{statistics.median(rps):.3f}x", f"{rps[0]:.3f}-{rps[-1]:.3f}x",
-                         f"{statistics.median(ratios(name, test, 'p50_ms')):.1f}x",
-                         f"{statistics.median(ratios(name, test, 'p99_ms')):.1f}x"])
+                         f"{rps[0]:.3f}x", f"{rps[1]:.3f}-{rps[2]:.3f}x",
+                         f"{ratios(name, test, 'p50_ms')[0]:.1f}x",
+                         f"{ratios(name, test, 'p99_ms')[0]:.1f}x"])
     print(f"redis-benchmark -t set,get -c 50, {args.rounds} rounds; ratios to the same round's bare "
           "run, median (and range) over the rounds")
     print_table(["setup", "test", "req/s", "vs bare", "range", "p50 vs bare", "p99 vs bare"], rows)
     for mode, per_node in rss.items():
         print(f"supervisor peak RSS ({mode}, last round): "
               + ", ".join(f"{k} {v:.0f} MiB" for k, v in per_node.items()))
-    sup = statistics.median(ratios("supervised (memory)", "SET", "rps"))
-    vs_strace = statistics.median(sorted(r["supervised (memory)"]["SET"]["rps"] / r["strace -f"]["SET"]["rps"]
-                                         for r in rounds))
+    sup = ratios("supervised (memory)", "SET", "rps")[0]
+    vs_strace = ratios("supervised (memory)", "SET", "rps", base="strace -f")[0]
     print(f"supervised SET vs bare: {sup:.3f}x (target >= 0.15x); vs strace -f: {vs_strace:.2f}x "
           "(target >= 4x)")
     path = write_json("supervise", {"rounds": rounds, "peak_rss_mib": rss, "requests": args.requests,

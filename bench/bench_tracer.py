@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RedisServer, print_table, redis_benchmark, write_json  # noqa: E402
+from bench.common import RedisServer, print_table, redis_benchmark, round_ratios, write_json  # noqa: E402
 
 GATE_HOLDER = Path(__file__).resolve().parent.parent / "tests" / "gate_holder.py"
 
@@ -81,12 +81,10 @@ def main() -> None:
         for kind in kinds:
             n = args.requests if kind != "strace" else max(args.requests // 10, 10_000)
             runs[kind].append(measure(kind, n))
-    # each round's ratio to that round's bare run: a slow or fast minute moves both alike
-    ratios = {k: sorted(r["rps"] / b["rps"] for r, b in zip(runs[k], runs["bare"], strict=True))
+    ratios = {k: round_ratios([r["rps"] for r in runs[k]], [r["rps"] for r in runs["bare"]])
               for k in kinds}
-    median = {k: statistics.median(v) for k, v in ratios.items()}
-    rows = [[k, f"{statistics.median(r['rps'] for r in runs[k]):.0f}", f"{median[k]:.2f}x",
-             f"{ratios[k][0]:.2f}-{ratios[k][-1]:.2f}x",
+    rows = [[k, f"{statistics.median(r['rps'] for r in runs[k]):.0f}", f"{ratios[k][0]:.2f}x",
+             f"{ratios[k][1]:.2f}-{ratios[k][2]:.2f}x",
              f"{statistics.median(r['p50_ms'] for r in runs[k]):.3f}",
              f"{statistics.median(r['p99_ms'] for r in runs[k]):.3f}"] for k in kinds]
     print(f"redis-benchmark -t set -c 50, {args.rounds} interleaved rounds; ratios to the same "
@@ -94,10 +92,11 @@ def main() -> None:
     print_table(["mode", "SET/s (median)", "vs bare (median)", "range", "p50 ms", "p99 ms"], rows)
     targets = {"trace": 0.9, "gate": 0.25, "gate-idle-poll": 0.25}
     for kind, target in targets.items():
-        ratio = median[kind]
+        ratio = ratios[kind][0]
         print(f"{kind}: {ratio:.2f}x bare (target >= {target}x): {'met' if ratio >= target else 'MISSED'}")
-    path = write_json("tracer", {"requests": args.requests, "runs": runs, "ratios_by_round": ratios,
-                                 "ratios": median})
+    path = write_json("tracer", {"requests": args.requests, "runs": runs,
+                                 "ratios": {k: dict(zip(("median", "low", "high"), v, strict=True))
+                                            for k, v in ratios.items()}})
     print(f"wrote {path}")
 
 

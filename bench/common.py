@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,13 @@ def write_json(name: str, doc: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2))
     return path
+
+
+def round_ratios(values: list[float], baselines: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest of each round's figure over the same round's baseline: these
+    machines move by half from one minute to the next, so a ratio is only taken within a round."""
+    ratios = sorted(v / b for v, b in zip(values, baselines, strict=True))
+    return statistics.median(ratios), ratios[0], ratios[-1]
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:
