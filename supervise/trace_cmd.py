@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import base64
 import sys
 import threading
 import time
@@ -33,25 +33,63 @@ def format_line(event: SocketEvent) -> str:
     return " ".join(parts)
 
 
+def json_line(event: SocketEvent) -> str:
+    """One JSON Lines record, formatted directly: every value is a number or a string that needs
+    no escaping (syscall names, ip:port, base64), and json.dumps cost more than the rest of
+    tracing an event."""
+    peer = "null" if event.peer is None else f'"{event.peer}"'
+    line = (f'{{"t": {event.t:.6f}, "pid": {event.pid}, "tid": {event.tid}, '
+            f'"call": "{event.call.syscall}", "fd": {event.fd}, "ret": {event.ret}, '
+            f'"conn": {event.conn}, "peer": {peer}, "dir": "{event.dir.label}"')
+    if event.data:
+        line += f', "data": "{base64.b64encode(event.data).decode()}"'
+    if event.gated:
+        line += ', "gated": true'
+    if event.escaped:
+        line += ', "escaped": true'
+    return line + "}"
+
+
 class TracePrinter:
+    """Formats events on the tracer thread; the main thread writes them out every
+    FLUSH_SECONDS (a write per event cost more than the rest of tracing it). A batch of
+    FLUSH_LINES is written at once by the tracer thread, so a slow reader slows the tracer, which
+    then drops events rather than slow the server."""
+
+    FLUSH_SECONDS = 0.1
+    FLUSH_LINES = 4096
+
     def __init__(self, out: TextIO, as_json: bool) -> None:
         self.out = out
-        self.as_json = as_json
-        self.broken = threading.Event()
+        self.format = json_line if as_json else format_line
+        self.broken = False
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # batches leave in the order they were taken
 
     def __call__(self, event: SocketEvent) -> None:
-        if self.broken.is_set():
-            return
-        line = json.dumps(event.to_json()) if self.as_json else format_line(event)
-        try:
-            self.out.write(line + "\n")
-        except BrokenPipeError:
-            self.broken.set()
+        line = self.format(event)
+        with self._lock:
+            self._lines.append(line)
+            full = len(self._lines) >= self.FLUSH_LINES
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            with self._lock:
+                lines, self._lines = self._lines, []
+            if not lines or self.broken:
+                return
+            try:
+                self.out.write("\n".join(lines) + "\n")
+                self.out.flush()
+            except BrokenPipeError:
+                self.broken = True
 
 
 def run_trace(pid: int | None, command: list[str], as_json: bool, snaplen: int) -> int:
     """Trace until Ctrl-C, SIGTERM, a closed output or the process's exit; returns exit status."""
-    sys.stdout.reconfigure(line_buffering=True)
     printer = TracePrinter(sys.stdout, as_json)
     done = threading.Event()
     tracer = Tracer(Mode.OBSERVE, printer, snaplen=snaplen, on_exit=lambda _status: done.set(),
@@ -65,10 +103,12 @@ def run_trace(pid: int | None, command: list[str], as_json: bool, snaplen: int) 
     signals = catch_stop_signals()
     # announced only once a signal stops the trace cleanly
     print(f"tracing {target} ({tracer.stats.threads} threads); Ctrl-C to stop", file=sys.stderr)
-    while not signals and not done.wait(0.2):
-        if printer.broken.is_set() or not tracer.running:
+    while not signals and not done.wait(printer.FLUSH_SECONDS):
+        printer.flush()
+        if printer.broken or not tracer.running:
             break
     tracer.detach()
+    printer.flush()
     stats = tracer.stats
     print(
         f"detached from {target}: {stats.events} events, {stats.inputs} inputs, "

@@ -8,13 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis as redis_py
 
 from tracer.events import Direction
 from tracer.idle_poll import current_limit_us
 from tracer.tracer import Mode
 
-from .procs import alive
+from .procs import alive, python_server
 from .tracing import start_trace_cli, traced
 
 PING = b"*1\r\n$4\r\nPING\r\n"
@@ -42,6 +43,27 @@ def test_held_input_gets_no_reply_until_released(redis):
         client.settimeout(5)
         assert client.recv(100) == b"+PONG\r\n"
         client.close()
+
+
+def test_a_thread_already_blocked_in_recv_at_attach_has_its_input_held():
+    server = python_server("threaded_echo.py")
+    try:
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"warm")
+        assert client.recv(100) == b"WARM"  # its server thread is now blocked in recv
+        with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+            client.sendall(b"hello")
+            held = rec.next_input()
+            assert (held.data, held.gated) == (b"hello", True)
+            client.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                client.recv(100)
+            tracer.release(held)
+            client.settimeout(5)
+            assert client.recv(100) == b"HELLO"
+        client.close()
+    finally:
+        server.stop()
 
 
 def test_a_refused_input_never_reaches_the_server_and_its_client_is_dropped(redis):

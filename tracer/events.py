@@ -32,7 +32,10 @@ class Call(IntEnum):
 
     @property
     def syscall(self) -> str:
-        return "sendfile" if self is Call.SENDFILE else self.name.lower()
+        return _SYSCALL_NAMES[self]
+
+
+_SYSCALL_NAMES = {c: c.name.lower() for c in Call}
 
 
 ACCEPTS = frozenset({Call.ACCEPT, Call.ACCEPT4})
@@ -51,7 +54,7 @@ class Direction(IntEnum):
         return ("in", "out", "ctl")[self]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SocketEvent:
     """One socket syscall of a supervised process, as it returned in the kernel.
 
@@ -83,28 +86,6 @@ class SocketEvent:
     def is_eof(self) -> bool:
         """The peer closed (read returned 0) or reset the connection."""
         return self.call in READS and self.ret <= 0
-
-    def to_json(self) -> dict:
-        import base64
-
-        doc = {
-            "t": round(self.t, 6),
-            "pid": self.pid,
-            "tid": self.tid,
-            "call": self.call.syscall,
-            "fd": self.fd,
-            "ret": self.ret,
-            "conn": self.conn,
-            "peer": self.peer,
-            "dir": self.dir.label,
-        }
-        if self.data:
-            doc["data"] = base64.b64encode(self.data).decode()
-        if self.gated:
-            doc["gated"] = True
-        if self.escaped:
-            doc["escaped"] = True
-        return doc
 
 
 def format_sockaddr(raw: bytes) -> str | None:

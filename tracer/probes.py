@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
+import struct
 from pathlib import Path
+
+from . import ringbuf
 
 BPF_SOURCE = Path(__file__).with_name("bpf") / "sockets.c"
 MODE_OBSERVE = 1
@@ -23,29 +25,19 @@ class ProbeError(Exception):
     """The eBPF programs could not be compiled or attached."""
 
 
-def event_struct(snaplen: int) -> type[ctypes.Structure]:
-    class RawEvent(ctypes.Structure):
-        _fields_ = [
-            ("ts_ns", ctypes.c_uint64),
-            ("seq", ctypes.c_uint64),
-            ("conn", ctypes.c_uint64),
-            ("ret", ctypes.c_int64),
-            ("buf", ctypes.c_uint64),
-            ("count", ctypes.c_uint64),
-            ("tgid", ctypes.c_uint32),
-            ("tid", ctypes.c_uint32),
-            ("call", ctypes.c_uint32),
-            ("fd", ctypes.c_int32),
-            ("data_len", ctypes.c_uint32),
-            ("dir", ctypes.c_uint8),
-            ("gated", ctypes.c_uint8),
-            ("input", ctypes.c_uint8),
-            ("peer_len", ctypes.c_uint8),
-            ("peer", ctypes.c_uint8 * 28),
-            ("data", ctypes.c_uint8 * snaplen),
-        ]
+PIDFD_THREAD = os.O_EXCL  # a pidfd for one thread, not its process (Linux 6.9)
 
-    return RawEvent
+
+class SavedArgs(ctypes.Structure):
+    """struct saved_args of tracer/bpf/sockets.c (a task storage value: keyed by pidfd)."""
+
+    _fields_ = [("call", ctypes.c_uint32), ("fd", ctypes.c_int32), ("buf", ctypes.c_uint64),
+                ("count", ctypes.c_uint64), ("addrlen", ctypes.c_uint64), ("flags", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("conn", ctypes.c_uint64)]
+
+
+# struct event of tracer/bpf/sockets.c up to its data[] (the C side asserts the same offset)
+EVENT_HEADER = struct.Struct("=QQQqQQIIIiIBBBB28s")
 
 
 class Probes:
@@ -70,31 +62,39 @@ class Probes:
                 f"could not compile or load {BPF_SOURCE.name}: {exc}; run 'supervise doctor'"
             ) from None
         self.snaplen = snaplen
-        self.RawEvent = event_struct(snaplen)
         self.tgids = self.bpf[b"tgids"]
         self.tids = self.bpf[b"tids"]
         self.socks = self.bpf[b"socks"]
         self.counters = self.bpf[b"counters"]
-        self.args = self.bpf[b"args"]
+        from bcc import libbcc
+
+        self._args_fd = libbcc.lib.bpf_table_fd(self.bpf.module, b"args")  # bcc wraps no task storage
         self._prefill_next = PREFILL_CONN_BASE + 1
+        self._ring: ringbuf.RingReader | None = None
+        self._records: list[bytes] = []
 
-    def open_events(self, callback: Callable[[ctypes.Structure], None]) -> int:
-        """Route ring-buffer records to ``callback``; returns an fd that polls readable when
-        records are waiting."""
-        raw_type = ctypes.POINTER(self.RawEvent)
-
-        def on_record(_ctx: object, data: int, _size: int) -> int:
-            callback(ctypes.cast(data, raw_type).contents)
-            return 0
-
-        self.bpf[b"events"].open_ring_buffer(on_record)
+    def open_events(self) -> int:
+        """Start reading the ring buffer; returns an fd that polls readable when records wait."""
+        if ringbuf.supported():
+            self._ring = ringbuf.RingReader(self.bpf[b"events"].map_fd, RINGBUF_PAGES * 4096)
+            return self._ring.fd
+        self.bpf[b"events"].open_ring_buffer(self._copy_record)
         libbpf = ctypes.CDLL("libbpf.so.1")
         libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
         libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
         return libbpf.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
 
-    def consume(self) -> None:
+    def _copy_record(self, _ctx: object, data: int, size: int) -> int:
+        self._records.append(ctypes.string_at(data, size))
+        return 0
+
+    def read_events(self) -> list[bytes]:
+        """The records waiting in the ring buffer, oldest first (``decode_event`` reads one)."""
+        if self._ring is not None:
+            return self._ring.read()
         self.bpf.ring_buffer_consume()
+        records, self._records = self._records, []
+        return records
 
     def supervise_tgid(self, tgid: int, mode: int) -> None:
         self.tgids[ctypes.c_uint32(tgid)] = ctypes.c_uint32(mode)
@@ -136,7 +136,19 @@ class Probes:
     def seed_args(self, tid: int, call: int, fd: int, buf: int, count: int, flags: int) -> None:
         """Arguments of a syscall a thread was already blocked in when the probes loaded, so
         that its return is captured (and gated) like any other."""
-        self.args[ctypes.c_uint32(tid)] = self.args.Leaf(call, fd, buf, count, 0, flags, 0)
+        from bcc import libbcc
+
+        try:
+            pidfd = os.pidfd_open(tid, PIDFD_THREAD)
+        except ProcessLookupError:
+            return  # the thread is gone
+        try:
+            value = SavedArgs(call, fd, buf, count, 0, flags, 0, 0)
+            key = ctypes.c_int(pidfd)
+            if libbcc.lib.bpf_update_elem(self._args_fd, ctypes.byref(key), ctypes.byref(value), 0):
+                raise OSError(ctypes.get_errno(), f"could not save the arguments of thread {tid}")
+        finally:
+            os.close(pidfd)
 
     def drop_socket(self, tgid: int, fd: int) -> None:
         self.socks.pop(self.socks.Key(tgid, fd), None)
@@ -149,6 +161,9 @@ class Probes:
         return int(self.counters[ctypes.c_int(2)].value)
 
     def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         for table in (self.tgids, self.tids):
             table.clear()
         self.bpf.cleanup()
