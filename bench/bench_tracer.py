@@ -4,13 +4,15 @@ polling: tracer/idle_poll.py), and under strace -f.
 
 Usage: .venv/bin/python bench/bench_tracer.py [--requests N]
 Prints a table of throughput as ratios to bare: each round runs every mode once, and each ratio
-is to the same round's bare run (median and range over the rounds). Writes
-bench/results/tracer.json.
+is to the same round's bare run (median and range over the rounds). Also the CPU that Redis and
+its watcher (the tracer, or strace) used per request, counted from /proc: steadier than
+throughput on a noisy machine. Writes bench/results/tracer.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -55,18 +57,45 @@ def _under(kind: str, server: RedisServer) -> subprocess.Popen | None:
     raise ValueError(kind)
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stop(watcher: subprocess.Popen) -> float:
+    """Stop a watcher; returns the CPU seconds it used in all (a --trace still prints what it
+    had not read when told to stop)."""
+    watcher.terminate()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pid, _status, usage = os.wait4(watcher.pid, os.WNOHANG)
+        if pid:
+            watcher.returncode = 0
+            return usage.ru_utime + usage.ru_stime
+        time.sleep(0.05)
+    watcher.kill()
+    _pid, _status, usage = os.wait4(watcher.pid, 0)
+    watcher.returncode = -9
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(kind: str, requests: int) -> dict:
+    """One redis-benchmark run, with the CPU that Redis and its watcher used per request (µs)."""
     server = RedisServer()
     watcher = _under(kind, server)
     try:
-        return redis_benchmark(server.port, "set", 50, requests)["SET"]
+        watcher_before = _cpu_seconds(watcher.pid) if watcher is not None else 0.0
+        server_before = _cpu_seconds(server.pid)
+        result = redis_benchmark(server.port, "set", 50, requests)["SET"]
+        result["server_cpu_us"] = (_cpu_seconds(server.pid) - server_before) / requests * 1e6
+        if watcher is not None:
+            result["watcher_cpu_us"] = (_stop(watcher) - watcher_before) / requests * 1e6
+            watcher = None
+        return result
     finally:
         if watcher is not None:
-            watcher.terminate()
-            try:
-                watcher.wait(20)
-            except subprocess.TimeoutExpired:
-                watcher.kill()
+            watcher.kill()
+            watcher.wait()
         server.stop()
 
 
@@ -86,10 +115,13 @@ def main() -> None:
     rows = [[k, f"{statistics.median(r['rps'] for r in runs[k]):.0f}", f"{ratios[k][0]:.2f}x",
              f"{ratios[k][1]:.2f}-{ratios[k][2]:.2f}x",
              f"{statistics.median(r['p50_ms'] for r in runs[k]):.3f}",
-             f"{statistics.median(r['p99_ms'] for r in runs[k]):.3f}"] for k in kinds]
+             f"{statistics.median(r['p99_ms'] for r in runs[k]):.3f}",
+             f"{statistics.median(r['server_cpu_us'] for r in runs[k]):.1f}",
+             f"{statistics.median(r.get('watcher_cpu_us', 0.0) for r in runs[k]):.1f}"] for k in kinds]
     print(f"redis-benchmark -t set -c 50, {args.rounds} interleaved rounds; ratios to the same "
           "round's bare run")
-    print_table(["mode", "SET/s (median)", "vs bare (median)", "range", "p50 ms", "p99 ms"], rows)
+    print_table(["mode", "SET/s (median)", "vs bare (median)", "range", "p50 ms", "p99 ms",
+                 "Redis CPU us/SET", "watcher CPU us/SET"], rows)
     targets = {"trace": 0.9, "gate": 0.25, "gate-idle-poll": 0.25}
     for kind, target in targets.items():
         ratio = ratios[kind][0]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 import struct
 from pathlib import Path
 
 from . import ringbuf
 
+log = logging.getLogger("tracer")
 BPF_SOURCE = Path(__file__).with_name("bpf") / "sockets.c"
 MODE_OBSERVE = 1
 MODE_GATE = 2
@@ -89,7 +92,8 @@ class Probes:
         return 0
 
     def read_events(self) -> list[bytes]:
-        """The records waiting in the ring buffer, oldest first (``decode_event`` reads one)."""
+        """The records waiting in the ring buffer, oldest first (each a struct event cut at its
+        data: EVENT_HEADER, then the payload)."""
         if self._ring is not None:
             return self._ring.read()
         self.bpf.ring_buffer_consume()
@@ -138,15 +142,15 @@ class Probes:
         that its return is captured (and gated) like any other."""
         from bcc import libbcc
 
-        try:
-            pidfd = os.pidfd_open(tid, PIDFD_THREAD)
-        except ProcessLookupError:
-            return  # the thread is gone
+        pidfd = _thread_pidfd(tid)
+        if pidfd is None:
+            return
         try:
             value = SavedArgs(call, fd, buf, count, 0, flags, 0, 0)
             key = ctypes.c_int(pidfd)
-            if libbcc.lib.bpf_update_elem(self._args_fd, ctypes.byref(key), ctypes.byref(value), 0):
-                raise OSError(ctypes.get_errno(), f"could not save the arguments of thread {tid}")
+            rc = libbcc.lib.bpf_update_elem(self._args_fd, ctypes.byref(key), ctypes.byref(value), 0)
+            if rc:
+                raise OSError(f"could not save the arguments of thread {tid}'s blocked call ({rc})")
         finally:
             os.close(pidfd)
 
@@ -167,6 +171,22 @@ class Probes:
         for table in (self.tgids, self.tids):
             table.clear()
         self.bpf.cleanup()
+
+
+def _thread_pidfd(tid: int) -> int | None:
+    """A pidfd for one thread; None if it is gone, or if this kernel (before 6.9) has pidfds
+    only for a process's main thread and this is another."""
+    for flags in (PIDFD_THREAD, 0):
+        try:
+            return os.pidfd_open(tid, flags)
+        except ProcessLookupError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    log.warning("thread %d was blocked in a socket read when the tracer attached; this kernel has "
+                "no thread pidfds (Linux 6.9), so that one read is neither captured nor held", tid)
+    return None
 
 
 def _ensure_tracefs() -> None:
