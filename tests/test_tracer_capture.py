@@ -21,6 +21,7 @@ def _stop_cli(proc) -> list[dict]:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
+    proc.stderr_text = err
     return [json.loads(line) for line in out.splitlines()]
 
 
@@ -55,6 +56,24 @@ def test_redis_client_bytes_appear_exactly_and_in_order_on_their_connection(redi
         assert mine[0]["call"] in ("accept", "accept4")
         assert {e["pid"] for e in mine} == {redis.pid}
         assert all(isinstance(e["t"], float) and e["fd"] >= 0 for e in mine)
+
+
+def test_trace_cli_prints_every_event_that_happened_before_it_was_stopped(redis):
+    proc = start_trace_cli("--pid", str(redis.pid), "--json")
+    ping = b"*1\r\n$4\r\nPING\r\n"
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)  # nothing is read while the server works: it all waits
+        client = socket.create_connection(("127.0.0.1", redis.port))
+        for _ in range(5000):
+            client.sendall(ping)
+            assert client.recv(100) == b"+PONG\r\n"
+        client.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        events = _stop_cli(proc)
+    pings = [e for e in events if e["dir"] == "in" and e.get("data") == base64.b64encode(ping).decode()]
+    assert len(pings) == 5000
+    assert "0 lost" in proc.stderr_text
 
 
 def test_redis_py_commands_and_replies_seen_as_input_and_output_events(redis):

@@ -41,14 +41,13 @@ class RingReader:
                                    offset=page)
         self._data = memoryview(self._producer)[page:]
 
-    def read(self, limit: int = 4096) -> list[bytes]:
-        """Take up to ``limit`` committed records (fewer when the producer is ahead only by
-        records still being written)."""
+    def read(self) -> list[bytes]:
+        """Take every committed record (up to the first one still being written)."""
         cons = _POS.unpack_from(self._consumer, 0)[0]
         prod = _POS.unpack_from(self._producer, 0)[0]
         out: list[bytes] = []
         data, mask = self._data, self._mask
-        while cons < prod and len(out) < limit:
+        while cons < prod:
             at = cons & mask
             length = _LEN.unpack_from(data, at)[0]
             if length & BUSY:
