@@ -280,9 +280,13 @@ static __always_inline int finish(s64 ret) {
     if (size > sizeof(struct event))
         size = sizeof(struct event);
     // A wake-up costs the traced thread more than the event itself (on a VM, an exit to the
-    // hypervisor): a tracer that only prints polls every 20 ms, and is woken once per eighth of
-    // the ring written, so that a burst never overruns it.
+    // hypervisor). A gating tracer is woken by a held thread's stop, and reads the ring then, so
+    // only inputs that are not held wake it; the rest waits for that or its 20 ms poll. A tracer
+    // that only prints polls every 20 ms, and is woken once per eighth of the ring written, so
+    // that a burst never overruns it.
     u64 wake = 0;
+    if (mode && *mode == MODE_GATE && (e->gated || !input))
+        wake = RB_NO_WAKEUP;
     if (mode && *mode == MODE_TRACE) {
         u32 idx = 3;
         u64 *out = counters.lookup(&idx);
