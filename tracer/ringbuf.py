@@ -46,7 +46,7 @@ class RingReader:
         cons = _POS.unpack_from(self._consumer, 0)[0]
         prod = _POS.unpack_from(self._producer, 0)[0]
         out: list[bytes] = []
-        data, mask = self._data, self._mask
+        data, mask, consumer = self._data, self._mask, self._consumer
         while cons < prod:
             at = cons & mask
             length = _LEN.unpack_from(data, at)[0]
@@ -55,7 +55,9 @@ class RingReader:
             if not length & DISCARD:
                 out.append(bytes(data[at + HEADER:at + HEADER + length]))
             cons += ((length & ~DISCARD) + HEADER + 7) & ~7
-        _POS.pack_into(self._consumer, 0, cons)
+            # Published per record, as libbpf does: a producer that commits the record we stop at
+            # wakes us only if it sees that we consumed everything before it.
+            _POS.pack_into(consumer, 0, cons)
         return out
 
     def close(self) -> None:
