@@ -76,6 +76,29 @@ def test_trace_cli_prints_every_event_that_happened_before_it_was_stopped(redis)
     assert "0 lost" in proc.stderr_text
 
 
+def test_gated_inputs_stay_whole_and_in_order_across_wraps_of_the_ring_buffer():
+    from tracer.probes import RINGBUF_PAGES
+
+    server = python_server("threaded_echo.py")
+    size = 4000
+    rounds = RINGBUF_PAGES * 4096 * 5 // (2 * size) // 2  # each round trip puts ~2 x size in the ring
+    try:
+        with traced(server.pid, Mode.GATE) as (_tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            for i in range(rounds):
+                message = f"{i:08d}".encode() * (size // 8)
+                client.sendall(message)
+                got = b""
+                while len(got) < size:
+                    got += client.recv(65536)
+                assert got == message.upper()
+            client.close()
+            inputs = [e.data for e in rec.drain() if e.dir is Direction.IN and e.ret > 0]
+        assert b"".join(inputs) == b"".join(f"{i:08d}".encode() * (size // 8) for i in range(rounds))
+    finally:
+        server.stop()
+
+
 def test_redis_py_commands_and_replies_seen_as_input_and_output_events(redis):
     with traced(redis.pid, Mode.OBSERVE) as (_tracer, rec):
         client = redis_py.Redis(port=redis.port)

@@ -32,10 +32,7 @@ class Call(IntEnum):
 
     @property
     def syscall(self) -> str:
-        return _SYSCALL_NAMES[self]
-
-
-_SYSCALL_NAMES = {c: c.name.lower() for c in Call}
+        return "sendfile" if self is Call.SENDFILE else self.name.lower()
 
 
 ACCEPTS = frozenset({Call.ACCEPT, Call.ACCEPT4})
@@ -54,7 +51,7 @@ class Direction(IntEnum):
         return ("in", "out", "ctl")[self]
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)
 class SocketEvent:
     """One socket syscall of a supervised process, as it returned in the kernel.
 

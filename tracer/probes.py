@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import ctypes
-import errno
-import logging
 import os
-import struct
+from collections.abc import Callable
 from pathlib import Path
 
-from . import ringbuf
-
-log = logging.getLogger("tracer")
 BPF_SOURCE = Path(__file__).with_name("bpf") / "sockets.c"
 MODE_OBSERVE = 1
 MODE_GATE = 2
@@ -28,19 +23,29 @@ class ProbeError(Exception):
     """The eBPF programs could not be compiled or attached."""
 
 
-PIDFD_THREAD = os.O_EXCL  # a pidfd for one thread, not its process (Linux 6.9)
+def event_struct(snaplen: int) -> type[ctypes.Structure]:
+    class RawEvent(ctypes.Structure):
+        _fields_ = [
+            ("ts_ns", ctypes.c_uint64),
+            ("seq", ctypes.c_uint64),
+            ("conn", ctypes.c_uint64),
+            ("ret", ctypes.c_int64),
+            ("buf", ctypes.c_uint64),
+            ("count", ctypes.c_uint64),
+            ("tgid", ctypes.c_uint32),
+            ("tid", ctypes.c_uint32),
+            ("call", ctypes.c_uint32),
+            ("fd", ctypes.c_int32),
+            ("data_len", ctypes.c_uint32),
+            ("dir", ctypes.c_uint8),
+            ("gated", ctypes.c_uint8),
+            ("input", ctypes.c_uint8),
+            ("peer_len", ctypes.c_uint8),
+            ("peer", ctypes.c_uint8 * 28),
+            ("data", ctypes.c_uint8 * snaplen),
+        ]
 
-
-class SavedArgs(ctypes.Structure):
-    """struct saved_args of tracer/bpf/sockets.c (a task storage value: keyed by pidfd)."""
-
-    _fields_ = [("call", ctypes.c_uint32), ("fd", ctypes.c_int32), ("buf", ctypes.c_uint64),
-                ("count", ctypes.c_uint64), ("addrlen", ctypes.c_uint64), ("flags", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32), ("conn", ctypes.c_uint64)]
-
-
-# struct event of tracer/bpf/sockets.c up to its data[] (the C side asserts the same offset)
-EVENT_HEADER = struct.Struct("=QQQqQQIIIiIBBBB28s")
+    return RawEvent
 
 
 class Probes:
@@ -65,40 +70,31 @@ class Probes:
                 f"could not compile or load {BPF_SOURCE.name}: {exc}; run 'supervise doctor'"
             ) from None
         self.snaplen = snaplen
+        self.RawEvent = event_struct(snaplen)
         self.tgids = self.bpf[b"tgids"]
         self.tids = self.bpf[b"tids"]
         self.socks = self.bpf[b"socks"]
         self.counters = self.bpf[b"counters"]
-        from bcc import libbcc
-
-        self._args_fd = libbcc.lib.bpf_table_fd(self.bpf.module, b"args")  # bcc wraps no task storage
+        self.args = self.bpf[b"args"]
         self._prefill_next = PREFILL_CONN_BASE + 1
-        self._ring: ringbuf.RingReader | None = None
-        self._records: list[bytes] = []
 
-    def open_events(self) -> int:
-        """Start reading the ring buffer; returns an fd that polls readable when records wait."""
-        if ringbuf.supported():
-            self._ring = ringbuf.RingReader(self.bpf[b"events"].map_fd, RINGBUF_PAGES * 4096)
-            return self._ring.fd
-        self.bpf[b"events"].open_ring_buffer(self._copy_record)
+    def open_events(self, callback: Callable[[ctypes.Structure], None]) -> int:
+        """Route ring-buffer records to ``callback``; returns an fd that polls readable when
+        records are waiting."""
+        raw_type = ctypes.POINTER(self.RawEvent)
+
+        def on_record(_ctx: object, data: int, _size: int) -> int:
+            callback(ctypes.cast(data, raw_type).contents)
+            return 0
+
+        self.bpf[b"events"].open_ring_buffer(on_record)
         libbpf = ctypes.CDLL("libbpf.so.1")
         libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
         libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
         return libbpf.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
 
-    def _copy_record(self, _ctx: object, data: int, size: int) -> int:
-        self._records.append(ctypes.string_at(data, size))
-        return 0
-
-    def read_events(self) -> list[bytes]:
-        """The records waiting in the ring buffer, oldest first (each a struct event cut at its
-        data: EVENT_HEADER, then the payload)."""
-        if self._ring is not None:
-            return self._ring.read()
+    def consume(self) -> None:
         self.bpf.ring_buffer_consume()
-        records, self._records = self._records, []
-        return records
 
     def supervise_tgid(self, tgid: int, mode: int) -> None:
         self.tgids[ctypes.c_uint32(tgid)] = ctypes.c_uint32(mode)
@@ -140,19 +136,7 @@ class Probes:
     def seed_args(self, tid: int, call: int, fd: int, buf: int, count: int, flags: int) -> None:
         """Arguments of a syscall a thread was already blocked in when the probes loaded, so
         that its return is captured (and gated) like any other."""
-        from bcc import libbcc
-
-        pidfd = _thread_pidfd(tid)
-        if pidfd is None:
-            return
-        try:
-            value = SavedArgs(call, fd, buf, count, 0, flags, 0, 0)
-            key = ctypes.c_int(pidfd)
-            rc = libbcc.lib.bpf_update_elem(self._args_fd, ctypes.byref(key), ctypes.byref(value), 0)
-            if rc:
-                raise OSError(f"could not save the arguments of thread {tid}'s blocked call ({rc})")
-        finally:
-            os.close(pidfd)
+        self.args[ctypes.c_uint32(tid)] = self.args.Leaf(call, fd, buf, count, 0, flags, 0)
 
     def drop_socket(self, tgid: int, fd: int) -> None:
         self.socks.pop(self.socks.Key(tgid, fd), None)
@@ -165,28 +149,9 @@ class Probes:
         return int(self.counters[ctypes.c_int(2)].value)
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
         for table in (self.tgids, self.tids):
             table.clear()
         self.bpf.cleanup()
-
-
-def _thread_pidfd(tid: int) -> int | None:
-    """A pidfd for one thread; None if it is gone, or if this kernel (before 6.9) has pidfds
-    only for a process's main thread and this is another."""
-    for flags in (PIDFD_THREAD, 0):
-        try:
-            return os.pidfd_open(tid, flags)
-        except ProcessLookupError:
-            return None
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-    log.warning("thread %d was blocked in a socket read when the tracer attached; this kernel has "
-                "no thread pidfds (Linux 6.9), so that one read is neither captured nor held", tid)
-    return None
 
 
 def _ensure_tracefs() -> None:

@@ -7,6 +7,7 @@ the probe sent its thread, and restarts the thread when the caller releases the 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -19,7 +20,7 @@ from . import procfs
 from . import ptrace_ops as pt
 from .events import ACCEPTS, MSGHDR, READS, VECTORED, Call, Direction, SocketEvent, format_sockaddr
 from .idle_poll import IdlePolling
-from .probes import EVENT_HEADER, Probes
+from .probes import Probes
 from .signalfd import SigchldFd
 from .tasks import AttachError, Mode, Task, TaskControl, TracerStats, check_attachable
 
@@ -74,6 +75,7 @@ class Tracer(TaskControl):
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._thread_ident = 0
+        self._batch: list[SocketEvent] = []
         self._clock_offset = time.time() - time.monotonic()
         self.probes: Probes | None = None
         self._idle_poll = IdlePolling() if idle_poll else None
@@ -167,7 +169,7 @@ class Tracer(TaskControl):
         sigchld = SigchldFd()
         try:
             self.probes = Probes(self.snaplen)
-            ring_fd = self.probes.open_events()
+            ring_fd = self.probes.open_events(self._on_raw_event)
             setup()
         except BaseException as exc:  # reported to the caller of attach()/launch()
             self._error = exc if isinstance(exc, (AttachError, pt.ThreadGone)) else AttachError(str(exc))
@@ -240,21 +242,37 @@ class Tracer(TaskControl):
 
     # ---- events -----------------------------------------------------------------------------
 
-    def _decode(self, record: bytes) -> SocketEvent:
-        (ts_ns, seq, conn, ret, buf, count, tgid, tid, call, fd, data_len, direction, gated, is_input,
-         peer_len, peer_raw) = EVENT_HEADER.unpack_from(record)
-        call = _CALLS[call]
-        peer = format_sockaddr(peer_raw[:peer_len]) if call in ACCEPTS and peer_len else None
-        start = EVENT_HEADER.size
-        return SocketEvent(seq=seq, t=ts_ns / 1e9 + self._clock_offset, pid=tgid, tid=tid, call=call,
-                           fd=fd, ret=ret, conn=conn, dir=_DIRECTIONS[direction], input=bool(is_input),
-                           gated=bool(gated), data=record[start:start + data_len], peer=peer, buf=buf,
-                           count=count)
+    def _on_raw_event(self, raw) -> None:
+        peer = None
+        call = _CALLS[raw.call]
+        if call in ACCEPTS and raw.peer_len:
+            peer = format_sockaddr(ctypes.string_at(ctypes.addressof(raw.peer), raw.peer_len))
+        self._batch.append(
+            SocketEvent(
+                seq=raw.seq,
+                t=raw.ts_ns / 1e9 + self._clock_offset,
+                pid=raw.tgid,
+                tid=raw.tid,
+                call=call,
+                fd=raw.fd,
+                ret=raw.ret,
+                conn=raw.conn,
+                dir=_DIRECTIONS[raw.dir],
+                input=bool(raw.input),
+                gated=bool(raw.gated),
+                data=ctypes.string_at(ctypes.addressof(raw.data), raw.data_len),
+                peer=peer,
+                buf=raw.buf,
+                count=raw.count,
+            )
+        )
 
     def _pump_events(self) -> None:
         assert self.probes is not None
-        for record in self.probes.read_events():
-            self._handle(self._decode(record))
+        self.probes.consume()
+        batch, self._batch = self._batch, []
+        for event in batch:
+            self._handle(event)
 
     def _handle(self, event: SocketEvent) -> None:
         self.stats.events += 1

@@ -12,8 +12,8 @@
 
 #define MODE_OBSERVE 1
 #define MODE_GATE 2
-#define MODE_TRACE 3        // observe; the reader polls, and is woken only as the ring fills
-#define RINGBUF_BYTES (RINGBUF_PAGES * 4096ULL)
+#define MODE_TRACE 3        // observe, and wake the reader once per WAKE_EVERY events a CPU
+#define WAKE_EVERY 64
 #define RB_NO_WAKEUP 1
 #define RB_FORCE_WAKEUP 2
 
@@ -77,17 +77,15 @@ struct event {
     u8 peer[28];   // struct sockaddr_in / sockaddr_in6 as returned by accept
     u8 data[SNAPLEN];
 };
-_Static_assert(__builtin_offsetof(struct event, data) == 100, "EVENT_HEADER in tracer/probes.py");
 
 BPF_HASH(tgids, u32, u32, 1024);                 // supervised tgid -> mode
 BPF_HASH(tids, u32, u8, 65536);                  // seized thread ids (gating applies only to these)
 BPF_HASH(socks, struct sock_key, struct sock_val, 65536);
-// Arguments saved at syscall entry, in the thread's own storage: a hash map keyed by tid cost an
-// allocation and a free per syscall. call == 0: nothing saved.
-BPF_TASK_STORAGE(args, struct saved_args);
-BPF_ARRAY(counters, u64, 4);  // 0: event seq, 1: conn ids, 2: lost events, 3: MODE_TRACE bytes out
+BPF_HASH(args, u32, struct saved_args, 65536);   // tid -> arguments saved at syscall entry
+BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2: lost events
 BPF_PERCPU_ARRAY(scratch, struct event, 1);      // an event is built here, then copied out at its size
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(unwoken, u32, 1);               // MODE_TRACE: events since this CPU last woke the reader
 
 static __always_inline u64 next_counter(u32 idx) {
     u64 *v = counters.lookup(&idx);
@@ -96,21 +94,16 @@ static __always_inline u64 next_counter(u32 idx) {
     return __sync_fetch_and_add(v, 1) + 1;
 }
 
-static __always_inline struct saved_args *task_args(u64 flags) {
-    return args.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, flags);
-}
-
 static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrlen, u32 flags) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
+    u32 tid = (u32)id;
     if (!tgids.lookup(&tgid))
         return 0;
     struct sock_key key = {.tgid = tgid, .fd = fd};
     struct sock_val *sv = socks.lookup(&key);
     if (!sv || ((call == C_ACCEPT || call == C_ACCEPT4) && sv->kind != SOCK_LISTEN)) {
-        struct saved_args *old = task_args(0);
-        if (old)
-            old->call = 0;  // never let arguments seeded at attach outlive their syscall
+        args.delete(&tid);  // never let arguments seeded at attach outlive their syscall
         return 0;
     }
     struct saved_args a = {.call = call, .fd = fd, .buf = buf, .count = count,
@@ -120,21 +113,18 @@ static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrle
     // entry deleted at exit would then take the new connection's entry with it.
     if (call == C_CLOSE)
         socks.delete(&key);
-    struct saved_args *slot = task_args(BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (slot)
-        *slot = a;
+    args.update(&tid, &a);
     return 0;
 }
 
 static __always_inline int save_untracked(u32 call, s32 fd, u64 count) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
+    u32 tid = (u32)id;
     if (!tgids.lookup(&tgid))
         return 0;
     struct saved_args a = {.call = call, .fd = fd, .count = count};
-    struct saved_args *slot = task_args(BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (slot)
-        *slot = a;
+    args.update(&tid, &a);
     return 0;
 }
 
@@ -171,8 +161,8 @@ static __always_inline int finish(s64 ret) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     u32 tid = (u32)id;
-    struct saved_args *a = task_args(0);
-    if (!a || !a->call)
+    struct saved_args *a = args.lookup(&tid);
+    if (!a)
         return 0;
     u32 call = a->call;
     struct sock_key key = {.tgid = tgid, .fd = a->fd};
@@ -276,31 +266,24 @@ static __always_inline int finish(s64 ret) {
         e->gated = 1;
         bpf_send_signal_thread(SIGSTOP_NR);
     }
+    // A wake-up per event costs the traced thread more than the event itself; a tracer that
+    // only prints takes them in batches (and polls every 20 ms for the rest).
+    u64 wake = 0;
+    if (mode && *mode == MODE_TRACE) {
+        u32 *n = unwoken.lookup(&zero);
+        wake = RB_NO_WAKEUP;
+        if (n && ++*n >= WAKE_EVERY) {
+            *n = 0;
+            wake = RB_FORCE_WAKEUP;
+        }
+    }
     u64 size = sizeof(struct event) - SNAPLEN + e->data_len;
     if (size > sizeof(struct event))
         size = sizeof(struct event);
-    // A wake-up costs the traced thread more than the event itself (on a VM, an exit to the
-    // hypervisor). A gating tracer is woken by a held thread's stop, and reads the ring then, so
-    // only inputs that are not held wake it; the rest waits for that or its 20 ms poll. A tracer
-    // that only prints polls every 20 ms, and is woken once per eighth of the ring written, so
-    // that a burst never overruns it.
-    u64 wake = 0;
-    if (mode && *mode == MODE_GATE && (e->gated || !input))
-        wake = RB_NO_WAKEUP;
-    if (mode && *mode == MODE_TRACE) {
-        u32 idx = 3;
-        u64 *out = counters.lookup(&idx);
-        wake = RB_NO_WAKEUP;
-        if (out) {
-            u64 before = __sync_fetch_and_add(out, size);
-            if ((before + size) / (RINGBUF_BYTES / 8) != before / (RINGBUF_BYTES / 8))
-                wake = RB_FORCE_WAKEUP;
-        }
-    }
     if (events.ringbuf_output(e, size, wake) != 0)
         next_counter(2);
 out:
-    a->call = 0;
+    args.delete(&tid);
     return 0;
 }
 
