@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -64,19 +65,16 @@ def _cpu_seconds(pid: int) -> float:
 
 def _stop(watcher: subprocess.Popen) -> float:
     """Stop a watcher; returns the CPU seconds it used in all (a --trace still prints what it
-    had not read when told to stop)."""
+    had not read when told to stop): the growth of reaped children's usage around its wait."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     watcher.terminate()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        pid, _status, usage = os.wait4(watcher.pid, os.WNOHANG)
-        if pid:
-            watcher.returncode = 0
-            return usage.ru_utime + usage.ru_stime
-        time.sleep(0.05)
-    watcher.kill()
-    _pid, _status, usage = os.wait4(watcher.pid, 0)
-    watcher.returncode = -9
-    return usage.ru_utime + usage.ru_stime
+    try:
+        watcher.wait(20)
+    except subprocess.TimeoutExpired:
+        watcher.kill()
+        watcher.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def measure(kind: str, requests: int) -> dict:
