@@ -7,7 +7,6 @@ the probe sent its thread, and restarts the thread when the caller releases the 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -242,28 +241,28 @@ class Tracer(TaskControl):
 
     # ---- events -----------------------------------------------------------------------------
 
-    def _on_raw_event(self, raw) -> None:
-        peer = None
-        call = _CALLS[raw.call]
-        if call in ACCEPTS and raw.peer_len:
-            peer = format_sockaddr(ctypes.string_at(ctypes.addressof(raw.peer), raw.peer_len))
+    def _on_raw_event(self, header: tuple, data: bytes) -> None:
+        (ts_ns, seq, conn, ret, buf, count, tgid, tid, call_nr, fd, _, dir_nr, gated, is_input,
+         peer_len, peer_raw) = header
+        call = _CALLS[call_nr]
+        peer = format_sockaddr(peer_raw[:peer_len]) if peer_len and call in ACCEPTS else None
         self._batch.append(
             SocketEvent(
-                seq=raw.seq,
-                t=raw.ts_ns / 1e9 + self._clock_offset,
-                pid=raw.tgid,
-                tid=raw.tid,
+                seq=seq,
+                t=ts_ns / 1e9 + self._clock_offset,
+                pid=tgid,
+                tid=tid,
                 call=call,
-                fd=raw.fd,
-                ret=raw.ret,
-                conn=raw.conn,
-                dir=_DIRECTIONS[raw.dir],
-                input=bool(raw.input),
-                gated=bool(raw.gated),
-                data=ctypes.string_at(ctypes.addressof(raw.data), raw.data_len),
+                fd=fd,
+                ret=ret,
+                conn=conn,
+                dir=_DIRECTIONS[dir_nr],
+                input=bool(is_input),
+                gated=bool(gated),
+                data=data,
                 peer=peer,
-                buf=raw.buf,
-                count=raw.count,
+                buf=buf,
+                count=count,
             )
         )
 
