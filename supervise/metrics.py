@@ -48,6 +48,8 @@ def _family(registry: CollectorRegistry) -> dict:
                                "Input bytes proposed (leader) or replayed (follower)"),
         "output_bytes": counter("supervise_output_bytes", "Bytes the server wrote to its clients"),
         "escapes": counter("supervise_escapes", "Held inputs whose thread ran on without stopping"),
+        "lost_events": gauge("supervise_tracer_lost_events",
+                             "Socket events the probes dropped because the tracer's ring buffer was full"),
         "stray": counter("supervise_stray_connections",
                          "Clients that connected to a follower's server directly"),
         "digest_checks": counter("supervise_digest_checks", "Output digests compared with the leader's"),
@@ -78,6 +80,7 @@ class NodeMetrics:
         self.input_bytes = f["input_bytes"].labels(node)
         self.output_bytes = f["output_bytes"].labels(node)
         self.escapes = f["escapes"].labels(node)
+        self.lost_events = f["lost_events"].labels(node)
         self.stray = f["stray"].labels(node)
         self.digest_checks = f["digest_checks"].labels(node)
         self.divergences = f["divergences"].labels(node)
@@ -99,11 +102,12 @@ class NodeMetrics:
         return bound
 
     def track(self, cluster_nodes: int, open_connections: Callable[[], int],
-              held_now: Callable[[], int]) -> None:
+              held_now: Callable[[], int], lost_events: Callable[[], int]) -> None:
         """Gauges read at scrape time from the node's own state."""
         self.cluster_nodes.set(cluster_nodes)
         self.open_connections.set_function(_never_raises(open_connections))
         self.held_now.set_function(_never_raises(held_now))
+        self.lost_events.set_function(_never_raises(lost_events))
 
 
 def _never_raises(fn: Callable[[], int]) -> Callable[[], float]:

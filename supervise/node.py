@@ -62,7 +62,9 @@ class Node:
         self._taking_over = False
         metrics.track(len(cluster.nodes),
                       lambda: len(self._live) if self.leading else len(self.replayer.conns),
-                      lambda: self.tracer.stats.held if self.tracer else 0)
+                      lambda: self.tracer.stats.held if self.tracer else 0,
+                      self._lost_events)
+        self._lost_reported = 0
 
     # ---- start and stop -----------------------------------------------------------------------
 
@@ -174,6 +176,7 @@ class Node:
             "stray_input_bytes": self.stray_input,
             "escapes": self.tracer.stats.escapes if self.tracer else 0,
             "held": self.tracer.stats.held if self.tracer else 0,
+            "lost_events": self._lost_events(),
             "peers": r.peer_status() if r else {},
         }
 
@@ -380,8 +383,20 @@ class Node:
             log.error("DIVERGED: %s; this node stops applying the log and is out of service",
                       self.diverged_reason)
 
+    def _lost_events(self) -> int:
+        return self.tracer.lost_events if self.tracer else 0
+
+    def _report_lost_events(self) -> None:
+        lost = self._lost_events()
+        if lost > self._lost_reported:
+            log.error("the tracer lost %d socket events (%d in all): its ring buffer was full, so "
+                      "this node's output checks and replay order can no longer be trusted; restart "
+                      "the node with a fresh server", lost - self._lost_reported, lost)
+            self._lost_reported = lost
+
     def _digest_loop(self) -> None:
         while not self.fatal.wait(DIGEST_INTERVAL):
+            self._report_lost_events()
             if not self.leading or self.replica is None:
                 continue
             for cid in list(self._live.values()):
