@@ -31,6 +31,7 @@ import argparse
 import itertools
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -187,6 +188,11 @@ class Campaign:
                     if msg not in self.anomalies:
                         self.anomalies.append(msg)
                         self.say("ANOMALY " + msg)
+                if doc and doc.get("lost_events"):
+                    msg = f"{node.name}'s tracer lost socket events (its server pid {doc['server_pid']})"
+                    if msg not in self.warnings:
+                        self.warnings.append(msg)
+                        self.say("WARNING " + msg)
             if best is None and current is not None:
                 current = None
                 self.leaders.append({"t": round(time.monotonic() - self.t0, 3), "leader": None,
@@ -498,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     from tracer.signalfd import block_sigchld
 
     block_sigchld()
+    # SIGTERM unwinds like Ctrl-C, so that the cluster, its namespaces and workdir are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     campaign = Campaign(seed=args.seed, duration=args.duration, clients=args.clients, keys=args.keys,
                         timeout=args.timeout, check_seconds=args.check_seconds,
                         clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs)
