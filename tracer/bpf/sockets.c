@@ -56,6 +56,7 @@ struct saved_args {
     u32 flags;
     u32 pad;
     u64 conn;     // the connection the fd held when the call began (close needs it)
+    u64 owner;    // in arg_slots: the thread that holds the slot (0: free)
 };
 
 struct event {
@@ -81,7 +82,13 @@ struct event {
 BPF_HASH(tgids, u32, u32, 1024);                 // supervised tgid -> mode
 BPF_HASH(tids, u32, u8, 65536);                  // seized thread ids (gating applies only to these)
 BPF_HASH(socks, struct sock_key, struct sock_val, 65536);
-BPF_HASH(args, u32, struct saved_args, 65536);   // tid -> arguments saved at syscall entry
+// Arguments saved at syscall entry, until its exit: in the thread's slot of arg_slots (tid modulo
+// ARG_SLOTS), or in the args hash when another thread holds that slot. An array lookup is a
+// pointer computation; a hash update and delete per syscall cost the traced thread more than
+// the rest of the probe.
+#define ARG_SLOTS 16384
+BPF_ARRAY(arg_slots, struct saved_args, ARG_SLOTS);
+BPF_HASH(args, u32, struct saved_args, 65536);
 BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2: lost events
 BPF_PERCPU_ARRAY(scratch, struct event, 1);      // an event is built here, then copied out at its size
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -94,6 +101,45 @@ static __always_inline u64 next_counter(u32 idx) {
     return __sync_fetch_and_add(v, 1) + 1;
 }
 
+// The thread's slot if it holds it or could claim it, else NULL (use the args hash).
+static __always_inline struct saved_args *claim_slot(u32 tid) {
+    u32 idx = tid % ARG_SLOTS;
+    struct saved_args *slot = arg_slots.lookup(&idx);
+    if (!slot)
+        return 0;
+    u64 owner = __sync_val_compare_and_swap(&slot->owner, 0, (u64)tid);
+    return (owner == 0 || owner == tid) ? slot : 0;
+}
+
+// Where the thread's saved arguments are: its slot, the args hash, or NULL.
+static __always_inline struct saved_args *saved_args_of(u32 tid, struct saved_args **slot) {
+    u32 idx = tid % ARG_SLOTS;
+    struct saved_args *s = arg_slots.lookup(&idx);
+    if (s && s->owner == tid) {
+        *slot = s;
+        return s;
+    }
+    *slot = 0;
+    return args.lookup(&tid);
+}
+
+static __always_inline void store_args(u32 tid, struct saved_args *a) {
+    struct saved_args *slot = claim_slot(tid);
+    if (slot) {
+        a->owner = tid;
+        *slot = *a;
+    } else {
+        args.update(&tid, a);
+    }
+}
+
+static __always_inline void drop_args(u32 tid, struct saved_args *slot) {
+    if (slot)
+        __sync_val_compare_and_swap(&slot->owner, (u64)tid, 0);
+    else
+        args.delete(&tid);
+}
+
 static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrlen, u32 flags) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
@@ -103,7 +149,9 @@ static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrle
     struct sock_key key = {.tgid = tgid, .fd = fd};
     struct sock_val *sv = socks.lookup(&key);
     if (!sv || ((call == C_ACCEPT || call == C_ACCEPT4) && sv->kind != SOCK_LISTEN)) {
-        args.delete(&tid);  // never let arguments seeded at attach outlive their syscall
+        struct saved_args *slot;
+        if (saved_args_of(tid, &slot))
+            drop_args(tid, slot);  // never let arguments seeded at attach outlive their syscall
         return 0;
     }
     struct saved_args a = {.call = call, .fd = fd, .buf = buf, .count = count,
@@ -113,7 +161,7 @@ static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrle
     // entry deleted at exit would then take the new connection's entry with it.
     if (call == C_CLOSE)
         socks.delete(&key);
-    args.update(&tid, &a);
+    store_args(tid, &a);
     return 0;
 }
 
@@ -124,7 +172,7 @@ static __always_inline int save_untracked(u32 call, s32 fd, u64 count) {
     if (!tgids.lookup(&tgid))
         return 0;
     struct saved_args a = {.call = call, .fd = fd, .count = count};
-    args.update(&tid, &a);
+    store_args(tid, &a);
     return 0;
 }
 
@@ -161,7 +209,8 @@ static __always_inline int finish(s64 ret) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     u32 tid = (u32)id;
-    struct saved_args *a = args.lookup(&tid);
+    struct saved_args *slot;
+    struct saved_args *a = saved_args_of(tid, &slot);
     if (!a)
         return 0;
     u32 call = a->call;
@@ -283,7 +332,7 @@ static __always_inline int finish(s64 ret) {
     if (events.ringbuf_output(e, size, wake) != 0)
         next_counter(2);
 out:
-    args.delete(&tid);
+    drop_args(tid, slot);
     return 0;
 }
 
