@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import signal
 import subprocess
@@ -486,6 +487,19 @@ class Campaign:
         return out
 
 
+def _exit_on_sigterm(main_pid: int):
+    """SIGTERM unwinds like Ctrl-C, so that the cluster, its namespaces and workdir are removed.
+    A child forked without exec (pyroute2 forks one per namespace and ends it with SIGTERM)
+    inherits the handler: it must exit at once, never unwind its copy of this process."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.campaign", description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=1)
@@ -504,8 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     from tracer.signalfd import block_sigchld
 
     block_sigchld()
-    # SIGTERM unwinds like Ctrl-C, so that the cluster, its namespaces and workdir are removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
     campaign = Campaign(seed=args.seed, duration=args.duration, clients=args.clients, keys=args.keys,
                         timeout=args.timeout, check_seconds=args.check_seconds,
                         clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs)
