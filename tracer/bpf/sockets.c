@@ -315,9 +315,13 @@ static __always_inline int finish(s64 ret) {
         e->gated = 1;
         bpf_send_signal_thread(SIGSTOP_NR);
     }
-    // A wake-up per event costs the traced thread more than the event itself; a tracer that
-    // only prints takes them in batches (and polls every 20 ms for the rest).
+    // A wake-up per event costs the traced thread more than the event itself (on a VM, an exit
+    // to the hypervisor). A gating tracer is woken by a held thread's stop and reads the ring
+    // then, so only inputs that are not held wake it; the rest wait for that or its 20 ms poll.
+    // A tracer that only prints takes them in batches (and polls every 20 ms for the rest).
     u64 wake = 0;
+    if (mode && *mode == MODE_GATE && (e->gated || !input))
+        wake = RB_NO_WAKEUP;
     if (mode && *mode == MODE_TRACE) {
         u32 *n = unwoken.lookup(&zero);
         wake = RB_NO_WAKEUP;
