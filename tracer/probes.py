@@ -18,6 +18,7 @@ BPF_NOEXIST = 1
 PREFILL_CONN_BASE = 1 << 40
 MAX_SNAPLEN = 16384  # an event is built in a per-CPU map value (at most 32 KiB)
 RINGBUF_PAGES = 8192  # 32 MiB; records take their real size, not the snap length
+ARG_SLOTS = 16384  # per-thread slots for a syscall's saved arguments (tid modulo this)
 
 
 class ProbeError(Exception):
@@ -43,7 +44,8 @@ class Probes:
         except ImportError as exc:
             raise ProbeError(f"bcc is not importable ({exc}); run 'supervise doctor'") from None
         _ensure_tracefs()
-        cflags = [f"-DSNAPLEN={snaplen}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}", "-w"]
+        cflags = [f"-DSNAPLEN={snaplen}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
+                  f"-DARG_SLOTS={ARG_SLOTS}", "-w"]
         try:
             self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
         except Exception as exc:

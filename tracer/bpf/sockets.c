@@ -86,7 +86,9 @@ BPF_HASH(socks, struct sock_key, struct sock_val, 65536);
 // ARG_SLOTS), or in the args hash when another thread holds that slot. An array lookup is a
 // pointer computation; a hash update and delete per syscall cost the traced thread more than
 // the rest of the probe.
+#ifndef ARG_SLOTS
 #define ARG_SLOTS 16384
+#endif
 BPF_ARRAY(arg_slots, struct saved_args, ARG_SLOTS);
 BPF_HASH(args, u32, struct saved_args, 65536);
 BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2: lost events
