@@ -60,11 +60,11 @@ class Node:
         self._checks_reported = 0
         self._stepping_down = False
         self._taking_over = False
+        self._lost_reported = 0
         metrics.track(len(cluster.nodes),
                       lambda: len(self._live) if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.stats.held if self.tracer else 0,
                       self._lost_events)
-        self._lost_reported = 0
 
     # ---- start and stop -----------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ class ProbeError(Exception):
 
 
 # struct event of bpf/sockets.c up to its payload: ts_ns, seq, conn, ret, buf, count, tgid, tid,
-# call, fd, data_len, dir, gated, input, peer_len, peer. The payload (data_len bytes) follows.
+# call, fd, data_len, dir, gated, input, peer_len, peer. The payload (data_len bytes) follows;
+# the C side asserts its offset.
 EVENT_HEADER = struct.Struct("=QQQqQQIIIiIBBBB28s")
 
 

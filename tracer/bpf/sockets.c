@@ -78,6 +78,7 @@ struct event {
     u8 peer[28];   // struct sockaddr_in / sockaddr_in6 as returned by accept
     u8 data[SNAPLEN];
 };
+_Static_assert(__builtin_offsetof(struct event, data) == 100, "EVENT_HEADER in tracer/probes.py");
 
 BPF_HASH(tgids, u32, u32, 1024);                 // supervised tgid -> mode
 BPF_HASH(tids, u32, u8, 65536);                  // seized thread ids (gating applies only to these)
@@ -103,10 +104,15 @@ static __always_inline u64 next_counter(u32 idx) {
     return __sync_fetch_and_add(v, 1) + 1;
 }
 
+// The slot the thread's arguments go in when no other thread holds it.
+static __always_inline struct saved_args *slot_of(u32 tid) {
+    u32 idx = tid % ARG_SLOTS;
+    return arg_slots.lookup(&idx);
+}
+
 // The thread's slot if it holds it or could claim it, else NULL (use the args hash).
 static __always_inline struct saved_args *claim_slot(u32 tid) {
-    u32 idx = tid % ARG_SLOTS;
-    struct saved_args *slot = arg_slots.lookup(&idx);
+    struct saved_args *slot = slot_of(tid);
     if (!slot)
         return 0;
     u64 owner = __sync_val_compare_and_swap(&slot->owner, 0, (u64)tid);
@@ -115,8 +121,7 @@ static __always_inline struct saved_args *claim_slot(u32 tid) {
 
 // Where the thread's saved arguments are: its slot, the args hash, or NULL.
 static __always_inline struct saved_args *saved_args_of(u32 tid, struct saved_args **slot) {
-    u32 idx = tid % ARG_SLOTS;
-    struct saved_args *s = arg_slots.lookup(&idx);
+    struct saved_args *s = slot_of(tid);
     if (s && s->owner == tid) {
         *slot = s;
         return s;
