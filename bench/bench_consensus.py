@@ -93,7 +93,7 @@ def pso_node(me: str, others: list[str], batch: bool) -> None:
 
 
 def run_pysyncobj(lat_count: int, duration: float, batch: bool) -> dict:
-    from tests.consensus_harness import free_port
+    from bench.common import free_port
 
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     procs = []
