@@ -24,6 +24,10 @@ def exists(pid: int) -> bool:
     return os.path.isdir(f"/proc/{pid}")
 
 
+# What reading /proc raises for a task that is gone or exiting (a file read can fail with ESRCH)
+GONE = (FileNotFoundError, ProcessLookupError)
+
+
 def is_kernel_thread(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
@@ -45,7 +49,7 @@ def tracer_pid(pid: int) -> int:
     for tid in threads(pid):
         try:
             traced_by = int(status_field(tid, "TracerPid") or 0)
-        except FileNotFoundError:
+        except GONE:
             continue
         if traced_by:
             return traced_by
@@ -63,7 +67,7 @@ def comm(pid: int) -> str:
 def threads(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
+    except GONE:
         return []
 
 
@@ -71,7 +75,7 @@ def pending_signals(tid: int) -> int:
     """The thread's private pending-signal mask (SigPnd)."""
     try:
         return int(status_field(tid, "SigPnd") or "0", 16)
-    except FileNotFoundError:
+    except GONE:
         return 0
 
 
@@ -116,7 +120,7 @@ def tcp_sockets(pid: int) -> dict[int, TcpSocket]:
                         found[inode] = TcpSocket(
                             inode, _decode_addr(cols[1]), _decode_addr(cols[2]), int(cols[3], 16)
                         )
-        except FileNotFoundError:
+        except GONE:
             continue
     return found
 

@@ -239,7 +239,7 @@ class TaskControl:
         try:
             tgid = int(procfs.status_field(tid, "Tgid") or 0)
             parent = int(procfs.status_field(tgid, "PPid") or 0)
-        except FileNotFoundError:
+        except procfs.GONE:
             return None
         if tgid in self._tgids:
             self._adopt(tid, tgid)
