@@ -69,8 +69,11 @@ class Node:
     # ---- start and stop -----------------------------------------------------------------------
 
     def attach(self, pid: int | None, command: list[str] | None) -> None:
+        # resume_spin=0: the commit a held thread waits for needs the followers' CPU more than
+        # the tracer needs to catch the next input early (bench_supervise.py, README)
         self.tracer = Tracer(Mode.OBSERVE, self._on_event, snaplen=16384, exitkill=True,
-                             on_escape=self._on_escape, on_exit=self._on_server_exit)
+                             on_escape=self._on_escape, on_exit=self._on_server_exit,
+                             resume_spin=0.0)
         if pid is not None:
             self._check_listening(pid)
             self.tracer.attach(pid)

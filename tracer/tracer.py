@@ -51,9 +51,13 @@ class Tracer(TaskControl):
         exitkill: bool | None = None,
         background: bool = False,
         idle_poll: bool = False,
+        resume_spin: float = GATE_SPIN_SECONDS,
     ) -> None:
         """``idle_poll``: while in gate mode, keep the machine's idle CPUs polling (see
-        tracer/idle_poll.py): faster gating, at the price of busy idle cores."""
+        tracer/idle_poll.py): faster gating, at the price of busy idle cores. ``resume_spin``:
+        seconds the tracer thread polls without sleeping after it resumes a held thread, whose
+        next input comes soon; 0 where other processes need the CPU more (a supervisor's
+        followers)."""
         self.mode = mode
         self.exitkill = (mode is Mode.GATE) if exitkill is None else exitkill
         self.background = background
@@ -78,6 +82,7 @@ class Tracer(TaskControl):
         self._clock_offset = time.time() - time.monotonic()
         self.probes: Probes | None = None
         self._idle_poll = IdlePolling() if idle_poll else None
+        self._resume_spin = resume_spin
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -382,7 +387,8 @@ class Tracer(TaskControl):
                 self._forget_thread(tid)
                 return
         self._cont(tid, 0)
-        self._spin_until = time.monotonic() + GATE_SPIN_SECONDS
+        if self._resume_spin:
+            self._spin_until = time.monotonic() + self._resume_spin
 
     def _cont(self, tid: int, sig: int) -> None:
         try:
