@@ -325,12 +325,9 @@ static __always_inline int finish(s64 ret) {
     // A wake-up per event costs the traced thread more than the event itself (on a VM, an exit
     // to the hypervisor). A gating tracer is woken by a held thread's stop and reads the ring
     // then, so only inputs that are not held wake it; the rest wait for that or its 20 ms poll.
-    // An observer is woken by inputs and control events (a replayer waits for them); outputs
-    // wait for the next of those or the poll. A tracer that only prints takes them in batches.
+    // A tracer that only prints takes them in batches (and polls every 20 ms for the rest).
     u64 wake = 0;
     if (mode && *mode == MODE_GATE && (e->gated || !input))
-        wake = RB_NO_WAKEUP;
-    if (mode && *mode == MODE_OBSERVE && dir == DIR_OUT)
         wake = RB_NO_WAKEUP;
     if (mode && *mode == MODE_TRACE) {
         u32 *n = unwoken.lookup(&zero);
