@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import threading
 import time
 from collections import deque
@@ -33,8 +32,7 @@ class SoftCQ(CompletionQueue):
     Sources are callables that move completions from elsewhere (a ring written by a peer process)
     into this queue. ``wait`` polls for ``spin`` seconds, then sleeps on a futex doorbell that every
     producer rings, so an idle queue burns no core. The doorbell word may live in shared memory so
-    that other processes can ring it. The polling yields between polls: a poll holds the GIL, and
-    the thread that a completion wakes (a proposer, a supervisor's tracer) must not wait for it.
+    that other processes can ring it.
     """
 
     def __init__(self, bell_buffer, spin: float = 30e-6) -> None:
@@ -99,7 +97,6 @@ class SoftCQ(CompletionQueue):
                 out = self.poll(max_entries)
                 if out:
                     return out
-                os.sched_yield()  # lets another thread of this process take the GIL
         while not self.closed:
             with self._sleep_lock:
                 self._sleepers += 1
