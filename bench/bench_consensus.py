@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.common import free_port, print_table, write_json  # noqa: E402
 
 PAYLOAD = 64
 THREADS = 32
@@ -93,7 +96,7 @@ def pso_node(me: str, others: list[str], batch: bool) -> None:
 
 
 def run_pysyncobj(lat_count: int, duration: float, batch: bool) -> dict:
-    from bench.common import free_port
+
 
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     procs = []
@@ -146,15 +149,7 @@ def run_ours(transport: str, durability: str, lat_count: int, duration: float) -
         return {"p50_us": lat["p50_us"], "p99_us": lat["p99_us"], "ops_per_s": tput["ops_per_s"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="shorter runs")
-    ap.add_argument("--pso-node", nargs="+")
-    args = ap.parse_args()
-    if args.pso_node:
-        pso_node(args.pso_node[1], args.pso_node[2:], args.pso_node[0] == "batch")
-        return
-    lat_count, duration = (500, 2.0) if args.quick else (2000, 5.0)
+def one_round(lat_count: int, duration: float) -> dict[str, dict]:
     rows = {}
     for name, fn in [
         ("consensus shm memory", lambda: run_ours("shm", "memory", lat_count, duration)),
@@ -165,25 +160,48 @@ def main() -> None:
     ]:
         print(f"running {name} ...", flush=True)
         rows[name] = fn()
-    # compare against PySyncObj's better configuration for each figure
+    # compare against PySyncObj's better configuration for each figure, in the same round
     pso = [r for n, r in rows.items() if n.startswith("pysyncobj")]
     best_ops = max(r["ops_per_s"] for r in pso)
     best_p50 = min(r["p50_us"] for r in pso)
-    print(f"\n{'system':26} {'p50 µs':>9} {'p99 µs':>9} {'ops/s (32 prop.)':>17} {'tput ×PSO':>10} "
-          f"{'p50 ×PSO':>9}")
-    for name, r in rows.items():
+    for r in rows.values():
         r["throughput_ratio_vs_pysyncobj"] = r["ops_per_s"] / best_ops
         r["p50_ratio_vs_pysyncobj"] = r["p50_us"] / best_p50
-        print(f"{name:26} {r['p50_us']:9.0f} {r['p99_us']:9.0f} {r['ops_per_s']:17.0f} "
-              f"{r['throughput_ratio_vs_pysyncobj']:10.2f} {r['p50_ratio_vs_pysyncobj']:9.2f}")
-    print("ratios are against the better PySyncObj configuration for that figure")
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"payload_bytes": PAYLOAD, "proposers": THREADS, "latency_samples": lat_count,
-           "throughput_seconds": duration, "host_cpus": os.cpu_count(), "results": rows,
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / "consensus.json").write_text(json.dumps(doc, indent=2))
-    print(f"\nwrote {out / 'consensus.json'}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="shorter runs")
+    ap.add_argument("--rounds", type=int, default=3, help="each runs every setup once")
+    ap.add_argument("--pso-node", nargs="+")
+    args = ap.parse_args()
+    if args.pso_node:
+        pso_node(args.pso_node[1], args.pso_node[2:], args.pso_node[0] == "batch")
+        return
+    lat_count, duration = (500, 2.0) if args.quick else (2000, 5.0)
+    rounds = []
+    for k in range(args.rounds):
+        print(f"round {k + 1} of {args.rounds}", flush=True)
+        rounds.append(one_round(lat_count, duration))
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[name][key] for r in rounds)
+
+    rows = []
+    for name in rounds[0]:
+        tput = sorted(r[name]["throughput_ratio_vs_pysyncobj"] for r in rounds)
+        rows.append([name, f"{med(name, 'p50_us'):.0f}", f"{med(name, 'p99_us'):.0f}",
+                     f"{med(name, 'ops_per_s'):.0f}", f"{statistics.median(tput):.2f}x",
+                     f"{tput[0]:.2f}-{tput[-1]:.2f}x", f"{med(name, 'p50_ratio_vs_pysyncobj'):.2f}x"])
+    print(f"\n{args.rounds} rounds; medians, and the range of the throughput ratio (each ratio is "
+          "to the better PySyncObj configuration in the same round)")
+    print_table(["system", "p50 µs", "p99 µs", "ops/s (32 prop.)", "tput vs PSO", "range",
+                 "p50 vs PSO"], rows)
+    path = write_json("consensus", {"payload_bytes": PAYLOAD, "proposers": THREADS,
+                                    "latency_samples": lat_count, "throughput_seconds": duration,
+                                    "rounds": rounds})
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
