@@ -326,6 +326,9 @@ static __always_inline int finish(s64 ret) {
     // to the hypervisor). A gating tracer is woken by a held thread's stop and reads the ring
     // then, so only inputs that are not held wake it; the rest wait for that or its 20 ms poll.
     // A tracer that only prints takes them in batches (and polls every 20 ms for the rest).
+    // Without FORCE, the ring wakes the reader only if it has read every earlier record: behind
+    // a record written with NO_WAKEUP, a default record wakes nobody. So an observer (whose
+    // replayer waits on each input) must keep the default for every record.
     u64 wake = 0;
     if (mode && *mode == MODE_GATE && (e->gated || !input))
         wake = RB_NO_WAKEUP;
