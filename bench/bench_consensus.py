@@ -96,8 +96,6 @@ def pso_node(me: str, others: list[str], batch: bool) -> None:
 
 
 def run_pysyncobj(lat_count: int, duration: float, batch: bool) -> dict:
-
-
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     procs = []
     try:
