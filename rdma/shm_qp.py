@@ -113,6 +113,23 @@ class ShmQP(QueuePair):
         return ent
 
     # -- work requests -----------------------------------------------------------------------
+    def _local_bad(self, local: MemoryRegion, offset: int, length: int, need_write: bool) -> bool:
+        return not (
+            type(local) is ShmMR
+            and local.valid
+            and local.pd is self._pd
+            and (not need_write or local.access_bits & ACC_LOCAL_WRITE)
+            and 0 <= offset <= offset + length <= local.length
+        )
+
+    def _remote(self, rkey: int, need: int) -> tuple | None:
+        """The peer's region ``rkey`` while it is still registered with access ``need``, else None."""
+        ent = self._rcache.get(rkey) or self._map_remote(rkey)
+        t32 = self._pt32
+        if ent is None or t32[ent[0]] != rkey or t32[ent[0] + 1] != 1 or (ent[3] & need) != need:
+            return None
+        return ent
+
     def post_write(
         self,
         local: MemoryRegion,
@@ -126,19 +143,11 @@ class ShmQP(QueuePair):
     ) -> None:
         if self._state is not QPState.RTS or self._pb32[0] != RTS:
             return self._post_in_err(wr_id, OP_WRITE)
-        end = local_offset + length
-        if not (
-            type(local) is ShmMR
-            and local.valid
-            and local.pd is self._pd
-            and 0 <= local_offset <= end <= local.length
-        ):
+        if self._local_bad(local, local_offset, length, False):
             return self._fail(wr_id, OP_WRITE, WCStatus.LOC_PROT_ERR)
-        ent = self._rcache.get(rkey) or self._map_remote(rkey)
-        t32 = self._pt32
-        if ent is None or t32[ent[0]] != rkey or t32[ent[0] + 1] != 1 or not ent[3] & ACC_REMOTE_WRITE:
-            return self._fail(wr_id, OP_WRITE, WCStatus.REM_ACCESS_ERR)
-        off = remote_addr - ent[1]
+        end = local_offset + length
+        ent = self._remote(rkey, ACC_REMOTE_WRITE)
+        off = -1 if ent is None else remote_addr - ent[1]
         if off < 0 or off + length > ent[2]:
             return self._fail(wr_id, OP_WRITE, WCStatus.REM_ACCESS_ERR)
         if imm_data is None:
@@ -169,20 +178,11 @@ class ShmQP(QueuePair):
     ) -> None:
         if self._state is not QPState.RTS or self._pb32[0] != RTS:
             return self._post_in_err(wr_id, OP_READ)
-        end = local_offset + length
-        if not (
-            type(local) is ShmMR
-            and local.valid
-            and local.pd is self._pd
-            and local.access_bits & ACC_LOCAL_WRITE
-            and 0 <= local_offset <= end <= local.length
-        ):
+        if self._local_bad(local, local_offset, length, True):
             return self._fail(wr_id, OP_READ, WCStatus.LOC_PROT_ERR)
-        ent = self._rcache.get(rkey) or self._map_remote(rkey)
-        t32 = self._pt32
-        if ent is None or t32[ent[0]] != rkey or t32[ent[0] + 1] != 1 or not ent[3] & ACC_REMOTE_READ:
-            return self._fail(wr_id, OP_READ, WCStatus.REM_ACCESS_ERR)
-        off = remote_addr - ent[1]
+        end = local_offset + length
+        ent = self._remote(rkey, ACC_REMOTE_READ)
+        off = -1 if ent is None else remote_addr - ent[1]
         if off < 0 or off + length > ent[2]:
             return self._fail(wr_id, OP_READ, WCStatus.REM_ACCESS_ERR)
         local.view[local_offset:end] = ent[4][off : off + length]
@@ -200,22 +200,16 @@ class ShmQP(QueuePair):
     ) -> None:
         if self._state is not QPState.RTS or self._pb32[0] != RTS:
             return self._post_in_err(wr_id, OP_SEND)
-        end = local_offset + length
-        if not (
-            type(local) is ShmMR
-            and local.valid
-            and local.pd is self._pd
-            and 0 <= local_offset <= end <= local.length
-        ):
+        if self._local_bad(local, local_offset, length, False):
             return self._fail(wr_id, OP_SEND, WCStatus.LOC_PROT_ERR)
+        end = local_offset + length
         with self._lock:
             recv = self._take_recv()
             if recv is None:
                 return self._fail(wr_id, OP_SEND, WCStatus.RNR_RETRY_EXC_ERR)
             r_wr, r_key, r_off, r_len = recv
-            ent = self._rcache.get(r_key) or self._map_remote(r_key)
-            t32 = self._pt32
-            if ent is None or t32[ent[0]] != r_key or t32[ent[0] + 1] != 1 or r_off + r_len > ent[2]:
+            ent = self._remote(r_key, 0)
+            if ent is None or r_off + r_len > ent[2]:
                 self._deliver(r_wr, WCStatus.LOC_PROT_ERR, OP_RECV, 0, None)
                 return self._fail(wr_id, OP_SEND, WCStatus.REM_OP_ERR)
             if length > r_len:
