@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,6 +35,8 @@ THREADS = 32
 # ---- PySyncObj node (child process) --------------------------------------------------------
 def pso_node(me: str, others: list[str], batch: bool) -> None:
     from pysyncobj import SyncObj, SyncObjConf, replicated
+
+    from tests.consensus_harness import measure
 
     class Log(SyncObj):
         def __init__(self) -> None:
@@ -57,38 +57,8 @@ def pso_node(me: str, others: list[str], batch: bool) -> None:
             continue
         if cmd[0] == "status":
             out = {"leader": bool(obj._isLeader()), "ready": obj.isReady()}
-        elif cmd[0] == "lat":
-            count, size = int(cmd[1]), int(cmd[2])
-            lat = []
-            for _ in range(count):
-                payload = random.randbytes(size)
-                t0 = time.perf_counter()
-                obj.put(payload, sync=True, timeout=10)
-                lat.append(time.perf_counter() - t0)
-            lat.sort()
-            out = {"count": count, "p50_us": lat[len(lat) // 2] * 1e6,
-                   "p99_us": lat[int(len(lat) * .99)] * 1e6}
-        elif cmd[0] == "tput":
-            threads, duration, size = int(cmd[1]), float(cmd[2]), int(cmd[3])
-            done = [0] * threads
-            stop = threading.Event()
-
-            def worker(k: int, size: int = size, stop: threading.Event = stop, done: list = done) -> None:
-                payload = random.randbytes(size)
-                while not stop.is_set():
-                    obj.put(payload, sync=True, timeout=10)
-                    done[k] += 1
-
-            ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-            t0 = time.perf_counter()
-            for t in ts:
-                t.start()
-            time.sleep(duration)
-            stop.set()
-            for t in ts:
-                t.join()
-            el = time.perf_counter() - t0
-            out = {"ops": sum(done), "seconds": el, "ops_per_s": sum(done) / el}
+        elif cmd[0] in ("lat", "tput"):
+            out = measure(lambda p: obj.put(p, sync=True, timeout=10), cmd[0], [float(x) for x in cmd[1:]])
         else:
             break
         print(json.dumps(out), flush=True)

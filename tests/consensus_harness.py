@@ -114,7 +114,8 @@ def _child(cfg_path: str) -> None:
 
                 reply(json.dumps(generate_latest().decode()))
             elif op == "B":
-                reply(json.dumps(_bench(rep, parts[1], [float(x) for x in parts[2:]])))
+                reply(json.dumps(measure(lambda p: rep.propose(p).result(10), parts[1],
+                                         [float(x) for x in parts[2:]])))
             elif op == "F":
                 rep.transport.inject(json.loads(" ".join(parts[1:])))
                 reply("OK")
@@ -153,8 +154,10 @@ def _rss() -> int:
     return 0
 
 
-def _bench(rep, kind: str, args: list[float]) -> dict:
-    """In-process measurement on the leader: a thread that proposes and waits for the commit."""
+def measure(commit, kind: str, args: list[float]) -> dict:
+    """In-process measurement on a leader: ``commit(payload)`` proposes and waits for the commit.
+    ``lat COUNT SIZE``: one proposer, latency percentiles; ``tput THREADS SECONDS SIZE``:
+    proposers in threads, commits per second. The consensus benchmark runs the same on PySyncObj."""
     import random as _random
 
     if kind == "lat":
@@ -163,7 +166,7 @@ def _bench(rep, kind: str, args: list[float]) -> dict:
         for _ in range(count):
             payload = _random.randbytes(size)
             t0 = time.perf_counter()
-            rep.propose(payload).result(10)
+            commit(payload)
             lat.append(time.perf_counter() - t0)
         lat.sort()
         return {"count": count, "p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
@@ -175,7 +178,7 @@ def _bench(rep, kind: str, args: list[float]) -> dict:
     def worker(k: int) -> None:
         payload = _random.randbytes(size)
         while not stop.is_set():
-            rep.propose(payload).result(10)
+            commit(payload)
             done[k] += 1
 
     ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
