@@ -16,15 +16,15 @@ import time
 from concurrent.futures import Future
 
 from consensus import NotLeader, Peer, Replica, ReplicaConfig
-from tracer import procfs
 from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
 from tracer.tracer import Mode, Tracer
 
-from .config import ClusterConfig, ConfigError, NodeConfig
+from .config import ClusterConfig, NodeConfig
 from .digest import OutputChecker
 from .entries import Entry, EntryError, Kind, decode
 from .metrics import NodeMetrics
 from .replayer import Replayer
+from .server_address import ServerAddress
 
 log = logging.getLogger("supervise")
 
@@ -38,6 +38,7 @@ class Node:
         self.cluster = cluster
         self.me = me
         self.metrics = metrics
+        self.address = ServerAddress(cluster, me)
         self.tracer: Tracer | None = None
         self.replica: Replica | None = None
         self.server_pid = 0
@@ -75,45 +76,13 @@ class Node:
                              on_escape=self._on_escape, on_exit=self._on_server_exit,
                              resume_spin=0.0)
         if pid is not None:
-            self._check_listening(pid)
+            self.address.check(pid)
             self.tracer.attach(pid)
             self.server_pid = pid
         else:
             self.server_pid = self.tracer.launch(command or [])
-            self._wait_listening()
-        self.listen_fds = {fd for fd, s in procfs.tcp_fds(self.server_pid).items()
-                           if s.state == procfs.TCP_LISTEN and self._serves_clients(s.local)}
-
-    def _serves_clients(self, local: str) -> bool:
-        """A listener that clients of ``node.server`` (or of the VIP) reach: that address, the
-        VIP's, or a wildcard, on the configured port."""
-        host, _, port = local.rpartition(":")
-        if int(port) != self.me.server_port:
-            return False
-        wanted = {self.me.server_host.strip("[]"), "0.0.0.0", "::"}
-        if self.cluster.vip:
-            wanted.add(self.cluster.vip.split("/")[0])
-        return host.strip("[]") in wanted
-
-    def _listening(self, pid: int) -> bool:
-        return any(self._serves_clients(a) for a in procfs.listening_addresses(pid))
-
-    def _check_listening(self, pid: int) -> None:
-        if not procfs.exists(pid):
-            return  # the tracer's own check gives the clear error
-        addresses = procfs.listening_addresses(pid)
-        if not self._listening(pid):
-            found = ", ".join(addresses) or "nothing"
-            raise ConfigError(f"{self.cluster.path}: node {self.me.name!r}.server: pid {pid} "
-                              f"does not listen on {self.me.server} (it listens on {found})")
-
-    def _wait_listening(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._listening(self.server_pid):
-            if time.monotonic() > deadline or not procfs.exists(self.server_pid):
-                raise ConfigError(f"{self.cluster.path}: node {self.me.name!r}.server: the command "
-                                  f"did not listen on {self.me.server} within {timeout:.0f}s")
-            time.sleep(0.05)
+            self.address.wait(self.server_pid)
+        self.listen_fds = self.address.listen_fds(self.server_pid)
 
     def drop_stale_vip(self) -> None:
         """A supervisor killed while leading leaves its VIP behind; a starting node leads nothing."""
