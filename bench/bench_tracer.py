@@ -2,11 +2,15 @@
 Redis, under `supervise --trace`, under gate mode with an immediate release (also with idle CPUs
 polling: tracer/idle_poll.py), and under strace -f.
 
-Usage: .venv/bin/python bench/bench_tracer.py [--requests N]
+Usage: .venv/bin/python bench/bench_tracer.py [--requests N] [--rounds N] [--bpf-stats]
 Prints a table of throughput as ratios to bare: each round runs every mode once, and each ratio
 is to the same round's bare run (median and range over the rounds). Also the CPU that Redis and
 its watcher (the tracer, or strace) used per request, counted from /proc: steadier than
-throughput on a noisy machine. Writes bench/results/tracer.json.
+throughput on a noisy machine. With --bpf-stats, also the time the probes ran in the kernel per
+request, as the kernel counts it (kernel.bpf_stats_enabled, on for the run; that counting costs a
+little itself): every traced syscall of every process, redis-benchmark's included, since syscall
+tracepoints fire system-wide. It does not move with the machine's noise, so it is the figure to
+judge a change to tracer/bpf/ by. Writes bench/results/tracer.json.
 """
 
 from __future__ import annotations
@@ -63,6 +67,25 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def _probe_time(pid: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over the BPF programs a process holds open."""
+    total = runs = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            fdinfo = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+            info = dict(line.split(":", 1) for line in fdinfo.splitlines())
+        except OSError:
+            continue
+        total += int(info.get("run_time_ns", 0))
+        runs += int(info.get("run_cnt", 0))
+    return total, runs
+
+
 def _stop(watcher: subprocess.Popen) -> float:
     """Stop a watcher; returns the CPU seconds it used in all (a --trace still prints what it
     had not read when told to stop): the growth of reaped children's usage around its wait."""
@@ -84,8 +107,13 @@ def measure(kind: str, requests: int) -> dict:
     try:
         watcher_before = _cpu_seconds(watcher.pid) if watcher is not None else 0.0
         server_before = _cpu_seconds(server.pid)
+        probes_before = _probe_time(watcher.pid) if watcher is not None else (0, 0)
         result = redis_benchmark(server.port, "set", 50, requests)["SET"]
         result["server_cpu_us"] = (_cpu_seconds(server.pid) - server_before) / requests * 1e6
+        if watcher is not None and probes_before[1]:
+            ns, runs = (a - b for a, b in zip(_probe_time(watcher.pid), probes_before, strict=True))
+            result["probe_ns"] = ns / requests
+            result["probe_runs"] = runs / requests
         if watcher is not None:
             result["watcher_cpu_us"] = (_stop(watcher) - watcher_before) / requests * 1e6
             watcher = None
@@ -101,7 +129,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bpf-stats", action="store_true",
+                        help="also report the probes' in-kernel run time per request")
     args = parser.parse_args()
+    stats_were = BPF_STATS.read_text().strip()
+    if args.bpf_stats:
+        BPF_STATS.write_text("1")
+    try:
+        run_rounds(args)
+    finally:
+        BPF_STATS.write_text(stats_were)
+
+
+def run_rounds(args: argparse.Namespace) -> None:
     kinds = ["bare", "trace", "gate", "gate-idle-poll", "strace"]
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.rounds):  # interleaved, so drift on a noisy machine hits every kind
@@ -116,10 +156,17 @@ def main() -> None:
              f"{statistics.median(r['p99_ms'] for r in runs[k]):.3f}",
              f"{statistics.median(r['server_cpu_us'] for r in runs[k]):.1f}",
              f"{statistics.median(r.get('watcher_cpu_us', 0.0) for r in runs[k]):.1f}"] for k in kinds]
+    header = ["mode", "SET/s (median)", "vs bare (median)", "range", "p50 ms", "p99 ms",
+              "Redis CPU us/SET", "watcher CPU us/SET"]
+    if args.bpf_stats:
+        header += ["probe ns/SET", "probe runs/SET"]
+        for k, row in zip(kinds, rows, strict=True):
+            probed = [r for r in runs[k] if "probe_ns" in r]
+            row += ([f"{statistics.median(r['probe_ns'] for r in probed):.0f}",
+                     f"{statistics.median(r['probe_runs'] for r in probed):.1f}"] if probed else ["", ""])
     print(f"redis-benchmark -t set -c 50, {args.rounds} interleaved rounds; ratios to the same "
           "round's bare run")
-    print_table(["mode", "SET/s (median)", "vs bare (median)", "range", "p50 ms", "p99 ms",
-                 "Redis CPU us/SET", "watcher CPU us/SET"], rows)
+    print_table(header, rows)
     targets = {"trace": 0.9, "gate": 0.25, "gate-idle-poll": 0.25}
     for kind, target in targets.items():
         ratio = ratios[kind][0]
