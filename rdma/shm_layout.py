@@ -28,7 +28,7 @@ RTS, ERR = int(QPState.RTS), int(QPState.ERR)
 # u64 indexes inside a queue-pair block (head/tail words on separate cache lines)
 RQ_HEAD, RQ_TAIL, CQ_HEAD, CQ_TAIL = 8, 16, 24, 32
 RQ, CQR = 64, 64 + RQ_CAP * 4
-ACC_REMOTE_WRITE, ACC_REMOTE_READ, ACC_LOCAL_WRITE = int(Access.REMOTE_WRITE), int(Access.REMOTE_READ), 1
+ACC_REMOTE_WRITE, ACC_REMOTE_READ = int(Access.REMOTE_WRITE), int(Access.REMOTE_READ)
 
 
 def slot32(slot: int) -> int:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from . import segment
 from .futex import Doorbell
 from .shm_layout import (
-    ACC_LOCAL_WRITE,
     ACC_REMOTE_READ,
     ACC_REMOTE_WRITE,
     BLOCK_SIZE,
@@ -114,13 +113,7 @@ class ShmQP(QueuePair):
 
     # -- work requests -----------------------------------------------------------------------
     def _local_bad(self, local: MemoryRegion, offset: int, length: int, need_write: bool) -> bool:
-        return not (
-            type(local) is ShmMR
-            and local.valid
-            and local.pd is self._pd
-            and (not need_write or local.access_bits & ACC_LOCAL_WRITE)
-            and 0 <= offset <= offset + length <= local.length
-        )
+        return not (type(local) is ShmMR and local.holds(self._pd, offset, length, need_write))
 
     def _remote(self, rkey: int, need: int) -> tuple | None:
         """The peer's region ``rkey`` while it is still registered with access ``need``, else None."""
@@ -222,15 +215,7 @@ class ShmQP(QueuePair):
             self._scq.push(WorkCompletion(wr_id, SUCCESS, OP_SEND, self.qp_num, length))
 
     def post_recv(self, local: MemoryRegion, local_offset: int, length: int, wr_id: int) -> None:
-        if not (
-            type(local) is ShmMR
-            and local.valid
-            and local.pd is self._pd
-            and local.access_bits & ACC_LOCAL_WRITE
-            and 0 <= local_offset
-            and 0 <= length
-            and local_offset + length <= local.length
-        ):
+        if self._local_bad(local, local_offset, length, True):
             raise VerbsError("post_recv: buffer outside the region, foreign PD or no LOCAL_WRITE access")
         if self._state is QPState.ERR:
             self._rcq.push(WorkCompletion(wr_id, FLUSH, OP_RECV, self.qp_num))

@@ -124,6 +124,9 @@ class SoftCQ(CompletionQueue):
         self._wake()
 
 
+_LOCAL_WRITE = int(Access.LOCAL_WRITE)
+
+
 class SoftMR(MemoryRegion):
     """A region backed by an mmap (anonymous for tcp, a shared segment for shm)."""
 
@@ -141,6 +144,12 @@ class SoftMR(MemoryRegion):
     @property
     def buf(self) -> memoryview:
         return self.view
+
+    def holds(self, pd: object, offset: int, length: int, need_write: bool) -> bool:
+        """Still registered with ``pd``, spanning [offset, offset + length), and locally writable
+        when ``need_write``: the local protection check of every work request."""
+        return (self.valid and self.pd is pd and 0 <= offset <= offset + length <= self.length
+                and (not need_write or self.access_bits & _LOCAL_WRITE))
 
     def close(self) -> None:
         if not self.valid:

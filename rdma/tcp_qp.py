@@ -20,7 +20,6 @@ from collections import deque
 from .softcq import FLUSH, OP_READ, OP_RECV, OP_SEND, OP_WRITE, SUCCESS, SoftCQ, SoftMR
 from .tcp_responder import Responder
 from .tcp_wire import (
-    ACC_LOCAL_WRITE,
     ACK,
     F_IMM,
     HDR,
@@ -89,26 +88,14 @@ class TcpQP(Responder, QueuePair):
 
     # -- posting -----------------------------------------------------------------------------
     def _local_bad(self, local: MemoryRegion, offset: int, length: int, need_write: bool) -> bool:
-        return not (
-            type(local) is SoftMR
-            and local.valid
-            and local.pd is self._pd
-            and (not need_write or local.access_bits & ACC_LOCAL_WRITE)
-            and 0 <= offset <= offset + length <= local.length
-        )
+        return not (type(local) is SoftMR and local.holds(self._pd, offset, length, need_write))
 
     def post(
         self, op: int, opcode: WCOpcode, wr_id: int, signaled: bool, local, loff, length, addr, rkey, imm
     ):
         if self._state is not QPState.RTS:
             return self._post_in_err(wr_id, opcode)
-        if not (
-            type(local) is SoftMR
-            and local.valid
-            and local.pd is self._pd
-            and 0 <= loff <= loff + length <= local.length
-            and (op != READ or local.access_bits & ACC_LOCAL_WRITE)
-        ):
+        if self._local_bad(local, loff, length, op == READ):
             return self._decided(wr_id, opcode, WCStatus.LOC_PROT_ERR)
         if len(self._pending) >= 512:  # unpolled acknowledgements must not fill the socket buffers
             self._drain()
@@ -159,9 +146,7 @@ class TcpQP(Responder, QueuePair):
             and self.faults is None
             and length <= SMALL
             and type(local) is SoftMR
-            and local.valid
-            and local.pd is self._pd
-            and 0 <= local_offset <= end <= local.length
+            and local.holds(self._pd, local_offset, length, False)
             and len(self._pending) < 512
         ):
             with self._slock:
