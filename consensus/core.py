@@ -90,6 +90,10 @@ class Core(Elections):
         if self.role == LEADER and role != LEADER:
             self._fail_pending(LeadershipLost(leader))
             self.transferring = False
+            # A leader stops leading because it lost touch (paused, cut off) or met a higher
+            # ballot; either way a leader it does not know of yet may be reaching it now. Until an
+            # election timeout has passed it refuses pre-votes, as if it had just heard from one.
+            self._leader_contact = time.monotonic()
         self.role, self.leader = role, leader
         if changed:
             self._notified = (role, leader, self.ballot)

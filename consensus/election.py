@@ -40,8 +40,7 @@ class Elections:
 
     def _on_prevote_req(self, peer: str, m: wire.VoteReq) -> None:
         st = self.store
-        alive = self.role == LEADER or (
-            self.leader is not None and time.monotonic() - self._leader_contact < self.election_s)
+        alive = self.role == LEADER or time.monotonic() - self._leader_contact < self.election_s
         granted = (m.ballot > st.promised and not alive
                    and (m.last_ballot, m.last_index) >= (st.last_ballot, st.last_index))
         self._send(peer, wire.PREVOTE_RESP, wire.enc_vote_resp(wire.VoteResp(m.ballot, granted)))
