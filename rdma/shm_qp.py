@@ -123,6 +123,17 @@ class ShmQP(QueuePair):
             return None
         return ent
 
+    def _remote_span(self, rkey: int, need: int, remote_addr: int, length: int) -> memoryview | None:
+        """The ``length`` bytes at ``remote_addr`` of the peer's region ``rkey``, or None if the
+        region is gone, lacks access ``need`` or does not hold them."""
+        ent = self._remote(rkey, need)
+        if ent is None:
+            return None
+        off = remote_addr - ent[1]
+        if off < 0 or off + length > ent[2]:
+            return None
+        return ent[4][off : off + length]
+
     def post_write(
         self,
         local: MemoryRegion,
@@ -139,18 +150,17 @@ class ShmQP(QueuePair):
         if self._local_bad(local, local_offset, length, False):
             return self._fail(wr_id, OP_WRITE, WCStatus.LOC_PROT_ERR)
         end = local_offset + length
-        ent = self._remote(rkey, ACC_REMOTE_WRITE)
-        off = -1 if ent is None else remote_addr - ent[1]
-        if off < 0 or off + length > ent[2]:
+        dst = self._remote_span(rkey, ACC_REMOTE_WRITE, remote_addr, length)
+        if dst is None:
             return self._fail(wr_id, OP_WRITE, WCStatus.REM_ACCESS_ERR)
         if imm_data is None:
-            ent[4][off : off + length] = local.view[local_offset:end]
+            dst[:] = local.view[local_offset:end]
         else:
             with self._lock:
                 recv = self._take_recv()
                 if recv is None:
                     return self._fail(wr_id, OP_WRITE, WCStatus.RNR_RETRY_EXC_ERR)
-                ent[4][off : off + length] = local.view[local_offset:end]
+                dst[:] = local.view[local_offset:end]
                 if not self._deliver(recv[0], SUCCESS, OP_RECV_IMM, length, imm_data):
                     return self._fail(wr_id, OP_WRITE, WCStatus.REM_OP_ERR)
         st = self._stats
@@ -173,12 +183,10 @@ class ShmQP(QueuePair):
             return self._post_in_err(wr_id, OP_READ)
         if self._local_bad(local, local_offset, length, True):
             return self._fail(wr_id, OP_READ, WCStatus.LOC_PROT_ERR)
-        end = local_offset + length
-        ent = self._remote(rkey, ACC_REMOTE_READ)
-        off = -1 if ent is None else remote_addr - ent[1]
-        if off < 0 or off + length > ent[2]:
+        src = self._remote_span(rkey, ACC_REMOTE_READ, remote_addr, length)
+        if src is None:
             return self._fail(wr_id, OP_READ, WCStatus.REM_ACCESS_ERR)
-        local.view[local_offset:end] = ent[4][off : off + length]
+        local.view[local_offset : local_offset + length] = src
         if signaled:
             self._scq.push(WorkCompletion(wr_id, SUCCESS, OP_READ, self.qp_num, length))
 
