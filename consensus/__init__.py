@@ -5,10 +5,11 @@ Payloads are opaque bytes; this package knows nothing of syscalls. ``read_secret
 users of consensus need not import rdma/.
 """
 
+from consensus.commit_future import CommitFuture
 from consensus.errors import LeadershipLost, NotLeader, ReplicaClosed
 from consensus.replica import Peer, Replica, ReplicaConfig
 from consensus.segments import SegmentCorruptError
 from rdma.cm import SecretFileError, read_secret
 
-__all__ = ["LeadershipLost", "NotLeader", "Peer", "Replica", "ReplicaClosed", "ReplicaConfig",
+__all__ = ["CommitFuture", "LeadershipLost", "NotLeader", "Peer", "Replica", "ReplicaClosed", "ReplicaConfig",
            "SecretFileError", "SegmentCorruptError", "read_secret"]

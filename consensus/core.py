@@ -23,10 +23,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 
 from consensus import codec, wire
 from consensus.codec import Entry
+from consensus.commit_future import CommitFuture
 from consensus.election import CANDIDATE, FOLLOWER, LEADER, Elections
 from consensus.errors import LeadershipLost, NotLeader
 from consensus.logstore import LogStore
@@ -58,7 +58,7 @@ class Core(Elections):
         self._on_commit_advance = on_commit_advance
         self.m = metrics
         self.mu = threading.Lock()
-        self._queue: deque[tuple[bytes, Future, float]] = deque()
+        self._queue: deque[tuple[bytes, CommitFuture, float]] = deque()
         self.role = FOLLOWER
         self.leader: str | None = None
         self._notified: tuple = (FOLLOWER, None, store.promised)
@@ -70,7 +70,7 @@ class Core(Elections):
         self._prevotes: set[str] = set()
         self._leader_contact = 0.0
         self._deadline = time.monotonic() + self._random_timeout() + election_s
-        self._pending: dict[int, tuple[Future, float]] = {}
+        self._pending: dict[int, tuple[CommitFuture, float]] = {}
         self.next_index = dict.fromkeys(self.peers, 1)
         self.match = dict.fromkeys(self.peers, 0)
         self.inflight: dict[str, float] = {}
@@ -159,8 +159,8 @@ class Core(Elections):
                 with self.mu:
                     self._advance_commit()
 
-    def submit(self, payload: bytes) -> Future:
-        fut: Future = Future()
+    def submit(self, payload: bytes) -> CommitFuture:
+        fut: CommitFuture = CommitFuture()
         if len(payload) > self.max_payload:
             fut.set_exception(ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}"))
             return fut

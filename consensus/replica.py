@@ -7,7 +7,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +14,7 @@ from typing import Literal
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from consensus import codec
+from consensus.commit_future import CommitFuture
 from consensus.core import LEADER, Core
 from consensus.errors import ReplicaClosed
 from consensus.logstore import LogStore
@@ -169,13 +169,13 @@ class Replica:
         return out
 
     # ---- proposals ----------------------------------------------------------------------------
-    def propose(self, payload: bytes) -> Future:
+    def propose(self, payload: bytes) -> CommitFuture:
         """Future of the committed index; fails with NotLeader(leader) when not leading,
         LeadershipLost when leadership ends before it commits (outcome unknown: it may still
         commit under the next leader), ValueError when larger than a quarter of the log region
         share of one peer (log_region_bytes / (n - 1) / 4)."""
         if self._closed or not self._started:
-            fut: Future = Future()
+            fut: CommitFuture = CommitFuture()
             fut.set_exception(ReplicaClosed("replica not running"))
             return fut
         fut = self.core.submit(bytes(payload))

@@ -13,9 +13,8 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
 
-from consensus import NotLeader, Peer, Replica, ReplicaConfig
+from consensus import CommitFuture, NotLeader, Peer, Replica, ReplicaConfig
 from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
 from tracer.tracer import Mode, Tracer
 
@@ -301,7 +300,7 @@ class Node:
         if ev.gated:
             future.add_done_callback(lambda f, ev=ev: self._release(ev, f))
 
-    def _release(self, ev: SocketEvent, future: Future | None) -> None:
+    def _release(self, ev: SocketEvent, future: CommitFuture | None) -> None:
         if future is not None and future.exception() is not None:
             log.warning("input on connection %d not committed (%s): held", ev.conn, future.exception())
             return
