@@ -1,6 +1,7 @@
 """The tracer sees a real server's socket inputs and outputs, from outside the process."""
 
 import base64
+import ctypes
 import json
 import os
 import signal
@@ -159,7 +160,15 @@ def test_threads_created_after_attach_are_followed_and_gated():
         server.stop()
 
 
-def test_forked_children_are_followed_and_their_inputs_seen():
+@pytest.fixture(params=[probes.TGID_SLOTS, 1], ids=["tgid-slots", "one-shared-tgid-slot"])
+def tgid_slots(request, monkeypatch) -> int:
+    """The probes' slots for supervised tgids; with one, a forked child's mode is in the
+    fallback hash, since its parent holds the slot."""
+    monkeypatch.setattr(probes, "TGID_SLOTS", request.param)
+    return request.param
+
+
+def test_forked_children_are_followed_and_their_inputs_seen(tgid_slots):
     server = python_server("forking_echo.py")
     try:
         with traced(server.pid, Mode.GATE) as (_tracer, rec):
@@ -172,6 +181,29 @@ def test_forked_children_are_followed_and_their_inputs_seen():
         assert inputs[0].pid != server.pid and inputs[0].gated
     finally:
         server.stop()
+
+
+def test_a_tgid_whose_slot_another_holds_is_captured_and_takes_the_slot_when_it_is_freed(redis):
+    client = redis_py.Redis(port=redis.port)
+    with traced(redis.pid, Mode.OBSERVE) as (tracer, rec):
+        p = tracer.probes
+        slot = ctypes.c_uint32(redis.pid % probes.TGID_SLOTS)
+        mode = p.tgid_slots[slot].mode
+        other = redis.pid + probes.TGID_SLOTS  # same slot
+        p.unsupervise_tgid(redis.pid)
+        p.supervise_tgid(other, mode)
+        p.supervise_tgid(redis.pid, mode)
+        assert p.tgid_slots[slot].tgid == other and p.tgids[ctypes.c_uint32(redis.pid)].value == mode
+        client.set("while-in-the-hash", "1")
+        p.unsupervise_tgid(other)
+        assert p.tgid_slots[slot].tgid == redis.pid and len(p.tgids) == 0
+        client.set("back-in-the-slot", "1")
+        client.close()
+        seen: list = []
+        while not any(e.is_eof for e in seen):
+            seen.append(rec.events.get(timeout=5))
+    data_in = b"".join(e.data for e in seen if e.dir is Direction.IN)
+    assert b"while-in-the-hash" in data_in and b"back-in-the-slot" in data_in
 
 
 def test_launch_mode_traces_a_server_started_under_it(tmp_path):

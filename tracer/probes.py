@@ -19,6 +19,7 @@ PREFILL_CONN_BASE = 1 << 40
 MAX_SNAPLEN = 16384  # an event is built in a per-CPU map value (at most 32 KiB)
 RINGBUF_PAGES = 8192  # 32 MiB; records take their real size, not the snap length
 ARG_SLOTS = 16384  # per-thread slots for a syscall's saved arguments (tid modulo this)
+TGID_SLOTS = 65536  # supervised tgids' modes (tgid modulo this; the tgids hash on a clash)
 
 
 class ProbeError(Exception):
@@ -46,7 +47,7 @@ class Probes:
             raise ProbeError(f"bcc is not importable ({exc}); run 'supervise doctor'") from None
         _ensure_tracefs()
         cflags = [f"-DSNAPLEN={snaplen}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
-                  f"-DARG_SLOTS={ARG_SLOTS}", "-w"]
+                  f"-DARG_SLOTS={ARG_SLOTS}", f"-DTGID_SLOTS={TGID_SLOTS}", "-w"]
         try:
             self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
         except Exception as exc:
@@ -54,12 +55,14 @@ class Probes:
                 f"could not compile or load {BPF_SOURCE.name}: {exc}; run 'supervise doctor'"
             ) from None
         self.snaplen = snaplen
+        self.tgid_slots = self.bpf[b"tgid_slots"]
         self.tgids = self.bpf[b"tgids"]
         self.tids = self.bpf[b"tids"]
         self.socks = self.bpf[b"socks"]
         self.counters = self.bpf[b"counters"]
         self.args = self.bpf[b"args"]
         self._prefill_next = PREFILL_CONN_BASE + 1
+        self._slots_held: set[int] = set()
 
     def open_events(self, callback: Callable[[tuple, bytes], None]) -> int:
         """Route ring-buffer records to ``callback(header, payload)``: the fields of EVENT_HEADER
@@ -85,10 +88,32 @@ class Probes:
         self.bpf.ring_buffer_consume()
 
     def supervise_tgid(self, tgid: int, mode: int) -> None:
-        self.tgids[ctypes.c_uint32(tgid)] = ctypes.c_uint32(mode)
+        """Capture the tgid's syscalls in ``mode`` (MODE_*), or change its mode."""
+        idx = ctypes.c_uint32(tgid % TGID_SLOTS)
+        holder = self.tgid_slots[idx].tgid
+        if holder in (0, tgid):
+            self.tgid_slots[idx] = self.tgid_slots.Leaf(tgid, mode)
+            self._slots_held.add(idx.value)
+        else:
+            self.tgids[ctypes.c_uint32(tgid)] = ctypes.c_uint32(mode)
+
+    def unsupervise_tgid(self, tgid: int) -> None:
+        """Stop capturing the tgid's syscalls. A tgid that waited in the hash for this slot
+        moves into it before it leaves the hash, so that its lookups never miss."""
+        self.tgids.pop(ctypes.c_uint32(tgid), None)
+        idx = ctypes.c_uint32(tgid % TGID_SLOTS)
+        if self.tgid_slots[idx].tgid != tgid:
+            return
+        waiting = [(k.value, v.value) for k, v in self.tgids.items() if k.value % TGID_SLOTS == idx.value]
+        if waiting:
+            self.tgid_slots[idx] = self.tgid_slots.Leaf(*waiting[0])
+            self.tgids.pop(ctypes.c_uint32(waiting[0][0]), None)
+        else:
+            self.tgid_slots[idx] = self.tgid_slots.Leaf(0, 0)
+            self._slots_held.discard(idx.value)
 
     def forget_tgid(self, tgid: int) -> None:
-        self.tgids.pop(ctypes.c_uint32(tgid), None)
+        self.unsupervise_tgid(tgid)
         for key in [k for k in self.socks.keys() if k.tgid == tgid]:
             self.socks.pop(key, None)
 
@@ -137,6 +162,8 @@ class Probes:
         return int(self.counters[ctypes.c_int(2)].value)
 
     def close(self) -> None:
+        for idx in self._slots_held:
+            self.tgid_slots[ctypes.c_uint32(idx)] = self.tgid_slots.Leaf(0, 0)
         for table in (self.tgids, self.tids):
             table.clear()
         self.bpf.cleanup()

@@ -273,7 +273,7 @@ class TaskControl:
         """Stop gating, then detach thread by thread so that no SIGSTOP is left behind."""
         assert self.probes is not None
         for tgid in list(self._tgids):
-            self.probes.tgids.pop(self.probes.tgids.Key(tgid), None)
+            self.probes.unsupervise_tgid(tgid)
         self._pump_events()
         for thread in list(self._threads.values()):
             if thread.gate_stopped:

@@ -13,7 +13,7 @@
 #define MODE_OBSERVE 1
 #define MODE_GATE 2
 #define MODE_TRACE 3        // observe, and wake the reader once per WAKE_EVERY events a CPU
-#define WAKE_EVERY 64
+#define WAKE_EVERY 4096
 #define RB_NO_WAKEUP 1
 #define RB_FORCE_WAKEUP 2
 
@@ -80,7 +80,19 @@ struct event {
 };
 _Static_assert(__builtin_offsetof(struct event, data) == 100, "EVENT_HEADER in tracer/probes.py");
 
-BPF_HASH(tgids, u32, u32, 1024);                 // supervised tgid -> mode
+// Supervised tgid -> mode: in the tgid's slot of tgid_slots (tgid modulo TGID_SLOTS), or in the
+// tgids hash when another supervised tgid holds that slot. Syscall tracepoints fire for every
+// process on the machine, and for all but the supervised ones this array lookup is all a probe
+// does: a hash lookup there cost each of their syscalls more than 100 ns.
+#ifndef TGID_SLOTS
+#define TGID_SLOTS 65536
+#endif
+struct tgid_slot {
+    u32 tgid;
+    u32 mode;
+};
+BPF_ARRAY(tgid_slots, struct tgid_slot, TGID_SLOTS);
+BPF_HASH(tgids, u32, u32, 1024);
 BPF_HASH(tids, u32, u8, 65536);                  // seized thread ids (gating applies only to these)
 BPF_HASH(socks, struct sock_key, struct sock_val, 65536);
 // Arguments saved at syscall entry, until its exit: in the thread's slot of arg_slots (tid modulo
@@ -96,6 +108,18 @@ BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2
 BPF_PERCPU_ARRAY(scratch, struct event, 1);      // an event is built here, then copied out at its size
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(unwoken, u32, 1);               // MODE_TRACE: events since this CPU last woke the reader
+
+// The tgid's mode, 0 when it is not supervised.
+static __always_inline u32 mode_of(u32 tgid) {
+    u32 idx = tgid % TGID_SLOTS;
+    struct tgid_slot *slot = tgid_slots.lookup(&idx);
+    if (!slot || slot->tgid == 0)
+        return 0;
+    if (slot->tgid == tgid)
+        return slot->mode;
+    u32 *mode = tgids.lookup(&tgid);
+    return mode ? *mode : 0;
+}
 
 static __always_inline u64 next_counter(u32 idx) {
     u64 *v = counters.lookup(&idx);
@@ -151,7 +175,7 @@ static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrle
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     u32 tid = (u32)id;
-    if (!tgids.lookup(&tgid))
+    if (!mode_of(tgid))
         return 0;
     struct sock_key key = {.tgid = tgid, .fd = fd};
     struct sock_val *sv = socks.lookup(&key);
@@ -176,7 +200,7 @@ static __always_inline int save_untracked(u32 call, s32 fd, u64 count) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     u32 tid = (u32)id;
-    if (!tgids.lookup(&tgid))
+    if (!mode_of(tgid))
         return 0;
     struct saved_args a = {.call = call, .fd = fd, .count = count};
     store_args(tid, &a);
@@ -217,6 +241,17 @@ static __always_inline int finish(s64 ret) {
     u32 tgid = id >> 32;
     u32 tid = (u32)id;
     struct saved_args *slot;
+    // Read at exit, not saved at entry: a thread blocked in read when gating begins is held.
+    u32 mode = mode_of(tgid);
+    if (!mode) {
+        // Arguments saved before the tgid stopped being supervised may be left in the args
+        // hash, which a tracer's probes outlive no longer than it does; an unsupervised
+        // thread's exit must not pay a hash lookup.
+        slot = slot_of(tid);
+        if (slot && slot->owner == tid)
+            drop_args(tid, slot);
+        return 0;
+    }
     struct saved_args *a = saved_args_of(tid, &slot);
     if (!a)
         return 0;
@@ -317,22 +352,23 @@ static __always_inline int finish(s64 ret) {
         }
     }
 
-    u32 *mode = tgids.lookup(&tgid);
-    if (input && mode && *mode == MODE_GATE && tids.lookup(&tid)) {
+    if (input && mode == MODE_GATE && tids.lookup(&tid)) {
         e->gated = 1;
         bpf_send_signal_thread(SIGSTOP_NR);
     }
     // A wake-up per event costs the traced thread more than the event itself (on a VM, an exit
     // to the hypervisor). A gating tracer is woken by a held thread's stop and reads the ring
     // then, so only inputs that are not held wake it; the rest wait for that or its 20 ms poll.
-    // A tracer that only prints takes them in batches (and polls every 20 ms for the rest).
+    // A tracer that only prints reads them on its 20 ms poll: 32 MiB of ring holds seconds of
+    // events, and a wake-up per 64 events cost each event about 250 ns of probe time (an
+    // interrupt raised on the traced thread's CPU; a VM exit). One per 4096 remains, in case.
     // Without FORCE, the ring wakes the reader only if it has read every earlier record: behind
     // a record written with NO_WAKEUP, a default record wakes nobody. So an observer (whose
     // replayer waits on each input) must keep the default for every record.
     u64 wake = 0;
-    if (mode && *mode == MODE_GATE && (e->gated || !input))
+    if (mode == MODE_GATE && (e->gated || !input))
         wake = RB_NO_WAKEUP;
-    if (mode && *mode == MODE_TRACE) {
+    if (mode == MODE_TRACE) {
         u32 *n = unwoken.lookup(&zero);
         wake = RB_NO_WAKEUP;
         if (n && ++*n >= WAKE_EVERY) {
