@@ -244,9 +244,9 @@ static __always_inline int finish(s64 ret) {
     // Read at exit, not saved at entry: a thread blocked in read when gating begins is held.
     u32 mode = mode_of(tgid);
     if (!mode) {
-        // Arguments saved before the tgid stopped being supervised may be left in the args
-        // hash, which a tracer's probes outlive no longer than it does; an unsupervised
-        // thread's exit must not pay a hash lookup.
+        // Its slot is freed; arguments it saved in the args hash before its tgid stopped being
+        // supervised stay there until the probes unload, since an unsupervised thread's exit
+        // must not pay a hash lookup.
         slot = slot_of(tid);
         if (slot && slot->owner == tid)
             drop_args(tid, slot);
