@@ -55,6 +55,20 @@ FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-fo
                "pause-leader", "pause-follower", "flaky-leader", "flaky-follower")
 
 
+def leaderless_stretches(leaders: list[dict]) -> dict:
+    """Stretches without a gating leader in the monitor's timeline (``{"t", "leader"}`` entries,
+    leader None when none gates): how many ended, the longest and their sum, in seconds."""
+    spans, since = [], None
+    for entry in leaders:
+        if entry["leader"] is None:
+            since = entry["t"] if since is None else since
+        elif since is not None:
+            spans.append(entry["t"] - since)
+            since = None
+    return {"count": len(spans), "longest_s": round(max(spans, default=0.0), 1),
+            "total_s": round(sum(spans), 1), "over_30s": sum(1 for x in spans if x >= 30)}
+
+
 @dataclass
 class Campaign:
     seed: int
@@ -444,7 +458,8 @@ class Campaign:
             "faults": len(self.faults), "fault_kinds": dict(sorted(fault_counts.items())),
             "fault_timeline": self.faults,
             "leader_changes": max(0, sum(1 for x in self.leaders if x["leader"]) - 1),
-            "leaders": self.leaders, "supervisor_exits": self.exits, "anomalies": self.anomalies,
+            "leaders": self.leaders, "leaderless": leaderless_stretches(self.leaders),
+            "supervisor_exits": self.exits, "anomalies": self.anomalies,
             "stale_vips_removed_by_harness": self.stale_vips, "warnings": self.warnings,
             "convergence": {k: v for k, v in convergence.items() if k != "values"},
             "verdicts": {k: {"result": v.result, "ops": v.ops, "indeterminate": v.indeterminate,
@@ -466,6 +481,9 @@ class Campaign:
         lines += [f"  {k:30s} {v}" for k, v in out["fault_kinds"].items()]
         chain = " -> ".join(f"{x['leader']}@{x['ballot']}" if x["leader"] else "none" for x in self.leaders)
         lines.append(f"leader changes: {out['leader_changes']} ({chain})")
+        gaps = out["leaderless"]
+        lines.append(f"without a gating leader: {gaps['count']} stretches, {gaps['total_s']} s in all, "
+                     f"the longest {gaps['longest_s']} s, {gaps['over_30s']} of 30 s or more")
         lines.append(f"supervisor exits: {self.exits}")
         lines.append(f"anomalies (safety: divergence, final reads): {self.anomalies or 'none'}")
         lines.append(f"warnings (availability, VIP): {self.warnings or 'none'}")

@@ -5,7 +5,7 @@ runs: see README.md."""
 
 from __future__ import annotations
 
-from .campaign import Campaign
+from .campaign import Campaign, leaderless_stretches
 
 
 def test_fault_campaign_seed_7_is_linearizable_and_converges():
@@ -18,3 +18,11 @@ def test_fault_campaign_seed_7_is_linearizable_and_converges():
     bad = {k: v for k, v in summary["verdicts"].items() if v["result"] != "ok"}
     assert not bad, bad
     assert summary["passed"]
+
+
+def test_stretches_without_a_gating_leader_are_measured_between_the_monitors_entries():
+    timeline = [{"t": 5.0, "leader": "n1"}, {"t": 6.0, "leader": None}, {"t": 7.5, "leader": "n2"},
+                {"t": 40.0, "leader": None}, {"t": 41.0, "leader": None}, {"t": 75.0, "leader": "n3"},
+                {"t": 90.0, "leader": None}]
+    assert leaderless_stretches(timeline) == {"count": 2, "longest_s": 35.0, "total_s": 36.5,
+                                              "over_30s": 1}
