@@ -112,9 +112,6 @@ class ShmQP(QueuePair):
         return ent
 
     # -- work requests -----------------------------------------------------------------------
-    def _local_bad(self, local: MemoryRegion, offset: int, length: int, need_write: bool) -> bool:
-        return not (type(local) is ShmMR and local.holds(self._pd, offset, length, need_write))
-
     def _remote(self, rkey: int, need: int) -> tuple | None:
         """The peer's region ``rkey`` while it is still registered with access ``need``, else None."""
         ent = self._rcache.get(rkey) or self._map_remote(rkey)
@@ -147,7 +144,7 @@ class ShmQP(QueuePair):
     ) -> None:
         if self._state is not QPState.RTS or self._pb32[0] != RTS:
             return self._post_in_err(wr_id, OP_WRITE)
-        if self._local_bad(local, local_offset, length, False):
+        if not ShmMR.grants(local, self._pd, local_offset, length, False):
             return self._fail(wr_id, OP_WRITE, WCStatus.LOC_PROT_ERR)
         end = local_offset + length
         dst = self._remote_span(rkey, ACC_REMOTE_WRITE, remote_addr, length)
@@ -181,7 +178,7 @@ class ShmQP(QueuePair):
     ) -> None:
         if self._state is not QPState.RTS or self._pb32[0] != RTS:
             return self._post_in_err(wr_id, OP_READ)
-        if self._local_bad(local, local_offset, length, True):
+        if not ShmMR.grants(local, self._pd, local_offset, length, True):
             return self._fail(wr_id, OP_READ, WCStatus.LOC_PROT_ERR)
         src = self._remote_span(rkey, ACC_REMOTE_READ, remote_addr, length)
         if src is None:
@@ -201,7 +198,7 @@ class ShmQP(QueuePair):
     ) -> None:
         if self._state is not QPState.RTS or self._pb32[0] != RTS:
             return self._post_in_err(wr_id, OP_SEND)
-        if self._local_bad(local, local_offset, length, False):
+        if not ShmMR.grants(local, self._pd, local_offset, length, False):
             return self._fail(wr_id, OP_SEND, WCStatus.LOC_PROT_ERR)
         end = local_offset + length
         with self._lock:
@@ -223,7 +220,7 @@ class ShmQP(QueuePair):
             self._scq.push(WorkCompletion(wr_id, SUCCESS, OP_SEND, self.qp_num, length))
 
     def post_recv(self, local: MemoryRegion, local_offset: int, length: int, wr_id: int) -> None:
-        if self._local_bad(local, local_offset, length, True):
+        if not ShmMR.grants(local, self._pd, local_offset, length, True):
             raise VerbsError("post_recv: buffer outside the region, foreign PD or no LOCAL_WRITE access")
         if self._state is QPState.ERR:
             self._rcq.push(WorkCompletion(wr_id, FLUSH, OP_RECV, self.qp_num))

@@ -145,11 +145,14 @@ class SoftMR(MemoryRegion):
     def buf(self) -> memoryview:
         return self.view
 
-    def holds(self, pd: object, offset: int, length: int, need_write: bool) -> bool:
-        """Still registered with ``pd``, spanning [offset, offset + length), and locally writable
-        when ``need_write``: the local protection check of every work request."""
-        return (self.valid and self.pd is pd and 0 <= offset <= offset + length <= self.length
-                and (not need_write or self.access_bits & _LOCAL_WRITE))
+    @classmethod
+    def grants(cls, local: MemoryRegion, pd: object, offset: int, length: int, need_write: bool) -> bool:
+        """The local protection check of every work request: ``local`` is a region of this
+        provider, still registered with ``pd``, spans [offset, offset + length), and is locally
+        writable when ``need_write``."""
+        return (type(local) is cls and local.valid and local.pd is pd
+                and 0 <= offset <= offset + length <= local.length
+                and (not need_write or local.access_bits & _LOCAL_WRITE))
 
     def close(self) -> None:
         if not self.valid:

@@ -87,15 +87,12 @@ class TcpQP(Responder, QueuePair):
         self._rx.start()
 
     # -- posting -----------------------------------------------------------------------------
-    def _local_bad(self, local: MemoryRegion, offset: int, length: int, need_write: bool) -> bool:
-        return not (type(local) is SoftMR and local.holds(self._pd, offset, length, need_write))
-
     def post(
         self, op: int, opcode: WCOpcode, wr_id: int, signaled: bool, local, loff, length, addr, rkey, imm
     ):
         if self._state is not QPState.RTS:
             return self._post_in_err(wr_id, opcode)
-        if self._local_bad(local, loff, length, op == READ):
+        if not SoftMR.grants(local, self._pd, loff, length, op == READ):
             return self._decided(wr_id, opcode, WCStatus.LOC_PROT_ERR)
         if len(self._pending) >= 512:  # unpolled acknowledgements must not fill the socket buffers
             self._drain()
@@ -145,8 +142,7 @@ class TcpQP(Responder, QueuePair):
             and self._state is QPState.RTS
             and self.faults is None
             and length <= SMALL
-            and type(local) is SoftMR
-            and local.holds(self._pd, local_offset, length, False)
+            and SoftMR.grants(local, self._pd, local_offset, length, False)
             and len(self._pending) < 512
         ):
             with self._slock:
@@ -226,7 +222,7 @@ class TcpQP(Responder, QueuePair):
             view = view[n:]
 
     def post_recv(self, local: MemoryRegion, local_offset: int, length: int, wr_id: int) -> None:
-        if self._local_bad(local, local_offset, length, True):
+        if not SoftMR.grants(local, self._pd, local_offset, length, True):
             raise VerbsError("post_recv: buffer outside the region, foreign PD or no LOCAL_WRITE access")
         if self._state is QPState.ERR:
             self._rcq.push(WorkCompletion(wr_id, FLUSH, OP_RECV, self.qp_num))
