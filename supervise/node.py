@@ -4,7 +4,8 @@ logic that turns one into the other.
 Leader: every input of the server (accept, data, client EOF) is held by the tracer, proposed as
 a log entry, and released once committed. Follower: committed entries are replayed into the
 local server. Failover: the new leader first replays everything committed, then commits CLOSE
-for the connections of the old leadership, then starts gating its own clients.
+for the connections of the old leadership, then starts gating its own clients. A leader that
+loses leadership keeps its copy: the log decides the inputs it still holds (own_conns.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .config import ClusterConfig, NodeConfig
 from .digest import OutputChecker
 from .entries import Entry, EntryError, Kind, decode
 from .metrics import NodeMetrics
+from .own_conns import LostInput, OwnConn, OwnConnections
 from .replayer import Replayer
 from .server_address import ServerAddress
 
@@ -53,7 +55,7 @@ class Node:
         self.exit_code = 0
         self.checker = OutputChecker()
         self.replayer = Replayer(me.server_host, me.server_port, self._on_replay_output, self._on_stray)
-        self._live: dict[int, tuple[int, int]] = {}
+        self.own = OwnConnections(self._release_held, self._refuse_held)
         self._digested: dict[tuple[int, int], int] = {}
         self._barrier: tuple[bytes, threading.Event] | None = None
         self._vip = None
@@ -62,7 +64,7 @@ class Node:
         self._taking_over = False
         self._lost_reported = 0
         metrics.track(len(cluster.nodes),
-                      lambda: len(self._live) if self.leading else len(self.replayer.conns),
+                      lambda: self.own.open_count() if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.stats.held if self.tracer else 0,
                       self._lost_events)
 
@@ -107,7 +109,8 @@ class Node:
 
     def shutdown(self) -> None:
         """A follower leaves its server running; a leader steps down first and its server, which
-        holds its own clients' connections, leaves the service with it (PTRACE_O_EXITKILL)."""
+        holds its own clients' connections, leaves the service with it (PTRACE_O_EXITKILL), as
+        does the server of a former leader whose held inputs the log has not decided yet."""
         self.replayer.abandon()
         if self.leading and self.replica is not None:
             self._stepping_down = True
@@ -116,7 +119,7 @@ class Node:
         if self.replica is not None:
             self.replica.close()
         self._drop_vip()
-        if self.leading and self.server_pid:
+        if (self.leading or self.own.unsettled) and self.server_pid:
             log.warning("leader leaving: its server (pid %d) leaves the service with it", self.server_pid)
             try:
                 os.kill(self.server_pid, 9)
@@ -159,12 +162,21 @@ class Node:
         except EntryError as exc:
             log.error("entry %d is not a supervisor entry (%s): skipped", index, exc)
             return
+        if self.own.ends_leadership(entry):
+            self._settle()
         if entry.kind is Kind.BARRIER:
             if self._barrier is not None and self._barrier[0] == entry.data:
                 self._barrier[1].set()
             return
-        if self.leading and entry.epoch == self.epoch:
-            return  # this leadership's own inputs: the server already consumed them
+        try:
+            if self.own.delivered(payload, entry):
+                return  # input of this node's own clients: its server consumed it when it committed
+        except LostInput as exc:
+            log.error("%s: this copy no longer matches the log and leaves the service; restart the "
+                      "node with a fresh server to rejoin", exc)
+            self.exit_code = LOST_LEADERSHIP_EXIT
+            self.fatal.set()
+            return
         if self.diverged:
             return
         if entry.kind is Kind.DIGEST:
@@ -183,12 +195,23 @@ class Node:
             threading.Thread(target=self._become_leader, args=(ballot,), name="failover",
                              daemon=True).start()
         elif role != "leader" and self.leading and not self._stepping_down:
-            log.error("lost leadership (ballot %d, leader now %s) while gating: this copy answered "
-                      "clients on its own and leaves the service; restart the node with a fresh "
-                      "server to rejoin", ballot, leader)
+            held = self.own.depose(self.epoch)  # first: the tracer thread then holds what comes
+            self.leading = False
+            self.metrics.leader.set(0)
             self._drop_vip()
-            self.exit_code = LOST_LEADERSHIP_EXIT
-            self.fatal.set()
+            log.warning("lost leadership (ballot %d, leader now %s) while gating: %d inputs stay held "
+                        "until the log decides them, then this copy follows the log", ballot, leader,
+                        held)
+
+    def _settle(self) -> None:
+        """The log went on past this node's last leadership: what it still held will never
+        commit. Refuse it, close the old clients' connections, and follow."""
+        assert self.tracer is not None
+        closed = self.own.settle(self.server_pid)
+        if not self.leading:
+            self.tracer.set_mode(Mode.OBSERVE)
+        log.info("the log went on past this node's leadership: refused the inputs it still held and "
+                 "closed %d connections of its clients; following", closed)
 
     def _become_leader(self, ballot: int) -> None:
         """Replay all that is committed, close the old leadership's connections, then gate.
@@ -228,7 +251,7 @@ class Node:
             if self.replica.applied_index == applied:
                 raise TimeoutError("the replay made no progress for 5 s")
             applied = self.replica.applied_index
-        stale = self.replayer.open_connections()
+        stale = self.replayer.open_connections() + sorted(self.own.orphans)
         for cid in stale:
             self.replica.propose(Entry(Kind.CLOSE, cid[0], cid[1]).encode())
         if stale:
@@ -245,31 +268,35 @@ class Node:
     # ---- tracer callbacks (tracer thread) -----------------------------------------------------
 
     def _on_event(self, ev: SocketEvent) -> None:
-        if self.leading and (ev.conn in self._live or ev.call in ACCEPTS):
-            self._lead_event(ev)
+        if self.leading:
+            own = self.own.by_conn.get(ev.conn)
+            if (own is not None and not own.closing) or ev.call in ACCEPTS:
+                self._lead_event(ev, own)
+                return
+        elif self.own.by_conn and self.own.on_event(ev):
             return
-        self.replayer.on_server_event(ev)
+        replayed = self.replayer.on_server_event(ev)
         if ev.gated:
-            if ev.call in READS and ev.ret > 0:
-                # a client that was connected to this copy before it led: its input is not in
-                # the log, so the server must never see it
+            if ev.call in READS and ev.ret > 0 and not replayed:
+                # a client connected to this copy directly: its input is not in the log, so
+                # the server must never see it
                 log.warning("refused %d input bytes on connection %d, which is not in the log; the "
                             "server drops it", ev.ret, ev.conn)
                 self.tracer.refuse(ev)
             else:
-                self.tracer.release(ev)  # the end of a connection of the old leadership
+                self.tracer.release(ev)
 
-    def _lead_event(self, ev: SocketEvent) -> None:
+    def _lead_event(self, ev: SocketEvent, own: OwnConn | None) -> None:
         assert self.replica is not None and self.tracer is not None
         if ev.call in ACCEPTS:
             if ev.fd not in self.listen_fds:
                 self._release(ev, None)
                 return
-            cid = (self.epoch, ev.conn)
-            self._live[ev.conn] = cid
-            self._propose(ev, Entry(Kind.CONNECT, *cid))
+            own = self.own.accepted((self.epoch, ev.conn), ev.conn, ev.ret)
+            self._propose(own, Entry(Kind.CONNECT, *own.cid), ev)
             return
-        cid = self._live[ev.conn]
+        assert own is not None
+        cid = own.cid
         if ev.dir is Direction.OUT:
             self.checker.output(cid, ev.data, ev.ret)
             self.metrics.output_bytes.inc(ev.ret)
@@ -277,37 +304,54 @@ class Node:
             if ev.ret > 0:
                 self.metrics.input_bytes.inc(ev.ret)
                 for start in range(0, len(ev.data) - MAX_CHUNK, MAX_CHUNK):
-                    self.replica.propose(Entry(Kind.DATA, *cid, ev.data[start:start + MAX_CHUNK]).encode())
+                    self._propose(own, Entry(Kind.DATA, *cid, ev.data[start:start + MAX_CHUNK]), None)
                 last = (len(ev.data) - 1) // MAX_CHUNK * MAX_CHUNK
-                self._propose(ev, Entry(Kind.DATA, *cid, ev.data[last:]))
+                self._propose(own, Entry(Kind.DATA, *cid, ev.data[last:]), ev)
             else:
-                self._close_live(ev.conn, cid)
-                self._propose(ev, Entry(Kind.CLOSE, *cid))
+                self._close_live(own)
+                self._propose(own, Entry(Kind.CLOSE, *cid), ev)
         elif ev.call is Call.CLOSE:
-            self._close_live(ev.conn, cid)
-            self.replica.propose(Entry(Kind.CLOSE, *cid).encode())
+            self._close_live(own)
+            self._propose(own, Entry(Kind.CLOSE, *cid), None)
 
-    def _close_live(self, conn: int, cid: tuple[int, int]) -> None:
-        self._live.pop(conn, None)
+    def _close_live(self, own: OwnConn) -> None:
+        assert self.replica is not None
+        own.closing = True
+        cid = own.cid
         offset, crc = self.checker.digest(cid)
         if offset and self._digested.get(cid) != offset:
             self.replica.propose(Entry(Kind.DIGEST, *cid, offset=offset, crc=crc).encode())
         self._digested.pop(cid, None)
         self.checker.forget(cid)
 
-    def _propose(self, ev: SocketEvent, entry: Entry) -> None:
-        future = self.replica.propose(entry.encode())
-        if ev.gated:
-            future.add_done_callback(lambda f, ev=ev: self._release(ev, f))
+    def _propose(self, own: OwnConn, entry: Entry, ev: SocketEvent | None) -> None:
+        """Propose an entry of an own connection; the commit of ``ev``'s entry releases it."""
+        assert self.replica is not None
+        held = ev if ev is not None and ev.gated else None
+        payload = entry.encode()
+        self.own.proposed(own, payload, held)  # first: the commit may be delivered before propose returns
+        future = self.replica.propose(payload)
+        if held is not None:
+            future.add_done_callback(lambda f, ev=held: self._release(ev, f))
 
     def _release(self, ev: SocketEvent, future: CommitFuture | None) -> None:
         if future is not None and future.exception() is not None:
-            log.warning("input on connection %d not committed (%s): held", ev.conn, future.exception())
+            log.warning("input on connection %d not committed (%s): held until the log decides it",
+                        ev.conn, future.exception())
             return
         self.tracer.release(ev)
         held, hold_time = self.metrics.call(ev.call.syscall)
         held.inc()
         hold_time.observe(max(0.0, time.time() - ev.t))
+
+    def _release_held(self, ev: SocketEvent) -> None:
+        assert self.tracer is not None
+        self.tracer.release(ev)
+
+    def _refuse_held(self, ev: SocketEvent) -> None:
+        assert self.tracer is not None
+        log.info("refused %d input bytes on connection %d: the log did not take them", ev.ret, ev.conn)
+        self.tracer.refuse(ev)
 
     def _on_replay_output(self, cid: tuple[int, int], data: bytes, length: int) -> None:
         self.checker.output(cid, data, length)
@@ -370,7 +414,7 @@ class Node:
             self._report_lost_events()
             if not self.leading or self.replica is None:
                 continue
-            for cid in list(self._live.values()):
+            for cid in self.own.open_cids(self.epoch):
                 offset, crc = self.checker.digest(cid)
                 if offset and self._digested.get(cid) != offset:
                     self._digested[cid] = offset

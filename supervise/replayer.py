@@ -178,7 +178,8 @@ class Replayer:
 
     # ---- the local server, as the tracer sees it (tracer thread) ------------------------------
 
-    def on_server_event(self, event: SocketEvent) -> None:
+    def on_server_event(self, event: SocketEvent) -> bool:
+        """Account for an event of the local server; False when it is not on a replayed connection."""
         if event.call in ACCEPTS:
             with self._lock:
                 conn = self._by_peer.get(event.peer or "")
@@ -187,12 +188,12 @@ class Replayer:
                     self._by_server_conn[event.conn] = conn
             if conn is None:
                 self.on_stray(event)
-            return
+            return conn is not None
         conn = self._by_server_conn.get(event.conn)
         if conn is None:
             if event.call in READS and event.ret > 0:
                 self.on_stray(event)  # input the log does not hold
-            return
+            return False
         if event.dir is Direction.OUT:
             self.on_output(conn.cid, event.data, event.ret)
         elif event.call in READS:
@@ -206,6 +207,7 @@ class Replayer:
             with conn.cond:
                 conn.server_closed = True
                 conn.cond.notify_all()
+        return True
 
     # ---- replies --------------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ import threading
 import time
 
 import redis as redis_py
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from supervise.localcluster import LocalCluster
 
@@ -20,8 +22,10 @@ def _writer(cluster, index, acked, stop, errors):
         try:
             if client is None:
                 leader = cluster.wait_leader(timeout=30)
+                # no retries of its own: it would reconnect to the same copy, even one that no
+                # longer leads (a stray client there)
                 client = redis_py.Redis(port=leader.server_port, socket_timeout=5,
-                                        socket_connect_timeout=2)
+                                        socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
             key = f"w{index}:{seq}"
             client.set(key, seq)
             acked.append(key)
@@ -100,3 +104,52 @@ def test_sigterm_leader_hands_over_and_a_follower_leaves_its_server_running():
         assert redis_py.Redis(port=follower.server_port).get("after") == b"handover"
         status = open(f"/proc/{follower.server.pid}/status").read()
         assert "TracerPid:\t0" in status
+
+
+def test_a_leader_paused_past_its_leadership_keeps_its_copy_and_follows():
+    """The paused leader's held inputs are decided by the log: it neither exits nor needs a
+    fresh server, and its copy ends identical to the others."""
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        try:
+            cluster.start(timeout=120)
+            old = cluster.wait_leader()
+            acked: list[str] = []
+            errors: list[BaseException] = []
+            stop = threading.Event()
+            writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop, errors))
+                       for i in range(8)]
+            for w in writers:
+                w.start()
+            try:
+                while len(acked) < 300:
+                    time.sleep(0.05)
+                old.supervisor.send_signal(signal.SIGSTOP)
+                try:
+                    new = cluster.wait_leader(timeout=30, exclude=old.name)
+                finally:
+                    old.supervisor.send_signal(signal.SIGCONT)
+                before = len(acked)
+                deadline = time.monotonic() + 60
+                while len(acked) < before + 300 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                stop.set()
+                for w in writers:
+                    w.join(30)
+            assert not errors
+            assert len(acked) >= before + 300, "clients went on with the new leader"
+            cluster.wait_applied(timeout=60)
+            assert old.supervisor.poll() is None, old.log_path.read_text()[-3000:]
+            log_text = old.log_path.read_text()
+            assert "lost leadership" in log_text and "went on past this node's leadership" in log_text
+            docs = {n.name: n.status() for n in cluster.nodes}
+            assert docs[old.name]["role"] == "follower" and not docs[old.name]["gating"], docs
+            assert all(not d["diverged"] for d in docs.values()), docs
+            values = redis_py.Redis(port=new.server_port).mget(acked)
+            missing = [k for k, v in zip(acked, values, strict=True) if v is None]
+            assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+            snaps = {n.name: redis_snapshot(n.server_port) for n in cluster.nodes}
+            assert snaps[old.name] == snaps[new.name]
+        except BaseException:
+            print(cluster.logs())
+            raise

@@ -1,6 +1,6 @@
 """Three network-namespace hosts over tcp with a VIP: clients use only the VIP, before and after
 the leader's host is cut off; every write acknowledged before the cut is on the new leader; the
-old leader drops the VIP; healed and restarted with a fresh server, it converges."""
+old leader drops the VIP; healed, it keeps its copy and converges without a restart."""
 
 from __future__ import annotations
 
@@ -75,16 +75,15 @@ def test_clients_use_only_the_vip_before_and_after_the_leaders_host_is_cut_off()
             assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
             assert all(k in set(acked) for k in before_cut)
 
-            # the old leader lost its majority, dropped the VIP and left (status 3)
+            # the old leader lost its majority and dropped the VIP, but keeps its copy
             _wait(lambda: cluster.vip_holders() == [new.name], 20,
                   f"VIP holders {cluster.vip_holders()}, expected only {new.name}")
-            _wait(lambda: old.supervisor.poll() is not None, 20, "the cut-off leader kept running")
-            assert old.supervisor.returncode == 3
+            assert old.supervisor.poll() is None
 
-            # healed and restarted with a fresh server it replays the log and converges
+            # healed, it lets the log decide what it held, follows and converges, not restarted
             cluster.heal(old)
-            cluster.restart(old)
             cluster.wait_applied(timeout=60)
+            assert old.supervisor.poll() is None
             docs = cluster.statuses()
             assert all(d is not None and not d["diverged"] for d in docs.values()), docs
             snaps = {n.name: cluster.snapshot(n, acked) for n in cluster.nodes}

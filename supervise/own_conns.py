@@ -1,0 +1,221 @@
+"""The connections a node's own server accepted while the node led, and how a node that stops
+leading keeps its copy of the server.
+
+A leader's server consumes only committed input: each input's thread is held until its entry
+commits. So when leadership ends, the copy is the log's up to the proposals still in flight,
+whose threads are still held. The log decides them: a proposal may yet commit (a new leader's log
+holds it before anything of its own) or never. The node keeps those threads held and goes on
+delivering the log. An own entry that commits releases the input it carried. The first entry of
+a later leadership settles the rest: nothing of ours can commit after it, so every input still
+held is refused (its syscall fails with ECONNRESET and the server drops the connection) and every
+own connection is shut down, which is what the next entries (that leader's CLOSE for each of
+them) do on every other copy. Then the copy is the log's again and the node follows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from tracer.events import READS, Call, SocketEvent
+
+from .entries import Entry, Kind
+
+log = logging.getLogger("supervise")
+
+SETTLE_CLOSE_TIMEOUT = 2.0
+_SYS_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
+
+Cid = tuple[int, int]
+
+
+@dataclass(eq=False)
+class OwnConn:
+    cid: Cid
+    conn: int
+    fd: int
+    closing: bool = False  # its CLOSE is proposed: later events on it are not logged
+    server_closed: bool = False
+    # proposals not yet delivered, each with the held input its commit releases
+    inflight: deque[tuple[bytes, SocketEvent | None]] = field(default_factory=deque)
+    unlogged: list[SocketEvent] = field(default_factory=list)  # held after leadership ended
+
+
+class OwnConnections:
+    """Bookkeeping for the node: ``accepted`` and ``proposed`` on the tracer thread while leading,
+    ``delivered`` and ``settle`` on the delivery thread, ``on_event`` on the tracer thread after
+    leadership ended. ``release`` and ``refuse`` hand a held input back to the tracer."""
+
+    def __init__(self, release: Callable[[SocketEvent], None],
+                 refuse: Callable[[SocketEvent], None]) -> None:
+        self._release = release
+        self._refuse = refuse
+        self._lock = threading.Lock()
+        self._closed = threading.Condition(self._lock)
+        self.by_conn: dict[int, OwnConn] = {}
+        self.by_cid: dict[Cid, OwnConn] = {}
+        self.epochs: set[int] = set()
+        self.deposed: int | None = None  # the epoch whose leadership ended, until settled
+        self.orphans: set[Cid] = set()  # shut down here before any CLOSE for them committed
+
+    # ---- while leading (tracer thread) ---------------------------------------------------------
+
+    def accepted(self, cid: Cid, conn: int, fd: int) -> OwnConn:
+        own = OwnConn(cid, conn, fd)
+        with self._lock:
+            self.epochs.add(cid[0])
+            self.by_conn[conn] = own
+            self.by_cid[cid] = own
+        return own
+
+    def proposed(self, own: OwnConn, payload: bytes, held: SocketEvent | None) -> None:
+        with self._lock:
+            own.inflight.append((payload, held))
+
+    def open_cids(self, epoch: int) -> list[Cid]:
+        with self._lock:
+            return [o.cid for o in self.by_conn.values() if o.cid[0] == epoch and not o.closing]
+
+    def open_count(self) -> int:
+        return sum(1 for o in list(self.by_conn.values()) if not o.closing)
+
+    # ---- the log (delivery thread) --------------------------------------------------------------
+
+    def ends_leadership(self, entry: Entry) -> bool:
+        """True when ``entry`` comes from a leadership later than the one that ended: after it,
+        nothing this node proposed can commit."""
+        return self.deposed is not None and entry.epoch > self.deposed
+
+    def delivered(self, payload: bytes, entry: Entry) -> bool:
+        """Account for a committed entry of an own connection; False when it is not one."""
+        if entry.kind is Kind.DIGEST:
+            return entry.epoch in self.epochs  # this node's own output, checked against itself
+        with self._lock:
+            own = self.by_cid.get(entry.cid)
+            if own is None:
+                if entry.kind is Kind.CLOSE:
+                    self.orphans.discard(entry.cid)
+                    return entry.epoch in self.epochs
+                if entry.epoch in self.epochs:
+                    raise LostInput(f"entry for connection {entry.cid} committed after this node "
+                                    "refused its input")
+                return False
+            held = None
+            while own.inflight:
+                sent, event = own.inflight.popleft()
+                if sent == payload:
+                    held = event
+                    break
+            else:
+                raise LostInput(f"committed entry for connection {entry.cid} was never proposed here")
+            if entry.kind is Kind.CLOSE:
+                self._forget(own)
+        if held is not None and not held.released and self.deposed is not None:
+            self._release(held)  # while leading its commit future releases it
+        return True
+
+    def depose(self, epoch: int) -> int:
+        """Leadership ``epoch`` ended; returns how many inputs stay held until the log decides."""
+        with self._lock:
+            self.deposed = epoch
+            return sum(1 for own in self.by_conn.values() for _, ev in own.inflight
+                       if ev is not None and not ev.released)
+
+    def settle(self, server_pid: int) -> int:
+        """Nothing of ours can commit any more: refuse what is held, shut every own connection
+        down and wait (bounded) until the server has closed them. Returns how many closed."""
+        with self._lock:
+            owns = list(self.by_conn.values())
+            self.deposed = None
+            for own in owns:
+                for ev in self._held(own):
+                    self._refuse(ev) if ev.call in READS and ev.ret > 0 else self._release(ev)
+                own.unlogged.clear()
+                own.inflight.clear()
+        for own in owns:
+            if not own.server_closed:
+                shut_down_socket(server_pid, own.fd)
+        deadline = time.monotonic() + SETTLE_CLOSE_TIMEOUT
+        with self._lock:
+            while not all(o.server_closed for o in owns) and time.monotonic() < deadline:
+                self._closed.wait(0.05)
+            open_ = [o.cid for o in owns if not o.server_closed]
+            for own in owns:
+                self.orphans.add(own.cid)
+                self._forget(own)
+        if open_:
+            log.warning("the server kept %d connections of the old leadership open after they were "
+                        "shut down: %s", len(open_), open_)
+        return len(owns) - len(open_)
+
+    @property
+    def unsettled(self) -> bool:
+        return self.deposed is not None and bool(self.by_conn)
+
+    # ---- after leadership ended (tracer thread) -------------------------------------------------
+
+    def on_event(self, ev: SocketEvent) -> bool:
+        """Handle an event on an own connection while not leading; False when it is not one."""
+        with self._lock:
+            own = self.by_conn.get(ev.conn)
+            if own is None:
+                return False
+            if ev.call is Call.CLOSE:
+                own.server_closed = True
+                self._closed.notify_all()
+            if not ev.gated:
+                return True
+            if self.deposed is not None:
+                own.unlogged.append(ev)
+                return True
+        self._refuse(ev) if ev.call in READS and ev.ret > 0 else self._release(ev)
+        return True
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _held(self, own: OwnConn) -> Iterator[SocketEvent]:
+        for _, ev in own.inflight:
+            if ev is not None and not ev.released:
+                yield ev
+        yield from own.unlogged
+
+    def _forget(self, own: OwnConn) -> None:
+        self.by_cid.pop(own.cid, None)
+        if self.by_conn.get(own.conn) is own:
+            del self.by_conn[own.conn]
+
+
+class LostInput(RuntimeError):
+    """The log committed an input that this node's copy was not given: the copy is not the log's."""
+
+
+def shut_down_socket(pid: int, fd: int) -> None:
+    """shutdown(SHUT_RDWR) a socket of another process, through a duplicate of its descriptor
+    (pidfd_getfd): the server reads EOF and closes it, and the client sees the end."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        log.warning("cannot reach the server (pid %d) to close fd %d: %s", pid, fd, exc.strerror)
+        return
+    try:
+        dup = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if dup < 0:
+            err = ctypes.get_errno()
+            log.warning("cannot take fd %d of the server (pid %d) to close it: %s", fd, pid,
+                        os.strerror(err))
+            return
+        with socket.socket(fileno=dup) as sock:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already shut down or reset
+    finally:
+        os.close(pidfd)
