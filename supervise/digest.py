@@ -9,9 +9,12 @@ digest stops: later offsets are "unverifiable" rather than compared, on every no
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from dataclasses import dataclass, field
+
+log = logging.getLogger("supervise")
 
 
 @dataclass
@@ -101,3 +104,28 @@ class OutputChecker:
                     )
                 self.checks += 1
                 self.mismatches += 1
+
+
+class Divergence:
+    """Whether this copy's output differed from the leader's, and why; counts the checks made
+    into the node's metrics and says once, loudly, when the copy diverged."""
+
+    def __init__(self, checker: OutputChecker, metrics) -> None:
+        self.checker = checker
+        self.metrics = metrics
+        self.diverged = False
+        self.reason: str | None = None
+        self._checks_reported = 0
+
+    def check(self) -> None:
+        new_checks = self.checker.checks - self._checks_reported
+        if new_checks:
+            self._checks_reported += new_checks
+            self.metrics.digest_checks.inc(new_checks)
+        if self.checker.mismatches and not self.diverged:
+            self.diverged = True
+            self.reason = self.checker.first_mismatch or "output digests differ"
+            self.metrics.divergences.inc(self.checker.mismatches)
+            self.metrics.diverged.set(1)
+            log.error("DIVERGED: %s; this node stops applying the log and is out of service",
+                      self.reason)

@@ -20,12 +20,13 @@ from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
 from tracer.tracer import Mode, Tracer
 
 from .config import ClusterConfig, NodeConfig
-from .digest import OutputChecker
+from .digest import Divergence, OutputChecker
 from .entries import Entry, EntryError, Kind, decode
 from .metrics import NodeMetrics
 from .own_conns import LostInput, OwnConn, OwnConnections
 from .replayer import Replayer
 from .server_address import ServerAddress
+from .vip import LeaderVip
 
 log = logging.getLogger("supervise")
 
@@ -46,23 +47,22 @@ class Node:
         self.listen_fds: set[int] = set()
         self.leading = False
         self.epoch = 0
-        self.diverged = False
-        self.diverged_reason: str | None = None
         self.stray = 0
         self.stray_input = 0
         self._stray_inputs_seen: set[int] = set()
         self.fatal = threading.Event()
         self.exit_code = 0
         self.checker = OutputChecker()
+        self.divergence = Divergence(self.checker, metrics)
         self.replayer = Replayer(me.server_host, me.server_port, self._on_replay_output, self._on_stray)
         self.own = OwnConnections(self._release_held, self._refuse_held)
         self._digested: dict[tuple[int, int], int] = {}
         self._barrier: tuple[bytes, threading.Event] | None = None
-        self._vip = None
-        self._checks_reported = 0
+        self.vip = LeaderVip(cluster.vip, cluster.vip_interface)
         self._stepping_down = False
         self._taking_over = False
         self._lost_reported = 0
+        self._escapes_before = 0
         metrics.track(len(cluster.nodes),
                       lambda: self.own.open_count() if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.stats.held if self.tracer else 0,
@@ -84,13 +84,6 @@ class Node:
             self.server_pid = self.tracer.launch(command or [])
             self.address.wait(self.server_pid)
         self.listen_fds = self.address.listen_fds(self.server_pid)
-
-    def drop_stale_vip(self) -> None:
-        """A supervisor killed while leading leaves its VIP behind; a starting node leads nothing."""
-        if self.cluster.vip is not None:
-            from .vip import VirtualIP
-
-            VirtualIP(self.cluster.vip, self.cluster.vip_interface or "").release()
 
     def start_replica(self) -> None:
         cfg = ReplicaConfig(
@@ -118,7 +111,7 @@ class Node:
             log.info("stepping down: %s", "another node leads" if handed else "no majority to hand to")
         if self.replica is not None:
             self.replica.close()
-        self._drop_vip()
+        self.vip.drop()
         if (self.leading or self.own.unsettled) and self.server_pid:
             log.warning("leader leaving: its server (pid %d) leaves the service with it", self.server_pid)
             try:
@@ -141,8 +134,8 @@ class Node:
             "committed": r.commit_index if r else 0,
             "applied": r.applied_index if r else 0,
             "durable": r.durable_index if r else 0,
-            "diverged": self.diverged,
-            "diverged_reason": self.diverged_reason,
+            "diverged": self.divergence.diverged,
+            "diverged_reason": self.divergence.reason,
             "gating": self.leading,
             "server_pid": self.server_pid,
             "server": self.me.server,
@@ -177,11 +170,11 @@ class Node:
             self.exit_code = LOST_LEADERSHIP_EXIT
             self.fatal.set()
             return
-        if self.diverged:
+        if self.divergence.diverged:
             return
         if entry.kind is Kind.DIGEST:
             self.checker.expect(entry.cid, entry.offset, entry.crc)
-            self._check_divergence()
+            self.divergence.check()
             return
         self.replayer.apply(entry)
         self.metrics.replayed.inc()
@@ -195,10 +188,19 @@ class Node:
             threading.Thread(target=self._become_leader, args=(ballot,), name="failover",
                              daemon=True).start()
         elif role != "leader" and self.leading and not self._stepping_down:
+            assert self.tracer is not None
+            if self.tracer.stats.escapes > self._escapes_before:
+                log.error("lost leadership (ballot %d, leader now %s) after input escaped the gate "
+                          "while leading: this copy may hold input the log never will, so it leaves "
+                          "the service; restart the node with a fresh server", ballot, leader)
+                self.vip.drop()
+                self.exit_code = LOST_LEADERSHIP_EXIT
+                self.fatal.set()
+                return
             held = self.own.depose(self.epoch)  # first: the tracer thread then holds what comes
             self.leading = False
             self.metrics.leader.set(0)
-            self._drop_vip()
+            self.vip.drop()
             log.warning("lost leadership (ballot %d, leader now %s) while gating: %d inputs stay held "
                         "until the log decides them, then this copy follows the log", ballot, leader,
                         held)
@@ -207,7 +209,7 @@ class Node:
         """The log went on past this node's last leadership: what it still held will never
         commit. Refuse it, close the old clients' connections, and follow."""
         assert self.tracer is not None
-        closed = self.own.settle(self.server_pid)
+        closed = self.own.settle(self.server_pid, self.listen_fds)
         if not self.leading:
             self.tracer.set_mode(Mode.OBSERVE)
         log.info("the log went on past this node's leadership: refused the inputs it still held and "
@@ -259,11 +261,12 @@ class Node:
         self.epoch = ballot
         # gating first: an input seen while leading must never have been let through ungated
         self.tracer.set_mode(Mode.GATE)
+        self._escapes_before = self.tracer.stats.escapes
         self.leading = True
         self.metrics.leader.set(1)
         log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
                  "clients of %s", ballot, len(stale), self.me.server)
-        self._take_vip()
+        self.vip.take(lambda: self.leading and self.replica is not None and self.replica.role == "leader")
 
     # ---- tracer callbacks (tracer thread) -----------------------------------------------------
 
@@ -273,7 +276,7 @@ class Node:
             if (own is not None and not own.closing) or ev.call in ACCEPTS:
                 self._lead_event(ev, own)
                 return
-        elif self.own.by_conn and self.own.on_event(ev):
+        elif (self.own.by_conn or self.own.deposed is not None) and self.own.on_event(ev):
             return
         replayed = self.replayer.on_server_event(ev)
         if ev.gated:
@@ -348,15 +351,17 @@ class Node:
         assert self.tracer is not None
         self.tracer.release(ev)
 
-    def _refuse_held(self, ev: SocketEvent) -> None:
+    def _refuse_held(self, ev: SocketEvent, error: int) -> None:
         assert self.tracer is not None
-        log.info("refused %d input bytes on connection %d: the log did not take them", ev.ret, ev.conn)
-        self.tracer.refuse(ev)
+        if ev.call in READS:
+            log.info("refused %d input bytes on connection %d: the log did not take them", ev.ret,
+                     ev.conn)
+        self.tracer.refuse(ev, error)
 
     def _on_replay_output(self, cid: tuple[int, int], data: bytes, length: int) -> None:
         self.checker.output(cid, data, length)
         self.metrics.output_bytes.inc(length)
-        self._check_divergence()
+        self.divergence.check()
 
     def _on_stray(self, ev: SocketEvent) -> None:
         if ev.call in READS:
@@ -385,19 +390,6 @@ class Node:
 
     # ---- output checking ----------------------------------------------------------------------
 
-    def _check_divergence(self) -> None:
-        new_checks = self.checker.checks - self._checks_reported
-        if new_checks:
-            self._checks_reported += new_checks
-            self.metrics.digest_checks.inc(new_checks)
-        if self.checker.mismatches and not self.diverged:
-            self.diverged = True
-            self.diverged_reason = self.checker.first_mismatch or "output digests differ"
-            self.metrics.divergences.inc(self.checker.mismatches)
-            self.metrics.diverged.set(1)
-            log.error("DIVERGED: %s; this node stops applying the log and is out of service",
-                      self.diverged_reason)
-
     def _lost_events(self) -> int:
         return self.tracer.lost_events if self.tracer else 0
 
@@ -419,21 +411,3 @@ class Node:
                 if offset and self._digested.get(cid) != offset:
                     self._digested[cid] = offset
                     self.replica.propose(Entry(Kind.DIGEST, *cid, offset=offset, crc=crc).encode())
-
-    # ---- virtual IP ---------------------------------------------------------------------------
-
-    def _take_vip(self) -> None:
-        if self.cluster.vip is None:
-            return
-        from .vip import VirtualIP
-
-        vip = VirtualIP(self.cluster.vip, self.cluster.vip_interface or "")
-        vip.take()
-        self._vip = vip
-        if not self.leading or self.replica is None or self.replica.role != "leader":
-            self._drop_vip()  # leadership ended while the address was being taken
-
-    def _drop_vip(self) -> None:
-        if self._vip is not None:
-            self._vip.release()
-            self._vip = None

@@ -10,21 +10,31 @@ a later leadership settles the rest: nothing of ours can commit after it, so eve
 held is refused (its syscall fails with ECONNRESET and the server drops the connection) and every
 own connection is shut down, which is what the next entries (that leader's CLOSE for each of
 them) do on every other copy. Then the copy is the log's again and the node follows.
+
+Clients that connected while the node led but that the server had not accepted yet (its thread
+was held) wait in the listening socket's backlog; the server must not serve them as a follower,
+and for Redis merely accepting one changes the copy (connection ids show in replies). So the
+node takes them out of the backlog itself and resets them, and an accept held meanwhile is
+refused with EAGAIN: the server never learns of that connection (its descriptor stays open in
+the server, shut down: one per accepting thread at most, each time leadership ends).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tracer.events import READS, Call, SocketEvent
+from tracer.events import ACCEPTS, READS, Call, SocketEvent
 
 from .entries import Entry, Kind
 
@@ -55,7 +65,7 @@ class OwnConnections:
     leadership ended. ``release`` and ``refuse`` hand a held input back to the tracer."""
 
     def __init__(self, release: Callable[[SocketEvent], None],
-                 refuse: Callable[[SocketEvent], None]) -> None:
+                 refuse: Callable[[SocketEvent, int], None]) -> None:
         self._release = release
         self._refuse = refuse
         self._lock = threading.Lock()
@@ -65,6 +75,7 @@ class OwnConnections:
         self.epochs: set[int] = set()
         self.deposed: int | None = None  # the epoch whose leadership ended, until settled
         self.orphans: set[Cid] = set()  # shut down here before any CLOSE for them committed
+        self._held_accepts: list[SocketEvent] = []
 
     # ---- while leading (tracer thread) ---------------------------------------------------------
 
@@ -129,17 +140,29 @@ class OwnConnections:
             return sum(1 for own in self.by_conn.values() for _, ev in own.inflight
                        if ev is not None and not ev.released)
 
-    def settle(self, server_pid: int) -> int:
-        """Nothing of ours can commit any more: refuse what is held, shut every own connection
-        down and wait (bounded) until the server has closed them. Returns how many closed."""
+    def settle(self, server_pid: int, listen_fds: set[int]) -> int:
+        """Nothing of ours can commit any more: reset the clients still in the backlog, refuse
+        what is held, shut every own connection down and wait (bounded) until the server has
+        closed them. Returns how many closed."""
+        reset = sum(reset_backlog(server_pid, fd) for fd in sorted(listen_fds))
         with self._lock:
             owns = list(self.by_conn.values())
+            accepts, self._held_accepts = self._held_accepts, []
             self.deposed = None
+            for ev in accepts:
+                self._refuse(ev, errno.EAGAIN)
+                shut_down_socket(server_pid, ev.ret)
             for own in owns:
                 for ev in self._held(own):
-                    self._refuse(ev) if ev.call in READS and ev.ret > 0 else self._release(ev)
+                    if ev.call in READS and ev.ret > 0:
+                        self._refuse(ev, errno.ECONNRESET)
+                    else:
+                        self._release(ev)
                 own.unlogged.clear()
                 own.inflight.clear()
+        if reset or accepts:
+            log.info("reset %d clients that connected while this node led but were not accepted yet",
+                     reset + len(accepts))
         for own in owns:
             if not own.server_closed:
                 shut_down_socket(server_pid, own.fd)
@@ -163,10 +186,14 @@ class OwnConnections:
     # ---- after leadership ended (tracer thread) -------------------------------------------------
 
     def on_event(self, ev: SocketEvent) -> bool:
-        """Handle an event on an own connection while not leading; False when it is not one."""
+        """Handle an event on an own connection while not leading, and hold the server's accepts
+        until the log moved on; False when it is neither."""
         with self._lock:
             own = self.by_conn.get(ev.conn)
             if own is None:
+                if ev.gated and ev.call in ACCEPTS and self.deposed is not None:
+                    self._held_accepts.append(ev)
+                    return True
                 return False
             if ev.call is Call.CLOSE:
                 own.server_closed = True
@@ -176,7 +203,10 @@ class OwnConnections:
             if self.deposed is not None:
                 own.unlogged.append(ev)
                 return True
-        self._refuse(ev) if ev.call in READS and ev.ret > 0 else self._release(ev)
+        if ev.call in READS and ev.ret > 0:
+            self._refuse(ev, errno.ECONNRESET)
+        else:
+            self._release(ev)
         return True
 
     # ---- internals ------------------------------------------------------------------------------
@@ -198,24 +228,61 @@ class LostInput(RuntimeError):
 
 
 def shut_down_socket(pid: int, fd: int) -> None:
-    """shutdown(SHUT_RDWR) a socket of another process, through a duplicate of its descriptor
-    (pidfd_getfd): the server reads EOF and closes it, and the client sees the end."""
+    """shutdown(SHUT_RDWR) a socket of another process: the server reads EOF and closes it, and
+    the client sees the end."""
+    sock = _borrow_socket(pid, fd)
+    if sock is None:
+        return
+    with sock:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already shut down or reset
+
+
+def reset_backlog(pid: int, fd: int) -> int:
+    """Accept every connection waiting on another process's listening socket and reset it;
+    returns how many. The socket is made non-blocking only for the while, if it was not."""
+    sock = _borrow_socket(pid, fd)
+    if sock is None:
+        return 0
+    reset = 0
+    with sock:
+        flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        try:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    log.warning("resetting the backlog of fd %d of the server (pid %d): %s", fd, pid,
+                                exc.strerror)
+                    break
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                reset += 1
+        finally:
+            if not flags & os.O_NONBLOCK:
+                fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags)
+    return reset
+
+
+def _borrow_socket(pid: int, fd: int) -> socket.socket | None:
+    """A duplicate of another process's socket descriptor (pidfd_getfd): the same socket."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
-        log.warning("cannot reach the server (pid %d) to close fd %d: %s", pid, fd, exc.strerror)
-        return
+        log.warning("cannot reach the server (pid %d) for its fd %d: %s", pid, fd, exc.strerror)
+        return None
     try:
         dup = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
         if dup < 0:
-            err = ctypes.get_errno()
-            log.warning("cannot take fd %d of the server (pid %d) to close it: %s", fd, pid,
-                        os.strerror(err))
-            return
-        with socket.socket(fileno=dup) as sock:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already shut down or reset
+            log.warning("cannot take fd %d of the server (pid %d): %s", fd, pid,
+                        os.strerror(ctypes.get_errno()))
+            return None
+        return socket.socket(fileno=dup)
     finally:
         os.close(pidfd)

@@ -27,7 +27,7 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     except OSError as exc:
         raise ConfigError(f"{cluster.path}: node {name!r}.status: cannot listen on {me.status}: "
                           f"{exc.strerror}") from None
-    node.drop_stale_vip()  # first: until it is gone, clients may reach a copy that is not leading
+    node.vip.drop_stale()  # first: until it is gone, clients may reach a copy that is not leading
     node.attach(pid, command)
     node.start_replica()
     log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",

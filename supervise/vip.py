@@ -15,8 +15,7 @@ import logging
 import socket
 import struct
 import threading
-
-from pyroute2 import IPRoute
+from collections.abc import Callable
 
 log = logging.getLogger("supervise.vip")
 ETH_P_ARP = 0x0806
@@ -44,6 +43,8 @@ class VirtualIP:
     def _lease(self, create: bool) -> bool:
         """Add the address and announce it (``create``), or renew its lease if it is still there;
         False when it was not there to renew."""
+        from pyroute2 import IPRoute  # here: importing it costs a quarter of a second
+
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.interface)
             if not links:
@@ -78,6 +79,8 @@ class VirtualIP:
             if self._renewer is not threading.current_thread():
                 self._renewer.join()
             self._renewer = None
+        from pyroute2 import IPRoute
+
         try:
             with IPRoute() as ipr:
                 links = ipr.link_lookup(ifname=self.interface)
@@ -104,3 +107,31 @@ class VirtualIP:
             for _ in range(rounds):
                 sock.send(request)
                 sock.send(reply)
+
+
+class LeaderVip:
+    """A node's hold on its cluster's VIP; does nothing when the cluster has none."""
+
+    def __init__(self, address: str | None, interface: str | None) -> None:
+        self.address = address
+        self.interface = interface or ""
+        self._held: VirtualIP | None = None
+
+    def drop_stale(self) -> None:
+        """A supervisor killed while leading leaves its VIP behind; a starting node leads nothing."""
+        if self.address is not None:
+            VirtualIP(self.address, self.interface).release()
+
+    def take(self, still_leading: Callable[[], bool]) -> None:
+        if self.address is None:
+            return
+        vip = VirtualIP(self.address, self.interface)
+        vip.take()
+        self._held = vip
+        if not still_leading():
+            self.drop()  # leadership ended while the address was being taken
+
+    def drop(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None

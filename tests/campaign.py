@@ -12,8 +12,8 @@ Faults follow a schedule drawn from the seed: kill -9 of the leader's or a follo
 supervisor, server or both (then a restart with a fresh server on the same data directory),
 partition of the leader's or a follower's host (link down, then up), a supervisor paused with
 SIGSTOP for longer than the election timeout (then SIGCONT). A node whose supervisor exited
-(status 3 after losing leadership while gating, 1 after its server died) is restarted with a
-fresh server. Delayed, dropped and duplicated transport messages are *not* injected: the tcp
+(1 after its server died; 3 when its copy could not be kept after it lost leadership) is
+restarted with a fresh server. Delayed, dropped and duplicated transport messages are *not* injected: the tcp
 provider's failpoints (``consensus.transport.Transport.inject``) are reachable only in-process,
 and nothing in a running ``supervise`` (configuration, environment, status endpoint) exposes
 them; this kernel has no netem either.

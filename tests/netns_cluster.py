@@ -303,8 +303,7 @@ class NetnsCluster:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent.parent))
 
     def start(self, timeout: float = 60.0) -> NetnsNode:
-        """Start everything and wait for a gating leader. A supervisor that leaves meanwhile (on a
-        starved host the first elections can depose a leader that already gated: status 3) is
+        """Start everything and wait for a gating leader. A supervisor that leaves meanwhile is
         restarted with a fresh server, as its operator would."""
         for node in self.nodes:
             self.start_relay(node)

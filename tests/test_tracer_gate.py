@@ -1,5 +1,6 @@
 """Gate mode holds inputs; attaching, detaching and dying never harm the server."""
 
+import errno
 import os
 import signal
 import socket
@@ -80,6 +81,27 @@ def test_a_refused_input_never_reaches_the_server_and_its_client_is_dropped(redi
         tracer.release(rec.next_input())
         other.settimeout(5)
         assert other.recv(100) == b":0\r\n"
+
+
+def test_an_accept_refused_with_eagain_leaves_the_server_unaware_of_the_connection(redis):
+    client_id = b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n"
+    with traced(redis.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+        first = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())
+        first.sendall(client_id)
+        tracer.release(rec.next_input())
+        first.settimeout(5)
+        first_id = int(first.recv(100)[1:])
+        refused = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.refuse(rec.next_input(), errno.EAGAIN)
+        later = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())
+        later.sendall(client_id)
+        tracer.release(rec.next_input())
+        later.settimeout(5)
+        assert int(later.recv(100)[1:]) == first_id + 1, "the server created a client for it"
+        for sock in (first, refused, later):
+            sock.close()
 
 
 def test_server_keeps_serving_after_trace_exits(redis):

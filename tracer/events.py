@@ -75,7 +75,7 @@ class SocketEvent:
     peer: str | None = None
     escaped: bool = False
     released: bool = field(default=False, repr=False)
-    refused: bool = field(default=False, repr=False)
+    refused: int = field(default=0, repr=False)  # the errno a refused syscall fails with
     buf: int = field(default=0, repr=False)
     count: int = field(default=0, repr=False)
 

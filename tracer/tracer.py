@@ -129,10 +129,12 @@ class Tracer(TaskControl):
         else:
             self._idle_poll.release()
 
-    def refuse(self, event: SocketEvent) -> None:
-        """Let the held thread go on, but with its input taken back: the syscall returns
-        ECONNRESET instead, so the server drops that connection without having seen the bytes."""
-        event.refused = True
+    def refuse(self, event: SocketEvent, error: int = errno.ECONNRESET) -> None:
+        """Let the held thread go on, but with its input taken back: the syscall fails with
+        ``error`` instead, so the server drops that connection without having seen the bytes.
+        An accept refused with EAGAIN leaves the server unaware of the connection, whose
+        descriptor then stays open in it (shut it down from outside)."""
+        event.refused = error
         self.release(event)
 
     def detach(self, timeout: float = 10.0) -> None:
@@ -382,7 +384,7 @@ class Tracer(TaskControl):
     def _resume_held(self, tid: int, event: SocketEvent) -> None:
         if event.refused:
             try:
-                pt.set_syscall_result(tid, -errno.ECONNRESET)
+                pt.set_syscall_result(tid, -event.refused)
             except pt.ThreadGone:
                 self._forget_thread(tid)
                 return
