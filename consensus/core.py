@@ -63,6 +63,7 @@ class Core(Elections):
         self.leader: str | None = None
         self._notified: tuple = (FOLLOWER, None, store.promised)
         self.commit_index = 0
+        self.applied_index = 0  # delivered to the application; the replica's delivery thread sets it
         self.transferring = False
         self._granted = 0
         self._votes: set[str] = set()
@@ -351,7 +352,7 @@ class Core(Elections):
                     log.warning("%s: lost contact with a majority, stepping down", self.name)
                     self._step_down(self.ballot, None)
             elif now >= self._deadline:
-                self.start_prevote()
+                self.election_due(now)
 
     def transfer(self) -> str | None:
         """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""

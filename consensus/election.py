@@ -18,10 +18,24 @@ from consensus import wire
 log = logging.getLogger("consensus.core")
 
 LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
+LAGGING_ENTRIES = 1000
+CANDIDACY_DEFER_TIMEOUTS = 4
 
 
 class Elections:
     """Mixed into :class:`consensus.core.Core`; every method runs with the core's lock held."""
+
+    def election_due(self, now: float) -> None:
+        """The election timer ran out. A replica whose application lags its commit index by
+        LAGGING_ENTRIES or more could serve as leader only after delivering all of that (a
+        supervisor's fresh copy replaying the log), so it lets a caught-up peer stand first: it
+        stands only once CANDIDACY_DEFER_TIMEOUTS election timeouts have passed since it last
+        heard a leader. Liveness only: nothing here changes what may be chosen."""
+        if (self.commit_index - self.applied_index >= LAGGING_ENTRIES
+                and now - self._leader_contact < CANDIDACY_DEFER_TIMEOUTS * self.election_s):
+            self._deadline = now + self._random_timeout()
+            return
+        self.start_prevote()
 
     def start_prevote(self) -> None:
         """Raft's pre-vote: ask whether a majority would promise our next ballot, changing no

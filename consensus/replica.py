@@ -267,4 +267,5 @@ class Replica:
                     except Exception:  # noqa: BLE001
                         log.exception("on_commit(%d)", e.index)
                     self.applied_index = e.index
+                self.core.applied_index = self.applied_index
                 self.metrics.commits.inc(len(batch))

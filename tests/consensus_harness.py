@@ -48,7 +48,11 @@ def _child(cfg_path: str) -> None:
     record = spec.get("record", True)
     fd = os.open(spec["applied"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if record else -1
 
+    apply_delay = spec.get("apply_delay_s", 0.0)  # a slow application, as a copy replaying
+
     def on_commit(index: int, payload: bytes) -> None:
+        if apply_delay:
+            time.sleep(apply_delay)
         if record:
             os.write(fd, b"D %d %s\n" % (index, payload.hex().encode()))
 

@@ -162,3 +162,31 @@ def test_resident_memory_does_not_grow_with_the_log() -> None:
             assert after[n] - base[n] < 12 << 20, (n, base[n], after[n])
             log_bytes = sum(p.stat().st_size for p in (c.dir / f"data-{n}" / "log").glob("seg-*"))
             assert log_bytes > 40 << 20
+
+
+def test_a_replica_whose_application_lags_lets_a_caught_up_peer_lead() -> None:
+    """Its log is as up to date as the caught-up peer's, so either could win; the lagging one
+    (its application still delivering, as a supervisor's fresh copy replays) stands back."""
+    from consensus.election import LAGGING_ENTRIES
+
+    with Cluster(3, "shm", "memory", record=False) as c:
+        slow = c.names[2]
+        c.reps[slow].spec["apply_delay_s"] = 0.005
+        for name in c.names[:2]:
+            c.reps[name].start()
+        lead = c.leader()
+        with Load(c, threads=8) as load:
+            load.wait_acks(LAGGING_ENTRIES + 500)
+        c.reps[slow].start()  # delivers the log from index 1, 5 ms an entry
+        deadline = time.monotonic() + 30
+        while True:
+            st = c.reps[slow].status()
+            if st and st["leader"] == lead and st["commit"] - st["applied"] >= LAGGING_ENTRIES:
+                break
+            assert time.monotonic() < deadline, f"{slow} never lagged: {st}"
+            time.sleep(0.05)
+        c.reps[lead].kill()
+        new = c.leader(exclude={lead}, timeout=30)
+        st = c.reps[slow].status()
+        assert new != slow, f"the lagging replica took over: {st}"
+        assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, "it had caught up meanwhile"
