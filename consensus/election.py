@@ -19,7 +19,7 @@ log = logging.getLogger("consensus.core")
 
 LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
 LAGGING_ENTRIES = 1000
-CANDIDACY_DEFER_TIMEOUTS = 4
+CANDIDACY_DEFER_TIMEOUTS = 10
 
 
 class Elections:
