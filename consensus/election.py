@@ -19,7 +19,7 @@ log = logging.getLogger("consensus.core")
 
 LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
 LAGGING_ENTRIES = 1000
-CANDIDACY_DEFER_TIMEOUTS = 10
+CANDIDACY_DEFER_TIMEOUTS = 100
 
 
 class Elections:
@@ -27,10 +27,13 @@ class Elections:
 
     def election_due(self, now: float) -> None:
         """The election timer ran out. A replica whose application lags its commit index by
-        LAGGING_ENTRIES or more could serve as leader only after delivering all of that (a
-        supervisor's fresh copy replaying the log), so it lets a caught-up peer stand first: it
-        stands only once CANDIDACY_DEFER_TIMEOUTS election timeouts have passed since it last
-        heard a leader. Liveness only: nothing here changes what may be chosen."""
+        LAGGING_ENTRIES or more could serve as leader only once it has delivered all of that (a
+        supervisor's fresh copy replaying the log), and it goes on delivering as a follower
+        anyway. So it stands only once it has nearly caught up, and a caught-up peer, even one
+        back from a pause or a partition, takes over first. After CANDIDACY_DEFER_TIMEOUTS
+        election timeouts without a leader it stands regardless: an application that stopped
+        delivering must not stop the group. Liveness only: nothing here changes what may be
+        chosen."""
         if (self.commit_index - self.applied_index >= LAGGING_ENTRIES
                 and now - self._leader_contact < CANDIDACY_DEFER_TIMEOUTS * self.election_s):
             self._deadline = now + self._random_timeout()
