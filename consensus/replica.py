@@ -266,6 +266,7 @@ class Replica:
                             self._on_noop(e.index)
                     except Exception:  # noqa: BLE001
                         log.exception("on_commit(%d)", e.index)
-                    self.applied_index = e.index
-                self.core.applied_index = self.applied_index
+                    self.applied_index = self.core.applied_index = e.index
+                    if self._role_events:  # now, not once a long catch-up is done
+                        self._deliver_role_events()
                 self.metrics.commits.inc(len(batch))

@@ -61,6 +61,7 @@ class Node:
         self.vip = LeaderVip(cluster.vip, cluster.vip_interface)
         self._stepping_down = False
         self._taking_over = False
+        self._takeover_lock = threading.Lock()
         self._lost_reported = 0
         self._escapes_before = 0
         metrics.track(len(cluster.nodes),
@@ -183,10 +184,8 @@ class Node:
 
     def _on_role_change(self, role: str, ballot: int, leader: str | None) -> None:
         self.metrics.leader.set(1 if self.leading else 0)
-        if role == "leader" and not self.leading and not self._taking_over:
-            self._taking_over = True
-            threading.Thread(target=self._become_leader, args=(ballot,), name="failover",
-                             daemon=True).start()
+        if role == "leader" and not self.leading:
+            self._start_takeover()
         elif role != "leader" and self.leading and not self._stepping_down:
             assert self.tracer is not None
             if self.tracer.stats.escapes > self._escapes_before:
@@ -215,30 +214,44 @@ class Node:
         log.info("the log went on past this node's leadership: refused the inputs it still held and "
                  "closed %d connections of its clients; following", closed)
 
-    def _become_leader(self, ballot: int) -> None:
+    def _start_takeover(self) -> None:
+        with self._takeover_lock:
+            if self._taking_over:
+                return  # the running takeover follows the replica's current ballot
+            self._taking_over = True
+        threading.Thread(target=self._become_leader, name="failover", daemon=True).start()
+
+    def _become_leader(self) -> None:
         """Replay all that is committed, close the old leadership's connections, then gate.
 
-        A copy may have a long log to replay first: the takeover waits for as long as this node
-        still leads with ``ballot`` and the replay goes on, retrying a barrier that timed out."""
+        A copy may have a long log to replay first: the takeover goes on for as long as this
+        node leads and the replay progresses, retrying a barrier that timed out, and under the
+        replica's current ballot (leadership may have ended and come back meanwhile)."""
         assert self.replica is not None and self.tracer is not None
-        attempt = 0
+        attempt, ballot = 0, self.replica.ballot
         try:
-            while self.replica.role == "leader" and self.replica.ballot == ballot:
+            while self.replica.role == "leader" and not self.leading:
+                ballot = self.replica.ballot
                 attempt += 1
                 try:
                     self._take_over(ballot, attempt)
-                    return
                 except TimeoutError as exc:
                     log.warning("taking over with ballot %d (attempt %d): %s; retrying", ballot, attempt, exc)
-            log.info("leadership with ballot %d ended before this node could take over", ballot)
-        except NotLeader as exc:
-            log.info("leadership ended while taking over: %s", exc)
+                except NotLeader as exc:
+                    log.info("leadership with ballot %d ended while taking over: %s", ballot, exc)
+                    self.fatal.wait(0.05)
+            if not self.leading:
+                log.info("leadership (last ballot %d) ended before this node could take over", ballot)
         except Exception:
             log.exception("taking over leadership failed; handing leadership on")
             self.replica.step_down(timeout=2.0)
         finally:
             self._barrier = None
-            self._taking_over = False
+            with self._takeover_lock:
+                self._taking_over = False
+                again = self.replica.role == "leader" and not self.leading and not self.fatal.is_set()
+            if again:  # leadership came back after the loop looked
+                self._start_takeover()
 
     def _take_over(self, ballot: int, attempt: int) -> None:
         assert self.replica is not None and self.tracer is not None
