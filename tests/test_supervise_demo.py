@@ -13,10 +13,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _default_sigint() -> None:
+    """As in a terminal: a test run started in the background inherits SIGINT ignored, and Python
+    then never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_demo() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "supervise", "demo"], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_default_sigint)
 
 
 def _workdir(first_line: str) -> str:
