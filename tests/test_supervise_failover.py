@@ -39,35 +39,46 @@ def _writer(cluster, index, acked, stop, errors):
             return
 
 
+def _fault_the_leader_under_writers(cluster, fault) -> tuple:
+    """8 writers through the leader; after 300 acknowledged writes ``fault(old)`` returns the new
+    leader; the writers go on for 300 more. Returns (old, new, acked, seconds to the new leader)."""
+    old = cluster.wait_leader()
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop, errors))
+               for i in range(8)]
+    for w in writers:
+        w.start()
+    try:
+        while len(acked) < 300:
+            time.sleep(0.05)
+        faulted_at = time.monotonic()
+        new = fault(old)
+        took = time.monotonic() - faulted_at
+        before = len(acked)
+        deadline = time.monotonic() + 60
+        while len(acked) < before + 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for w in writers:
+            w.join(30)
+    assert not errors
+    assert len(acked) >= before + 300, "clients went on with the new leader"
+    return old, new, acked, took
+
+
 def test_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
     with LocalCluster(n=3, server="redis", transport="shm") as cluster:
         cluster.start(timeout=120)
-        old = cluster.wait_leader()
-        acked: list[str] = []
-        errors: list[BaseException] = []
-        stop = threading.Event()
-        writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop, errors))
-                   for i in range(8)]
-        for w in writers:
-            w.start()
-        try:
-            while len(acked) < 300:
-                time.sleep(0.05)
-            killed_at = time.monotonic()
+
+        def kill(old):
             cluster.kill(old)
-            new = cluster.wait_leader(timeout=30, exclude=old.name)
-            takeover = time.monotonic() - killed_at
-            before = len(acked)
-            deadline = time.monotonic() + 60
-            while len(acked) < before + 300 and time.monotonic() < deadline:
-                time.sleep(0.05)
-        finally:
-            stop.set()
-            for w in writers:
-                w.join(30)
-        assert not errors
+            return cluster.wait_leader(timeout=30, exclude=old.name)
+
+        old, new, acked, takeover = _fault_the_leader_under_writers(cluster, kill)
         print(f"new leader {new.name} gating {takeover:.2f}s after the kill")
-        assert len(acked) >= before + 300, "clients went on with the new leader"
         client = redis_py.Redis(port=new.server_port)
         values = client.mget(acked)
         missing = [k for k, v in zip(acked, values, strict=True) if v is None]
@@ -112,32 +123,15 @@ def test_a_leader_paused_past_its_leadership_keeps_its_copy_and_follows():
     with LocalCluster(n=3, server="redis", transport="shm") as cluster:
         try:
             cluster.start(timeout=120)
-            old = cluster.wait_leader()
-            acked: list[str] = []
-            errors: list[BaseException] = []
-            stop = threading.Event()
-            writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop, errors))
-                       for i in range(8)]
-            for w in writers:
-                w.start()
-            try:
-                while len(acked) < 300:
-                    time.sleep(0.05)
+
+            def pause(old):
                 old.supervisor.send_signal(signal.SIGSTOP)
                 try:
-                    new = cluster.wait_leader(timeout=30, exclude=old.name)
+                    return cluster.wait_leader(timeout=30, exclude=old.name)
                 finally:
                     old.supervisor.send_signal(signal.SIGCONT)
-                before = len(acked)
-                deadline = time.monotonic() + 60
-                while len(acked) < before + 300 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            finally:
-                stop.set()
-                for w in writers:
-                    w.join(30)
-            assert not errors
-            assert len(acked) >= before + 300, "clients went on with the new leader"
+
+            old, new, acked, _ = _fault_the_leader_under_writers(cluster, pause)
             cluster.wait_applied(timeout=60)
             assert old.supervisor.poll() is None, old.log_path.read_text()[-3000:]
             log_text = old.log_path.read_text()
