@@ -81,7 +81,6 @@ class Replica:
         self._stop = threading.Event()
         self._cv = threading.Condition()
         self._role_events: deque[tuple[str, int, str | None]] = deque()
-        self.applied_index = 0
         self._threads: list[threading.Thread] = []
         self._started = False
         self._closed = False
@@ -143,6 +142,11 @@ class Replica:
     @property
     def commit_index(self) -> int:
         return self.core.commit_index
+
+    @property
+    def applied_index(self) -> int:
+        """The last index delivered to ``on_commit`` (or ``on_noop``)."""
+        return self.core.applied_index
 
     @property
     def durable_index(self) -> int:
@@ -266,7 +270,7 @@ class Replica:
                             self._on_noop(e.index)
                     except Exception:  # noqa: BLE001
                         log.exception("on_commit(%d)", e.index)
-                    self.applied_index = self.core.applied_index = e.index
+                    self.core.applied_index = e.index
                     if self._role_events:  # now, not once a long catch-up is done
                         self._deliver_role_events()
                 self.metrics.commits.inc(len(batch))

@@ -289,7 +289,7 @@ class Node:
             if (own is not None and not own.closing) or ev.call in ACCEPTS:
                 self._lead_event(ev, own)
                 return
-        elif (self.own.by_conn or self.own.deposed is not None) and self.own.on_event(ev):
+        elif self.own.on_event(ev):
             return
         replayed = self.replayer.on_server_event(ev)
         if ev.gated:

@@ -107,18 +107,18 @@ class OwnConnections:
 
     def delivered(self, payload: bytes, entry: Entry) -> bool:
         """Account for a committed entry of an own connection; False when it is not one."""
+        if entry.epoch not in self.epochs:
+            return False
         if entry.kind is Kind.DIGEST:
-            return entry.epoch in self.epochs  # this node's own output, checked against itself
+            return True  # this node's own output, checked against itself
         with self._lock:
             own = self.by_cid.get(entry.cid)
             if own is None:
                 if entry.kind is Kind.CLOSE:
                     self.orphans.discard(entry.cid)
-                    return entry.epoch in self.epochs
-                if entry.epoch in self.epochs:
-                    raise LostInput(f"entry for connection {entry.cid} committed after this node "
-                                    "refused its input")
-                return False
+                    return True
+                raise LostInput(f"entry for connection {entry.cid} committed after this node "
+                                "refused its input")
             held = None
             while own.inflight:
                 sent, event = own.inflight.popleft()
@@ -154,10 +154,7 @@ class OwnConnections:
                 shut_down_socket(server_pid, ev.ret)
             for own in owns:
                 for ev in self._held(own):
-                    if ev.call in READS and ev.ret > 0:
-                        self._refuse(ev, errno.ECONNRESET)
-                    else:
-                        self._release(ev)
+                    self._turn_away(ev)
                 own.unlogged.clear()
                 own.inflight.clear()
         if reset or accepts:
@@ -188,6 +185,8 @@ class OwnConnections:
     def on_event(self, ev: SocketEvent) -> bool:
         """Handle an event on an own connection while not leading, and hold the server's accepts
         until the log moved on; False when it is neither."""
+        if not self.by_conn and self.deposed is None:
+            return False  # the usual case, without the lock: nothing of a leadership is left
         with self._lock:
             own = self.by_conn.get(ev.conn)
             if own is None:
@@ -203,13 +202,17 @@ class OwnConnections:
             if self.deposed is not None:
                 own.unlogged.append(ev)
                 return True
+        self._turn_away(ev)
+        return True
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _turn_away(self, ev: SocketEvent) -> None:
+        """Input the log will not hold is refused; an accept or an end of input is let through."""
         if ev.call in READS and ev.ret > 0:
             self._refuse(ev, errno.ECONNRESET)
         else:
             self._release(ev)
-        return True
-
-    # ---- internals ------------------------------------------------------------------------------
 
     def _held(self, own: OwnConn) -> Iterator[SocketEvent]:
         for _, ev in own.inflight:

@@ -23,6 +23,12 @@ LEASE_SECONDS = 5
 RENEW_SECONDS = 1.0
 
 
+def _ip_route():
+    from pyroute2 import IPRoute  # imported when used: importing it takes a quarter of a second
+
+    return IPRoute()
+
+
 class VirtualIP:
     def __init__(self, address: str, interface: str) -> None:
         self.iface = ipaddress.ip_interface(address)
@@ -43,9 +49,7 @@ class VirtualIP:
     def _lease(self, create: bool) -> bool:
         """Add the address and announce it (``create``), or renew its lease if it is still there;
         False when it was not there to renew."""
-        from pyroute2 import IPRoute  # here: importing it costs a quarter of a second
-
-        with IPRoute() as ipr:
+        with _ip_route() as ipr:
             links = ipr.link_lookup(ifname=self.interface)
             if not links:
                 raise RuntimeError(f"vip_interface {self.interface!r} does not exist on this host")
@@ -79,10 +83,8 @@ class VirtualIP:
             if self._renewer is not threading.current_thread():
                 self._renewer.join()
             self._renewer = None
-        from pyroute2 import IPRoute
-
         try:
-            with IPRoute() as ipr:
+            with _ip_route() as ipr:
                 links = ipr.link_lookup(ifname=self.interface)
                 if links:
                     ipr.addr("del", index=links[0], address=str(self.iface.ip),

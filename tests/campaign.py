@@ -13,9 +13,9 @@ supervisor, server or both (then a restart with a fresh server on the same data 
 partition of the leader's or a follower's host (link down, then up), a supervisor paused with
 SIGSTOP for longer than the election timeout (then SIGCONT). A node whose supervisor exited
 (1 after its server died; 3 when its copy could not be kept after it lost leadership) is
-restarted with a fresh server. Delayed, dropped and duplicated transport messages are *not* injected: the tcp
-provider's failpoints (``consensus.transport.Transport.inject``) are reachable only in-process,
-and nothing in a running ``supervise`` (configuration, environment, status endpoint) exposes
+restarted with a fresh server. Delayed, dropped and duplicated transport messages are *not*
+injected: the tcp provider's failpoints (``consensus.transport.Transport.inject``) are reachable
+only in-process, and nothing in a running ``supervise`` (configuration, environment, status endpoint) exposes
 them; this kernel has no netem either.
 
 At the end every fault is healed, the clients stop, each key is read once more through the VIP,
