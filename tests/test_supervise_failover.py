@@ -22,10 +22,12 @@ def _writer(cluster, index, acked, stop, errors):
         try:
             if client is None:
                 leader = cluster.wait_leader(timeout=30)
-                # no retries of its own: it would reconnect to the same copy, even one that no
-                # longer leads (a stray client there)
+                # no reconnecting of its own (retries, or the pool's silent reconnect of a
+                # connection the server closed between commands): it would reconnect to the same
+                # copy, even one that no longer leads (a stray client there)
                 client = redis_py.Redis(port=leader.server_port, socket_timeout=5,
-                                        socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+                                        socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
+                                        single_connection_client=True)
             key = f"w{index}:{seq}"
             client.set(key, seq)
             acked.append(key)
