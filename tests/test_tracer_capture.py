@@ -117,15 +117,7 @@ def test_redis_py_commands_and_replies_seen_as_input_and_output_events(redis):
     assert b"*2\r\n$3\r\none\r\n$3\r\ntwo\r\n" in data_out
 
 
-@pytest.fixture(params=[probes.ARG_SLOTS, 1], ids=["argument-slots", "one-shared-slot"])
-def arg_slots(request, monkeypatch) -> int:
-    """The probes' per-thread argument slots; with one, threads contend for it and most of their
-    syscalls keep their arguments in the fallback hash."""
-    monkeypatch.setattr(probes, "ARG_SLOTS", request.param)
-    return request.param
-
-
-def test_memcached_worker_threads_that_predate_attach_are_all_seen_and_gated(memcached, arg_slots):
+def test_memcached_worker_threads_that_predate_attach_are_all_seen_and_gated(memcached):
     with traced(memcached.pid, Mode.GATE) as (tracer, rec):
         assert tracer.stats.threads >= 5
         clients = [socket.create_connection(("127.0.0.1", memcached.port)) for _ in range(8)]
@@ -263,7 +255,7 @@ def _short_connections(port: int, tag: str, n: int) -> None:
 
 
 def test_connections_accepted_while_another_thread_closes_the_same_fd_number_are_all_seen(
-        memcached, arg_slots):
+        memcached):
     """memcached closes on a worker thread while its listener thread accepts: the fd number a
     close frees is often the very next one accepted."""
     threads_, per_thread = 4, 250

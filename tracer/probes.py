@@ -18,7 +18,6 @@ BPF_NOEXIST = 1
 PREFILL_CONN_BASE = 1 << 40
 MAX_SNAPLEN = 16384  # an event is built in a per-CPU map value (at most 32 KiB)
 RINGBUF_PAGES = 8192  # 32 MiB; records take their real size, not the snap length
-ARG_SLOTS = 16384  # per-thread slots for a syscall's saved arguments (tid modulo this)
 TGID_SLOTS = 65536  # supervised tgids' modes (tgid modulo this; the tgids hash on a clash)
 
 
@@ -47,7 +46,7 @@ class Probes:
             raise ProbeError(f"bcc is not importable ({exc}); run 'supervise doctor'") from None
         _ensure_tracefs()
         cflags = [f"-DSNAPLEN={snaplen}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
-                  f"-DARG_SLOTS={ARG_SLOTS}", f"-DTGID_SLOTS={TGID_SLOTS}", "-w"]
+                  f"-DTGID_SLOTS={TGID_SLOTS}", "-w"]
         try:
             self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
         except Exception as exc:
@@ -60,7 +59,6 @@ class Probes:
         self.tids = self.bpf[b"tids"]
         self.socks = self.bpf[b"socks"]
         self.counters = self.bpf[b"counters"]
-        self.args = self.bpf[b"args"]
         self._prefill_next = PREFILL_CONN_BASE + 1
         self._slots_held: set[int] = set()
 
@@ -145,11 +143,6 @@ class Probes:
         """A forked child holds its parent's sockets under the same conn ids."""
         for fd, (conn, kind) in self.sockets_of(from_tgid).items():
             self.socks[self.socks.Key(to_tgid, fd)] = self.socks.Leaf(conn, kind, 0)
-
-    def seed_args(self, tid: int, call: int, fd: int, buf: int, count: int, flags: int) -> None:
-        """Arguments of a syscall a thread was already blocked in when the probes loaded, so
-        that its return is captured (and gated) like any other."""
-        self.args[ctypes.c_uint32(tid)] = self.args.Leaf(call, fd, buf, count, 0, flags, 0)
 
     def drop_socket(self, tgid: int, fd: int) -> None:
         self.socks.pop(self.socks.Key(tgid, fd), None)

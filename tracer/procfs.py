@@ -144,15 +144,3 @@ def peer_of(pid: int, fd: int) -> str | None:
         return None
     sock = tcp_sockets(pid).get(int(target[8:-1]))
     return sock.remote if sock else None
-
-
-def blocked_syscall(tid: int) -> tuple[int, list[int]] | None:
-    """(syscall number, arguments) of a thread blocked in a syscall, else None."""
-    try:
-        with open(f"/proc/{tid}/syscall") as f:
-            fields = f.read().split()
-    except OSError:
-        return None
-    if len(fields) < 7 or not fields[0].lstrip("-").isdigit() or int(fields[0]) < 0:
-        return None
-    return int(fields[0]), [int(x, 16) for x in fields[1:7]]

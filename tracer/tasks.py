@@ -16,15 +16,12 @@ from enum import Enum
 
 from . import procfs
 from . import ptrace_ops as pt
-from .events import Call, SocketEvent
+from .events import SocketEvent
 from .probes import MODE_GATE, MODE_OBSERVE, MODE_TRACE, SOCK_CONN, SOCK_LISTEN
 
 log = logging.getLogger("tracer")
 
 STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-# x86_64 numbers of the input syscalls a thread may be blocked in when we attach
-BLOCKING_INPUTS = {0: Call.READ, 19: Call.READV, 43: Call.ACCEPT, 45: Call.RECVFROM,
-                   47: Call.RECVMSG, 288: Call.ACCEPT4}
 
 
 class Mode(Enum):
@@ -126,24 +123,10 @@ class TaskControl:
                 except Exception as exc:
                     raise AttachError(f"cannot seize thread {tid} of pid {pid}: {exc}") from None
                 self._adopt(tid, pid)
-                self._seed_blocked_syscall(tid)
                 found_new = True
             quiet_passes = 0 if found_new else quiet_passes + 1
         if not self._threads:
             raise AttachError(f"pid {pid} exited while attaching")
-
-    def _seed_blocked_syscall(self, tid: int) -> None:
-        blocked = procfs.blocked_syscall(tid)
-        if blocked is None or blocked[0] not in BLOCKING_INPUTS:
-            return
-        assert self.probes is not None
-        call = BLOCKING_INPUTS[blocked[0]]
-        fd, buf, count, flags = blocked[1][:4]
-        if call is Call.RECVMSG:
-            count, flags = 0, count
-        elif call is not Call.RECVFROM:
-            flags = 0
-        self.probes.seed_args(tid, call, fd, buf, count, flags)
 
     def _adopt(self, tid: int, tgid: int) -> None:
         """Record a seized thread; only now may the probe gate it."""

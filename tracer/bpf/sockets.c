@@ -1,8 +1,9 @@
 // Socket syscall capture and gating for supervised processes.
 //
 // Loaded by tracer/probes.py with bcc. SNAPLEN (bytes of payload copied into each event) is
-// passed as a -D flag. Only syscall tracepoint arguments and user memory are read: no kernel
-// structs, so borrowed kernel headers cannot skew offsets.
+// passed as a -D flag. Only syscall tracepoint arguments, the user registers saved at syscall
+// entry and user memory are read: no kernel structs, so borrowed kernel headers cannot skew
+// offsets.
 
 #include <uapi/linux/ptrace.h>
 
@@ -26,7 +27,6 @@
 
 #define SIGSTOP_NR 19
 #define MSG_PEEK_FLAG 2
-#define EBADF_NR 9
 #define ECONNRESET_NR 104
 #define ETIMEDOUT_NR 110
 
@@ -47,17 +47,24 @@ struct sock_val {
     u32 pad;
 };
 
-struct saved_args {
+// The arguments of the syscall that is returning, read from the registers the kernel saved at
+// its entry (x86_64: fd, buffer, count and flags stay in rdi, rsi, rdx and r10 until the return).
+// Reading them at exit needs no probe at entry, and a thread that was already blocked in the
+// call when the probes loaded is seen like any other.
+struct call_args {
     u32 call;
     s32 fd;
     u64 buf;      // flat buffer, iovec array, msghdr or sockaddr, depending on call
     u64 count;    // buffer length or iovec count
-    u64 addrlen;  // accept: user pointer to the address length
     u32 flags;
-    u32 pad;
-    u64 conn;     // the connection the fd held when the call began (close needs it)
-    u64 owner;    // in arg_slots: the thread that holds the slot (0: free)
 };
+
+// user_regs_struct from r10 to rdi: the x86_64 ABI order of struct pt_regs, which ptrace's
+// PTRACE_GETREGS shares, so borrowed kernel headers cannot skew it.
+struct regs_r10_to_di {
+    u64 r10, r9, r8, ax, cx, dx, si, di;
+};
+#define REGS_R10_OFFSET 56
 
 struct event {
     u64 ts_ns;
@@ -95,15 +102,6 @@ BPF_ARRAY(tgid_slots, struct tgid_slot, TGID_SLOTS);
 BPF_HASH(tgids, u32, u32, 1024);
 BPF_HASH(tids, u32, u8, 65536);                  // seized thread ids (gating applies only to these)
 BPF_HASH(socks, struct sock_key, struct sock_val, 65536);
-// Arguments saved at syscall entry, until its exit: in the thread's slot of arg_slots (tid modulo
-// ARG_SLOTS), or in the args hash when another thread holds that slot. An array lookup is a
-// pointer computation; a hash update and delete per syscall cost the traced thread more than
-// the rest of the probe.
-#ifndef ARG_SLOTS
-#define ARG_SLOTS 16384
-#endif
-BPF_ARRAY(arg_slots, struct saved_args, ARG_SLOTS);
-BPF_HASH(args, u32, struct saved_args, 65536);
 BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2: lost events
 BPF_PERCPU_ARRAY(scratch, struct event, 1);      // an event is built here, then copied out at its size
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -128,87 +126,41 @@ static __always_inline u64 next_counter(u32 idx) {
     return __sync_fetch_and_add(v, 1) + 1;
 }
 
-// The slot the thread's arguments go in when no other thread holds it.
-static __always_inline struct saved_args *slot_of(u32 tid) {
-    u32 idx = tid % ARG_SLOTS;
-    return arg_slots.lookup(&idx);
-}
-
-// The thread's slot if it holds it or could claim it, else NULL (use the args hash).
-static __always_inline struct saved_args *claim_slot(u32 tid) {
-    struct saved_args *slot = slot_of(tid);
-    if (!slot)
-        return 0;
-    u64 owner = __sync_val_compare_and_swap(&slot->owner, 0, (u64)tid);
-    return (owner == 0 || owner == tid) ? slot : 0;
-}
-
-// Where the thread's saved arguments are: its slot, the args hash, or NULL.
-static __always_inline struct saved_args *saved_args_of(u32 tid, struct saved_args **slot) {
-    struct saved_args *s = slot_of(tid);
-    if (s && s->owner == tid) {
-        *slot = s;
-        return s;
+// The returning syscall's arguments, from the registers saved at its entry.
+static __always_inline void read_args(u32 call, struct call_args *a) {
+    struct regs_r10_to_di r = {};
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    bpf_probe_read_kernel(&r, sizeof(r), (void *)regs + REGS_R10_OFFSET);
+    a->call = call;
+    a->fd = (s32)r.di;
+    a->buf = r.si;
+    a->count = r.dx;
+    a->flags = 0;
+    switch (call) {
+    case C_ACCEPT: case C_ACCEPT4: case C_RECVMSG: case C_SENDMSG:
+        a->count = 0;
+        a->flags = call == C_RECVMSG || call == C_SENDMSG ? (u32)r.dx : 0;
+        break;
+    case C_RECVFROM: case C_SENDTO:
+        a->flags = (u32)r.r10;
+        break;
+    case C_SENDFILE:
+        a->buf = 0;
+        a->count = r.r10;
+        break;
+    case C_SHUTDOWN:
+        a->buf = 0;
+        a->count = r.si;
+        break;
+    case C_LISTEN: case C_DUP: case C_DUP2: case C_DUP3:
+        a->buf = 0;
+        a->count = 0;
+        break;
     }
-    *slot = 0;
-    return args.lookup(&tid);
-}
-
-static __always_inline void store_args(u32 tid, struct saved_args *a) {
-    struct saved_args *slot = claim_slot(tid);
-    if (slot) {
-        a->owner = tid;
-        *slot = *a;
-    } else {
-        args.update(&tid, a);
-    }
-}
-
-static __always_inline void drop_args(u32 tid, struct saved_args *slot) {
-    if (slot)
-        __sync_val_compare_and_swap(&slot->owner, (u64)tid, 0);
-    else
-        args.delete(&tid);
-}
-
-static __always_inline int save(u32 call, s32 fd, u64 buf, u64 count, u64 addrlen, u32 flags) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    u32 tid = (u32)id;
-    if (!mode_of(tgid))
-        return 0;
-    struct sock_key key = {.tgid = tgid, .fd = fd};
-    struct sock_val *sv = socks.lookup(&key);
-    if (!sv || ((call == C_ACCEPT || call == C_ACCEPT4) && sv->kind != SOCK_LISTEN)) {
-        struct saved_args *slot;
-        if (saved_args_of(tid, &slot))
-            drop_args(tid, slot);  // never let arguments seeded at attach outlive their syscall
-        return 0;
-    }
-    struct saved_args a = {.call = call, .fd = fd, .buf = buf, .count = count,
-                           .addrlen = addrlen, .flags = flags, .conn = sv->conn};
-    // A socket's entry leaves the map when close begins, not when it returns: the fd number is
-    // free for another thread's accept as soon as the kernel releases it inside close, and an
-    // entry deleted at exit would then take the new connection's entry with it.
-    if (call == C_CLOSE)
-        socks.delete(&key);
-    store_args(tid, &a);
-    return 0;
-}
-
-static __always_inline int save_untracked(u32 call, s32 fd, u64 count) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    u32 tid = (u32)id;
-    if (!mode_of(tgid))
-        return 0;
-    struct saved_args a = {.call = call, .fd = fd, .count = count};
-    store_args(tid, &a);
-    return 0;
 }
 
 // First user buffer of the call: flat buffer, iovec[0] or msghdr->msg_iov[0].
-static __always_inline void first_buffer(struct saved_args *a, u64 *base, u64 *len) {
+static __always_inline void first_buffer(struct call_args *a, u64 *base, u64 *len) {
     u64 iov[2] = {0, 0};
     u64 msg_iov = 0;
     switch (a->call) {
@@ -236,90 +188,16 @@ static __always_inline void first_buffer(struct saved_args *a, u64 *base, u64 *l
     *len = 0;
 }
 
-static __always_inline int finish(s64 ret) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-    u32 tid = (u32)id;
-    struct saved_args *slot;
-    // Read at exit, not saved at entry: a thread blocked in read when gating begins is held.
-    u32 mode = mode_of(tgid);
-    if (!mode) {
-        // Its slot is freed; arguments it saved in the args hash before its tgid stopped being
-        // supervised stay there until the probes unload, since an unsupervised thread's exit
-        // must not pay a hash lookup.
-        slot = slot_of(tid);
-        if (slot && slot->owner == tid)
-            drop_args(tid, slot);
-        return 0;
-    }
-    struct saved_args *a = saved_args_of(tid, &slot);
-    if (!a)
-        return 0;
+// Builds the event in this CPU's scratch space and writes it to the ring at its real size,
+// stopping the thread first when it is a held input.
+static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
+                                struct call_args *a, u8 dir, u8 input, s32 fd) {
     u32 call = a->call;
-    struct sock_key key = {.tgid = tgid, .fd = a->fd};
-    struct sock_val *sv = socks.lookup(&key);
-    u64 conn = sv ? sv->conn : 0;
-    u8 dir = DIR_CTL;
-    u8 input = 0;
-    s32 fd = a->fd;
-
-    switch (call) {
-    case C_ACCEPT: case C_ACCEPT4: {
-        if (ret < 0)
-            goto out;
-        struct sock_key nk = {.tgid = tgid, .fd = (s32)ret};
-        struct sock_val nv = {.conn = next_counter(1), .kind = SOCK_CONN};
-        socks.update(&nk, &nv);
-        conn = nv.conn;
-        input = 1;
-        break;
-    }
-    case C_LISTEN: {
-        if (ret != 0)
-            goto out;
-        struct sock_val lv = {.conn = 0, .kind = SOCK_LISTEN};
-        socks.update(&key, &lv);
-        break;
-    }
-    case C_READ: case C_READV: case C_RECVFROM: case C_RECVMSG:
-        if (!sv || sv->kind != SOCK_CONN)
-            goto out;
-        if (ret < 0 && ret != -ECONNRESET_NR && ret != -ETIMEDOUT_NR)
-            goto out;
-        dir = DIR_IN;
-        input = (a->flags & MSG_PEEK_FLAG) ? 0 : 1;
-        break;
-    case C_WRITE: case C_WRITEV: case C_SENDTO: case C_SENDMSG: case C_SENDFILE:
-        if (!sv || sv->kind != SOCK_CONN || ret <= 0)
-            goto out;
-        dir = DIR_OUT;
-        break;
-    case C_CLOSE:
-        if (ret == -EBADF_NR)
-            goto out;
-        conn = a->conn;
-        break;
-    case C_SHUTDOWN:
-        if (!sv)
-            goto out;
-        break;
-    case C_DUP: case C_DUP2: case C_DUP3: {
-        if (!sv || ret < 0 || ret == a->fd)
-            goto out;
-        struct sock_key dk = {.tgid = tgid, .fd = (s32)ret};
-        struct sock_val dv = *sv;
-        socks.update(&dk, &dv);
-        fd = (s32)ret;
-        break;
-    }
-    default:
-        goto out;
-    }
 
     u32 zero = 0;
     struct event *e = scratch.lookup(&zero);
     if (!e)
-        goto out;
+        return 0;
     e->ts_ns = bpf_ktime_get_ns();
     e->seq = next_counter(0);
     e->conn = conn;
@@ -381,69 +259,113 @@ static __always_inline int finish(s64 ret) {
         size = sizeof(struct event);
     if (events.ringbuf_output(e, size, wake) != 0)
         next_counter(2);
-out:
-    drop_args(tid, slot);
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_accept) {
-    return save(C_ACCEPT, args->fd, (u64)args->upeer_sockaddr, 0, (u64)args->upeer_addrlen, 0);
+// A socket leaves the map when close begins, not when it returns: the fd number is free for
+// another thread's accept as soon as the kernel releases it inside close, and an entry deleted
+// at exit would then take the new connection's entry with it. So the close event is written at
+// entry too (a tracked fd is open, so close releases it whatever it returns).
+static __always_inline int on_close(s32 fd) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u32 mode = mode_of(tgid);
+    if (!mode)
+        return 0;
+    struct sock_key key = {.tgid = tgid, .fd = fd};
+    struct sock_val *sv = socks.lookup(&key);
+    if (!sv)
+        return 0;
+    u64 conn = sv->conn;
+    socks.delete(&key);
+    struct call_args a = {.call = C_CLOSE, .fd = fd};
+    return emit(mode, tgid, (u32)id, conn, 0, &a, DIR_CTL, 0, fd);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_accept4) {
-    return save(C_ACCEPT4, args->fd, (u64)args->upeer_sockaddr, 0, (u64)args->upeer_addrlen, 0);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_listen) { return save_untracked(C_LISTEN, args->fd, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_listen) { return finish(args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read) {
-    return save(C_READ, args->fd, (u64)args->buf, args->count, 0, 0);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) {
-    return save(C_READV, args->fd, (u64)args->vec, args->vlen, 0, 0);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) {
-    return save(C_RECVFROM, args->fd, (u64)args->ubuf, args->size, 0, args->flags);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) {
-    return save(C_RECVMSG, args->fd, (u64)args->msg, 0, 0, args->flags);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return finish(args->ret); }
+static __always_inline int finish(u32 call, s64 ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u32 tid = (u32)id;
+    // Read at exit, not at entry: a thread blocked in read when gating begins is held.
+    u32 mode = mode_of(tgid);
+    if (!mode)
+        return 0;
+    struct call_args args_, *a = &args_;
+    read_args(call, a);
+    struct sock_key key = {.tgid = tgid, .fd = a->fd};
+    struct sock_val *sv = socks.lookup(&key);
+    u64 conn = sv ? sv->conn : 0;
+    u8 dir = DIR_CTL;
+    u8 input = 0;
+    s32 fd = a->fd;
 
-TRACEPOINT_PROBE(syscalls, sys_enter_write) {
-    return save(C_WRITE, args->fd, (u64)args->buf, args->count, 0, 0);
+    switch (call) {
+    case C_ACCEPT: case C_ACCEPT4: {
+        if (ret < 0 || !sv || sv->kind != SOCK_LISTEN)
+            return 0;
+        struct sock_key nk = {.tgid = tgid, .fd = (s32)ret};
+        struct sock_val nv = {.conn = next_counter(1), .kind = SOCK_CONN};
+        socks.update(&nk, &nv);
+        conn = nv.conn;
+        input = 1;
+        break;
+    }
+    case C_LISTEN: {
+        if (ret != 0)
+            return 0;
+        struct sock_val lv = {.conn = 0, .kind = SOCK_LISTEN};
+        socks.update(&key, &lv);
+        break;
+    }
+    case C_READ: case C_READV: case C_RECVFROM: case C_RECVMSG:
+        if (!sv || sv->kind != SOCK_CONN)
+            return 0;
+        if (ret < 0 && ret != -ECONNRESET_NR && ret != -ETIMEDOUT_NR)
+            return 0;
+        dir = DIR_IN;
+        input = (a->flags & MSG_PEEK_FLAG) ? 0 : 1;
+        break;
+    case C_WRITE: case C_WRITEV: case C_SENDTO: case C_SENDMSG: case C_SENDFILE:
+        if (!sv || sv->kind != SOCK_CONN || ret <= 0)
+            return 0;
+        dir = DIR_OUT;
+        break;
+    case C_SHUTDOWN:
+        if (!sv)
+            return 0;
+        break;
+    case C_DUP: case C_DUP2: case C_DUP3: {
+        if (!sv || ret < 0 || ret == a->fd)
+            return 0;
+        struct sock_key dk = {.tgid = tgid, .fd = (s32)ret};
+        struct sock_val dv = *sv;
+        socks.update(&dk, &dv);
+        fd = (s32)ret;
+        break;
+    }
+    default:
+        return 0;
+    }
+    return emit(mode, tgid, tid, conn, ret, a, dir, input, fd);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) {
-    return save(C_WRITEV, args->fd, (u64)args->vec, args->vlen, 0, 0);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) {
-    return save(C_SENDTO, args->fd, (u64)args->buff, args->len, 0, args->flags);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
-    return save(C_SENDMSG, args->fd, (u64)args->msg, 0, 0, args->flags);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) {
-    return save(C_SENDFILE, args->out_fd, 0, args->count, 0, 0);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return finish(args->ret); }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_close) { return save(C_CLOSE, args->fd, 0, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_close) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_shutdown) {
-    return save(C_SHUTDOWN, args->fd, 0, args->how, 0, 0);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_shutdown) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_dup) { return save(C_DUP, args->fildes, 0, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_dup) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return save(C_DUP2, args->oldfd, 0, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_dup2) { return finish(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return save(C_DUP3, args->oldfd, 0, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_dup3) { return finish(args->ret); }
+#define EXIT_PROBE(name, call) \
+    TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return finish(call, args->ret); }
+
+EXIT_PROBE(accept, C_ACCEPT)
+EXIT_PROBE(accept4, C_ACCEPT4)
+EXIT_PROBE(listen, C_LISTEN)
+EXIT_PROBE(read, C_READ)
+EXIT_PROBE(readv, C_READV)
+EXIT_PROBE(recvfrom, C_RECVFROM)
+EXIT_PROBE(recvmsg, C_RECVMSG)
+EXIT_PROBE(write, C_WRITE)
+EXIT_PROBE(writev, C_WRITEV)
+EXIT_PROBE(sendto, C_SENDTO)
+EXIT_PROBE(sendmsg, C_SENDMSG)
+EXIT_PROBE(sendfile64, C_SENDFILE)
+EXIT_PROBE(shutdown, C_SHUTDOWN)
+EXIT_PROBE(dup, C_DUP)
+EXIT_PROBE(dup2, C_DUP2)
+EXIT_PROBE(dup3, C_DUP3)
+TRACEPOINT_PROBE(syscalls, sys_enter_close) { return on_close(args->fd); }
