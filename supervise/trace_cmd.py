@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import sys
 import threading
 import time
 from typing import TextIO
 
-from tracer.events import SocketEvent
+from tracer.events import Call, Direction, SocketEvent
 from tracer.tracer import Mode, Tracer
 
 from .stop_signals import catch_stop_signals
+
+_SYSCALL_NAMES = {call: call.syscall for call in Call}
+_DIR_LABELS = {d: d.label for d in Direction}
 
 
 def format_line(event: SocketEvent) -> str:
@@ -19,8 +22,8 @@ def format_line(event: SocketEvent) -> str:
     parts = [
         clock,
         f"{event.pid}/{event.tid}",
-        f"{event.dir.label:<3}",
-        f"{event.call.syscall}(fd={event.fd}) = {event.ret}",
+        f"{_DIR_LABELS[event.dir]:<3}",
+        f"{_SYSCALL_NAMES[event.call]}(fd={event.fd}) = {event.ret}",
         f"conn={event.conn}",
     ]
     if event.peer:
@@ -39,10 +42,10 @@ def json_line(event: SocketEvent) -> str:
     tracing an event."""
     peer = "null" if event.peer is None else f'"{event.peer}"'
     line = (f'{{"t": {event.t:.6f}, "pid": {event.pid}, "tid": {event.tid}, '
-            f'"call": "{event.call.syscall}", "fd": {event.fd}, "ret": {event.ret}, '
-            f'"conn": {event.conn}, "peer": {peer}, "dir": "{event.dir.label}"')
+            f'"call": "{_SYSCALL_NAMES[event.call]}", "fd": {event.fd}, "ret": {event.ret}, '
+            f'"conn": {event.conn}, "peer": {peer}, "dir": "{_DIR_LABELS[event.dir]}"')
     if event.data:
-        line += f', "data": "{base64.b64encode(event.data).decode()}"'
+        line += f', "data": "{binascii.b2a_base64(event.data, newline=False).decode()}"'
     if event.gated:
         line += ', "gated": true'
     if event.escaped:

@@ -51,7 +51,7 @@ class Direction(IntEnum):
         return ("in", "out", "ctl")[self]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SocketEvent:
     """One socket syscall of a supervised process, as it returned in the kernel.
 
