@@ -42,6 +42,11 @@ class ReplicaConfig:
     heartbeat_ms: int = 20
     election_timeout_ms: int = 300
     log_region_bytes: int = 64 << 20
+    # How long the receive thread polls the transport before it sleeps (None: the provider's
+    # default, 30 µs for shm). Polling saves a wake-up when a peer answers within it; a process
+    # that shares its cores with its peers and an application, as a supervisor does, needs that
+    # CPU more (supervise/node.py sets 0).
+    poll_us: int | None = None
 
 
 # A leader hands its committed entries to the application on its tick (every half heartbeat),
@@ -93,7 +98,9 @@ class Replica:
         self.store = LogStore(Path(cfg.data_dir), fsync=self._fsync, cache_bytes=cache)
         endpoints = {cfg.name: cfg.endpoint, **{p.name: p.endpoint for p in cfg.peers}}
         area = cfg.log_region_bytes // max(1, n - 1)
-        self.transport = Transport(cfg.name, endpoints, cfg.transport, cfg.secret, area, self._on_frame)
+        poll_s = None if cfg.poll_us is None else cfg.poll_us / 1e6
+        self.transport = Transport(cfg.name, endpoints, cfg.transport, cfg.secret, area, self._on_frame,
+                                   poll_s=poll_s)
         self.core = Core(cfg.name, self._names, self.store, self.transport.send, cfg.heartbeat_ms / 1000,
                          cfg.election_timeout_ms / 1000, self.transport.max_body(), self._role_changed,
                          self._commit_advanced, self.metrics)

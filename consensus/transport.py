@@ -44,8 +44,9 @@ SPIN_S = float(os.environ.get("CONSENSUS_SPIN_US", "0")) / 1e6
 
 class Transport:
     def __init__(self, name: str, endpoints: dict[str, str], provider: str, secret: bytes, area_bytes: int,
-                 on_frame: Callable[[str, int, bytes], None]) -> None:
+                 on_frame: Callable[[str, int, bytes], None], poll_s: float | None = None) -> None:
         self.name = name
+        self.poll_s = poll_s
         self.endpoints = endpoints
         self.peers = [p for p in endpoints if p != name]
         self.provider = provider
@@ -333,7 +334,7 @@ class Transport:
                     if time.monotonic() - last < spin_s:
                         os.sched_yield()
                         continue
-                    wcs = cq.wait(timeout=0.5, max_entries=64)
+                    wcs = cq.wait(timeout=0.5, max_entries=64, spin=self.poll_s)
                     if not wcs:
                         continue
                 last = time.monotonic()

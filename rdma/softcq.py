@@ -85,14 +85,16 @@ class SoftCQ(CompletionQueue):
             pass
         return out
 
-    def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
+    def wait(self, timeout: float | None = None, max_entries: int = 16,
+             spin: float | None = None) -> list[WorkCompletion]:
         out = self.poll(max_entries)
         if out or self.closed:
             return out
         now = time.monotonic()
         deadline = None if timeout is None else now + timeout
-        if self._spin:
-            spin_end = now + min(self._spin, timeout if timeout is not None else self._spin)
+        spin = self._spin if spin is None else spin
+        if spin:
+            spin_end = now + min(spin, timeout if timeout is not None else spin)
             while time.monotonic() < spin_end:
                 out = self.poll(max_entries)
                 if out:

@@ -146,7 +146,8 @@ class TcpCQ(SoftCQ):
             pass
         return out
 
-    def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
+    def wait(self, timeout: float | None = None, max_entries: int = 16,
+             spin: float | None = None) -> list[WorkCompletion]:
         q = self._q
         if q:
             return self._take(max_entries)
@@ -154,7 +155,8 @@ class TcpCQ(SoftCQ):
         deadline = None if timeout is None else now + timeout
         # Busy-poll epoll (timeout 0) for a moment first: a reply usually comes within a round
         # trip, and sleeping and being woken costs more than that on a quiet machine.
-        spin_end = now + self._spin if self._spin else 0.0
+        spin = self._spin if spin is None else spin
+        spin_end = now + spin if spin else 0.0
         ep, drains, efd, lock = self._ep, self._drains, self._efd, self._sleep_lock
         while True:
             if spin_end and time.monotonic() < spin_end:

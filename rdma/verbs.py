@@ -117,10 +117,13 @@ class CompletionQueue(abc.ABC):
         """Return up to ``max_entries`` completions without blocking."""
 
     @abc.abstractmethod
-    def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
+    def wait(self, timeout: float | None = None, max_entries: int = 16,
+             spin: float | None = None) -> list[WorkCompletion]:
         """Block until at least one completion is available or ``timeout`` passes (then []).
 
-        Polls briefly, then sleeps on the completion channel: an idle queue burns no core.
+        Polls for ``spin`` seconds (None: the provider's default), then sleeps on the completion
+        channel: an idle queue burns no core. Polling saves a wake-up when the peer answers
+        within it, and costs the CPU the peer may need when both share the cores.
         """
 
     @abc.abstractmethod

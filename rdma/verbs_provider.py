@@ -118,7 +118,9 @@ class VerbsCQ(CompletionQueue):
             out.append(WorkCompletion(wc.wr_id, status, WCOpcode(wc.opcode), wc.qp_num, wc.byte_len, imm))
         return out
 
-    def wait(self, timeout: float | None = None, max_entries: int = 16) -> list[WorkCompletion]:
+    def wait(self, timeout: float | None = None, max_entries: int = 16,
+             spin: float | None = None) -> list[WorkCompletion]:
+        """``spin`` is not used: a device's queue is polled once, then armed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = 20e-6
         while True:

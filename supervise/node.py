@@ -95,6 +95,10 @@ class Node:
             heartbeat_ms=self.cluster.heartbeat_ms,
             election_timeout_ms=self.cluster.election_timeout_ms,
             log_region_bytes=self.cluster.log_region_bytes,
+            # Six processes share the cores here, and each replicated input waits for a commit:
+            # a receive thread polling for an answer takes the CPU that the answer needs.
+            # 2,370 against 1,980 SET/s with the default 30 µs (four interleaved pairs).
+            poll_us=0,
         )
         self.me.data_dir.mkdir(parents=True, exist_ok=True)
         self.replica = Replica(cfg, self._on_commit, self._on_role_change)

@@ -71,15 +71,16 @@ class PeerState:
             addr, _, rkey = self.remotes[qi][rname]
             self.qps[qi].post_write(self.mrs[lname], loff, n, addr + roff, rkey, wr_id)
             return None
-        if cmd == "wait":  # timeout, count: collect completions
-            timeout, count = args
+        if cmd == "wait":  # timeout, count[, spin]: collect completions
+            timeout, count = args[:2]
+            spin = args[2] if len(args) > 2 else None
             out: list = []
             deadline = time.monotonic() + timeout
             while len(out) < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                out += [_wc(w) for w in self.cq.wait(left, count - len(out))]
+                out += [_wc(w) for w in self.cq.wait(left, count - len(out), spin=spin)]
             return out
         if cmd == "dereg":
             self.mrs.pop(args[0]).close()

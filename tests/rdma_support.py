@@ -79,8 +79,8 @@ class Peer:
     def read(self, name: str, off: int, n: int) -> bytes:
         return bytes.fromhex(self.call("read", name, off, n))
 
-    def wait(self, count: int, timeout: float = 10) -> list[list]:
-        return self.call("wait", timeout, count, timeout=timeout + 10)
+    def wait(self, count: int, timeout: float = 10, spin: float | None = None) -> list[list]:
+        return self.call("wait", timeout, count, spin, timeout=timeout + 10)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -127,6 +127,23 @@ def test_write_with_immediate_and_send(local, peers):
     assert peer.read("recv", 1024, 5) == b"hello"
 
 
+@pytest.mark.parametrize("spin", [0.0, None, 0.05], ids=["sleeps-at-once", "default", "polls-50ms"])
+def test_a_waiter_is_woken_by_a_completion_that_comes_while_it_sleeps_or_polls(local, peers, spin):
+    peer = peers()
+    qp, _, qi = _connect(local, peer)
+    peer.call("post_recv", qi, "recv", 0, 64, 7)
+    local.mr.buf[:5] = b"later"
+    sender = threading.Timer(0.3, qp.post_send, (local.mr, 0, 5), {"wr_id": 1})
+    sender.start()
+    try:
+        got = peer.wait(1, timeout=5, spin=spin)
+    finally:
+        sender.join()
+    assert got == [[7, int(WCStatus.SUCCESS), int(WCOpcode.RECV), 5, None]]
+    assert peer.read("recv", 0, 5) == b"later"
+    assert [(w.wr_id, w.status) for w in local.wait(1)] == [(1, WCStatus.SUCCESS)]
+
+
 def test_send_larger_than_receive_buffer(local, peers):
     peer = peers()
     qp, _, qi = _connect(local, peer)
