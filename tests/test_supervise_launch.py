@@ -35,7 +35,7 @@ def _server_pid(node, timeout: float = 30.0) -> int:
     raise TimeoutError(f"{node.name} reported no server pid")
 
 
-def test_a_launched_copy_replicates_and_dies_with_its_killed_supervisor():
+def test_a_launched_copy_replicates_keeps_the_usual_scheduling_and_dies_with_its_killed_supervisor():
     with LocalCluster(n=3, server="redis", transport="shm") as cluster:
         attached, launched = cluster.nodes[:2], cluster.nodes[2]
         for node in attached:
@@ -45,6 +45,11 @@ def test_a_launched_copy_replicates_and_dies_with_its_killed_supervisor():
         leader = cluster.wait_leader(timeout=120)
         pid = _server_pid(launched)
         assert pid != launched.supervisor.pid
+        # the supervisor's threads give up wake-up preemption; the server it started does not
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        for sup in (launched.supervisor.pid, attached[0].supervisor.pid):
+            policies = {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{sup}/task")}
+            assert policies == {os.SCHED_BATCH}
         client = redis_py.Redis(port=leader.server_port)
         for i in range(100):
             client.set(f"k{i}", i)
