@@ -32,8 +32,10 @@ def check_root() -> Check:
 
 
 def check_kernel() -> Check:
-    ok = _kernel_version() >= (5, 8)
-    return Check("kernel", ok, platform.release(), "a kernel >= 5.8 (BPF ring buffer) is needed")
+    ok = _kernel_version() >= (5, 15)
+    return Check("kernel", ok, platform.release(),
+                 "a kernel >= 5.15 is needed (BPF ring buffer; bpf_task_pt_regs, which the probes "
+                 "read syscall arguments with)")
 
 
 def check_tracefs() -> Check:
@@ -47,7 +49,8 @@ def check_tracefs() -> Check:
 def check_btf() -> Check:
     ok = os.path.exists("/sys/kernel/btf/vmlinux")
     return Check("BTF", ok, "/sys/kernel/btf/vmlinux" if ok else "absent",
-                 "a kernel built with CONFIG_DEBUG_INFO_BTF", required=False)
+                 "a kernel built with CONFIG_DEBUG_INFO_BTF (the probes find the current task's "
+                 "saved registers through it)")
 
 
 def check_bcc() -> Check:
