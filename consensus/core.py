@@ -65,6 +65,7 @@ class Core(Elections):
         self.commit_index = 0
         self.applied_index = 0  # delivered to the application; the replica's delivery thread sets it
         self.transferring = False
+        self.standing = True  # False: votes, but never stands for election (Replica.withdraw)
         self._granted = 0
         self._votes: set[str] = set()
         self._prevote_ballot = 0

@@ -34,6 +34,9 @@ class Elections:
         election timeouts without a leader it stands regardless: an application that stopped
         delivering must not stop the group. Liveness only: nothing here changes what may be
         chosen."""
+        if not self.standing:
+            self._deadline = now + self._random_timeout()
+            return
         if (self.commit_index - self.applied_index >= LAGGING_ENTRIES
                 and now - self._leader_contact < CANDIDACY_DEFER_TIMEOUTS * self.election_s):
             self._deadline = now + self._random_timeout()

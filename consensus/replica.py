@@ -193,6 +193,14 @@ class Replica:
         self.metrics.proposals.inc()
         return fut
 
+    def withdraw(self, timeout: float) -> None:
+        """Never stand for election again in this replica's lifetime, and hand leadership on if
+        this replica leads: for an application that can no longer serve (a supervisor whose copy
+        diverged). It still votes and keeps its log, so the group loses no majority by it."""
+        self.core.standing = False
+        if self.core.role == LEADER:
+            self.step_down(timeout)
+
     def step_down(self, timeout: float) -> bool:
         """Hand leadership to the most caught-up reachable peer; True once another leads."""
         target = self.core.transfer()

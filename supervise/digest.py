@@ -110,9 +110,10 @@ class Divergence:
     """Whether this copy's output differed from the leader's, and why; counts the checks made
     into the node's metrics and says once, loudly, when the copy diverged."""
 
-    def __init__(self, checker: OutputChecker, metrics) -> None:
+    def __init__(self, checker: OutputChecker, metrics, on_diverged=lambda: None) -> None:
         self.checker = checker
         self.metrics = metrics
+        self.on_diverged = on_diverged
         self.diverged = False
         self.reason: str | None = None
         self._checks_reported = 0
@@ -129,3 +130,4 @@ class Divergence:
             self.metrics.diverged.set(1)
             log.error("DIVERGED: %s; this node stops applying the log and is out of service",
                       self.reason)
+            self.on_diverged()

@@ -53,7 +53,7 @@ class Node:
         self.fatal = threading.Event()
         self.exit_code = 0
         self.checker = OutputChecker()
-        self.divergence = Divergence(self.checker, metrics)
+        self.divergence = Divergence(self.checker, metrics, on_diverged=self._withdraw)
         self.replayer = Replayer(me.server_host, me.server_port, self._on_replay_output, self._on_stray)
         self.own = OwnConnections(self._release_held, self._refuse_held)
         self._digested: dict[tuple[int, int], int] = {}
@@ -218,6 +218,13 @@ class Node:
         log.info("the log went on past this node's leadership: refused the inputs it still held and "
                  "closed %d connections of its clients; following", closed)
 
+    def _withdraw(self) -> None:
+        """A diverged copy must never serve: this node stops standing for election and hands on
+        any leadership it has (it keeps voting, so the group keeps its majority)."""
+        if self.replica is not None:
+            threading.Thread(target=self.replica.withdraw, args=(2.0,), name="withdraw",
+                             daemon=True).start()
+
     def _start_takeover(self) -> None:
         with self._takeover_lock:
             if self._taking_over:
@@ -235,6 +242,11 @@ class Node:
         attempt, ballot = 0, self.replica.ballot
         try:
             while self.replica.role == "leader" and not self.leading:
+                if self.divergence.diverged:
+                    log.error("elected with ballot %d, but this copy diverged: handing leadership on",
+                              self.replica.ballot)
+                    self.replica.withdraw(timeout=2.0)
+                    return
                 ballot = self.replica.ballot
                 attempt += 1
                 try:
@@ -253,7 +265,8 @@ class Node:
             self._barrier = None
             with self._takeover_lock:
                 self._taking_over = False
-                again = self.replica.role == "leader" and not self.leading and not self.fatal.is_set()
+                again = (self.replica.role == "leader" and not self.leading and not self.fatal.is_set()
+                         and not self.divergence.diverged)
             if again:  # leadership came back after the loop looked
                 self._start_takeover()
 
@@ -270,6 +283,8 @@ class Node:
             if self.replica.applied_index == applied:
                 raise TimeoutError("the replay made no progress for 5 s")
             applied = self.replica.applied_index
+        if self.divergence.diverged:  # found while replaying up to the barrier
+            raise NotLeader(None)
         stale = self.replayer.open_connections() + sorted(self.own.orphans)
         for cid in stale:
             self.replica.propose(Entry(Kind.CLOSE, cid[0], cid[1]).encode())

@@ -105,3 +105,29 @@ def test_a_follower_fed_an_extra_write_out_of_band_is_marked_diverged(cluster):
     assert doc["stray_connections"] >= 1
     assert cluster.wait_leader().status()["diverged"] is False
     assert "DIVERGED" in follower.log_path.read_text()
+
+
+def test_a_diverged_copy_never_stands_for_election_and_the_healthy_one_takes_over():
+    with LocalCluster(n=3, server="redis", transport="shm") as fresh:
+        fresh.start(timeout=120)
+        leader = fresh.wait_leader()
+        spoiled, healthy = [n for n in fresh.nodes if n is not leader]
+        client = redis_py.Redis(port=leader.server_port)
+        client.set("counter", 1)
+        fresh.wait_applied()
+        redis_py.Redis(port=spoiled.server_port).set("counter", 100)  # behind everyone's back
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not spoiled.status()["diverged"]:
+            client.incr("counter")
+            time.sleep(0.1)
+        assert spoiled.status()["diverged"] is True
+        assert healthy.status()["diverged"] is False
+        client.close()
+        # the leader dies: the healthy copy takes over with the diverged one's vote, and the
+        # diverged one never stands, since it would serve clients from a copy the log does not hold
+        fresh.kill(leader)
+        assert fresh.wait_leader(timeout=60, exclude=leader.name) is healthy
+        time.sleep(1.0)
+        assert spoiled.status()["role"] == "follower"
+        after = spoiled.log_path.read_text().split("DIVERGED", 1)[1]
+        assert "election with ballot" not in after and "leading with ballot" not in after
