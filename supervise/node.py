@@ -283,8 +283,8 @@ class Node:
             if self.replica.applied_index == applied:
                 raise TimeoutError("the replay made no progress for 5 s")
             applied = self.replica.applied_index
-        if self.divergence.diverged:  # found while replaying up to the barrier
-            raise NotLeader(None)
+        if self.divergence.diverged:  # found while replaying up to the barrier: the loop hands on
+            return
         stale = self.replayer.open_connections() + sorted(self.own.orphans)
         for cid in stale:
             self.replica.propose(Entry(Kind.CLOSE, cid[0], cid[1]).encode())

@@ -86,19 +86,24 @@ def test_status_json_reports_leader_ballot_and_every_node(cluster):
         assert node["diverged"] is False, cluster.node(name).status()["diverged_reason"]
 
 
-def test_a_follower_fed_an_extra_write_out_of_band_is_marked_diverged(cluster):
-    leader = cluster.wait_leader()
-    follower = next(n for n in cluster.nodes if n is not leader)
+def _spoil(cluster, leader, follower) -> None:
+    """Write to the follower's copy behind everyone's back, then write through the leader until
+    output checking notices (at most 30 s)."""
     client = redis_py.Redis(port=leader.server_port)
     client.set("counter", 1)
     cluster.wait_applied()
-    redis_py.Redis(port=follower.server_port).set("counter", 100)  # behind everyone's back
-    for _ in range(5):
-        client.incr("counter")
+    redis_py.Redis(port=follower.server_port).set("counter", 100)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not follower.status()["diverged"]:
         client.incr("counter")
-        time.sleep(0.2)
+        time.sleep(0.1)
+    client.close()
+
+
+def test_a_follower_fed_an_extra_write_out_of_band_is_marked_diverged(cluster):
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    _spoil(cluster, leader, follower)
     doc = follower.status()
     assert doc["diverged"] is True
     assert "crc32" in doc["diverged_reason"]
@@ -112,17 +117,9 @@ def test_a_diverged_copy_never_stands_for_election_and_the_healthy_one_takes_ove
         fresh.start(timeout=120)
         leader = fresh.wait_leader()
         spoiled, healthy = [n for n in fresh.nodes if n is not leader]
-        client = redis_py.Redis(port=leader.server_port)
-        client.set("counter", 1)
-        fresh.wait_applied()
-        redis_py.Redis(port=spoiled.server_port).set("counter", 100)  # behind everyone's back
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not spoiled.status()["diverged"]:
-            client.incr("counter")
-            time.sleep(0.1)
+        _spoil(fresh, leader, spoiled)
         assert spoiled.status()["diverged"] is True
         assert healthy.status()["diverged"] is False
-        client.close()
         # the leader dies: the healthy copy takes over with the diverged one's vote, and the
         # diverged one never stands, since it would serve clients from a copy the log does not hold
         fresh.kill(leader)
