@@ -10,6 +10,7 @@ loses leadership keeps its copy: the log decides the inputs it still holds (own_
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from .config import ClusterConfig, NodeConfig
 from .digest import Divergence, OutputChecker
 from .entries import Entry, EntryError, Kind, decode
 from .metrics import NodeMetrics
-from .own_conns import LostInput, OwnConn, OwnConnections
+from .own_conns import LostInput, OwnConn, OwnConnections, shut_down_socket
 from .replayer import Replayer
 from .server_address import ServerAddress
 from .vip import LeaderVip
@@ -318,6 +319,8 @@ class Node:
                 log.warning("refused %d input bytes on connection %d, which is not in the log; the "
                             "server drops it", ev.ret, ev.conn)
                 self.tracer.refuse(ev)
+            elif ev.call in ACCEPTS and ev.fd in self.listen_fds and not replayed:
+                self._refuse_held(ev, errno.EAGAIN)  # gating, not leading: the log has no CONNECT
             else:
                 self.tracer.release(ev)
 
@@ -388,6 +391,10 @@ class Node:
         if ev.call in READS:
             log.info("refused %d input bytes on connection %d: the log did not take them", ev.ret,
                      ev.conn)
+        elif ev.call in ACCEPTS:
+            log.info("refused client %s (connection %d): the log does not hold its connection",
+                     ev.peer or "?", ev.conn)
+            shut_down_socket(self.server_pid, ev.ret)
         self.tracer.refuse(ev, error)
 
     def _on_replay_output(self, cid: tuple[int, int], data: bytes, length: int) -> None:

@@ -14,9 +14,11 @@ them) do on every other copy. Then the copy is the log's again and the node foll
 Clients that connected while the node led but that the server had not accepted yet (its thread
 was held) wait in the listening socket's backlog; the server must not serve them as a follower,
 and for Redis merely accepting one changes the copy (connection ids show in replies). So the
-node takes them out of the backlog itself and resets them, and an accept held meanwhile is
-refused with EAGAIN: the server never learns of that connection (its descriptor stays open in
-the server, shut down: one per accepting thread at most, each time leadership ends).
+node takes them out of the backlog itself and resets them. An accept the log does not hold (held
+meanwhile, or one whose CONNECT was proposed but never committed) is refused with EAGAIN: the
+server never learns of that connection (its descriptor stays open in the server, shut down: one
+per accepting thread at most, each time leadership ends). Letting such an accept through would
+change the copy as surely as input would.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class OwnConn:
     fd: int
     closing: bool = False  # its CLOSE is proposed: later events on it are not logged
     server_closed: bool = False
+    never_accepted: bool = False  # its accept was refused: the server never knew it
     # proposals not yet delivered, each with the held input its commit releases
     inflight: deque[tuple[bytes, SocketEvent | None]] = field(default_factory=deque)
     unlogged: list[SocketEvent] = field(default_factory=list)  # held after leadership ended
@@ -62,7 +65,8 @@ class OwnConn:
 class OwnConnections:
     """Bookkeeping for the node: ``accepted`` and ``proposed`` on the tracer thread while leading,
     ``delivered`` and ``settle`` on the delivery thread, ``on_event`` on the tracer thread after
-    leadership ended. ``release`` and ``refuse`` hand a held input back to the tracer."""
+    leadership ended. ``release`` and ``refuse`` hand a held input back to the tracer; ``refuse``
+    of an accept also shuts the accepted socket down."""
 
     def __init__(self, release: Callable[[SocketEvent], None],
                  refuse: Callable[[SocketEvent, int], None]) -> None:
@@ -150,10 +154,11 @@ class OwnConnections:
             accepts, self._held_accepts = self._held_accepts, []
             self.deposed = None
             for ev in accepts:
-                self._refuse(ev, errno.EAGAIN)
-                shut_down_socket(server_pid, ev.ret)
+                self._turn_away(ev)
             for own in owns:
                 for ev in self._held(own):
+                    if ev.call in ACCEPTS:  # its CONNECT never committed: the server never learns of it
+                        own.server_closed = own.never_accepted = True
                     self._turn_away(ev)
                 own.unlogged.clear()
                 own.inflight.clear()
@@ -169,7 +174,8 @@ class OwnConnections:
                 self._closed.wait(0.05)
             open_ = [o.cid for o in owns if not o.server_closed]
             for own in owns:
-                self.orphans.add(own.cid)
+                if not own.never_accepted:
+                    self.orphans.add(own.cid)
                 self._forget(own)
         if open_:
             log.warning("the server kept %d connections of the old leadership open after they were "
@@ -208,8 +214,11 @@ class OwnConnections:
     # ---- internals ------------------------------------------------------------------------------
 
     def _turn_away(self, ev: SocketEvent) -> None:
-        """Input the log will not hold is refused; an accept or an end of input is let through."""
-        if ev.call in READS and ev.ret > 0:
+        """What the log will not hold is refused, input or a connection; an end of input is let
+        through."""
+        if ev.call in ACCEPTS:
+            self._refuse(ev, errno.EAGAIN)
+        elif ev.call in READS and ev.ret > 0:
             self._refuse(ev, errno.ECONNRESET)
         else:
             self._release(ev)

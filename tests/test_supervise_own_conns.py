@@ -1,13 +1,15 @@
 """How a node that stopped leading lets the log decide the inputs its server still holds."""
 
+import errno
 import os
 import socket
 import threading
+import time
 
 import pytest
 
 from supervise.entries import Entry, Kind
-from supervise.own_conns import LostInput, OwnConnections, reset_backlog
+from supervise.own_conns import SETTLE_CLOSE_TIMEOUT, LostInput, OwnConnections, reset_backlog
 from tracer.events import Call, Direction, SocketEvent
 
 EPOCH = 7
@@ -112,6 +114,21 @@ def test_settling_refuses_what_never_committed_and_shuts_the_connection_down(rec
     finally:
         server_side.close()
         client_side.close()
+
+
+def test_settling_refuses_an_accept_whose_connect_never_committed(rec):
+    """Letting it through would make the server number one more client than the log holds."""
+    own_conns = OwnConnections(rec.release, rec.refuse)
+    own = own_conns.accepted((EPOCH, 1), 1, 11)
+    accept = SocketEvent(0, 0.0, os.getpid(), os.getpid(), Call.ACCEPT4, 3, 11, 1, Direction.CTL,
+                         True, True)
+    _propose(own_conns, own, Entry(Kind.CONNECT, EPOCH, 1), accept)
+    assert own_conns.depose(EPOCH) == 1
+    started = time.monotonic()
+    assert own_conns.settle(os.getpid(), set()) == 1
+    assert time.monotonic() - started < SETTLE_CLOSE_TIMEOUT  # the server never had it to close
+    assert rec.refused == [accept] and accept.refused == errno.EAGAIN and rec.released == []
+    assert own_conns.orphans == set() and not own_conns.by_conn
 
 
 def test_entries_of_other_leaderships_are_not_own(rec):
