@@ -16,15 +16,16 @@ import os
 import threading
 import time
 
-from consensus import CommitFuture, NotLeader, Peer, Replica, ReplicaConfig
-from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
+from consensus import NotLeader, Peer, Replica, ReplicaConfig
+from tracer.events import ACCEPTS, READS, SocketEvent
 from tracer.tracer import Mode, Tracer
 
 from .config import ClusterConfig, NodeConfig
 from .digest import Divergence, OutputChecker
 from .entries import Entry, EntryError, Kind, decode
+from .leader_inputs import LeaderInputs
 from .metrics import NodeMetrics
-from .own_conns import LostInput, OwnConn, OwnConnections, shut_down_socket
+from .own_conns import LostInput, OwnConnections, shut_down_socket
 from .replayer import Replayer
 from .server_address import ServerAddress
 from .vip import LeaderVip
@@ -32,7 +33,6 @@ from .vip import LeaderVip
 log = logging.getLogger("supervise")
 
 DIGEST_INTERVAL = 0.5
-MAX_CHUNK = 1 << 20  # one read becomes several entries; the last one's commit releases it
 LOST_LEADERSHIP_EXIT = 3
 
 
@@ -44,6 +44,7 @@ class Node:
         self.address = ServerAddress(cluster, me)
         self.tracer: Tracer | None = None
         self.replica: Replica | None = None
+        self.inputs: LeaderInputs | None = None
         self.server_pid = 0
         self.listen_fds: set[int] = set()
         self.leading = False
@@ -57,7 +58,6 @@ class Node:
         self.divergence = Divergence(self.checker, metrics, on_diverged=self._withdraw)
         self.replayer = Replayer(me.server_host, me.server_port, self._on_replay_output, self._on_stray)
         self.own = OwnConnections(self._release_held, self._refuse_held)
-        self._digested: dict[tuple[int, int], int] = {}
         self._barrier: tuple[bytes, threading.Event] | None = None
         self.vip = LeaderVip(cluster.vip, cluster.vip_interface)
         self._stepping_down = False
@@ -65,6 +65,7 @@ class Node:
         self._takeover_lock = threading.Lock()
         self._lost_reported = 0
         self._escapes_before = 0
+        self._opening = False
         metrics.track(len(cluster.nodes),
                       lambda: self.own.open_count() if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.stats.held if self.tracer else 0,
@@ -103,6 +104,8 @@ class Node:
         )
         self.me.data_dir.mkdir(parents=True, exist_ok=True)
         self.replica = Replica(cfg, self._on_commit, self._on_role_change)
+        self.inputs = LeaderInputs(self.replica, self.own, self.checker, self.metrics,
+                                   self.listen_fds, self._release_held)
         self.replica.start()
         threading.Thread(target=self._digest_loop, name="digests", daemon=True).start()
 
@@ -292,10 +295,13 @@ class Node:
         if stale:
             self.replica.propose(Entry(Kind.BARRIER, ballot, 1, marker + b"/closed").encode()).result(30)
         self.epoch = ballot
-        # gating first: an input seen while leading must never have been let through ungated
+        # gating first: an input seen while leading must never have been let through ungated;
+        # what is gated before `leading` is set is already this leadership's
+        self._opening = True
         self.tracer.set_mode(Mode.GATE)
         self._escapes_before = self.tracer.stats.escapes
         self.leading = True
+        self._opening = False
         self.metrics.leader.set(1)
         log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
                  "clients of %s", ballot, len(stale), self.me.server)
@@ -304,10 +310,10 @@ class Node:
     # ---- tracer callbacks (tracer thread) -----------------------------------------------------
 
     def _on_event(self, ev: SocketEvent) -> None:
-        if self.leading:
+        if self.leading or (self._opening and ev.gated):
             own = self.own.by_conn.get(ev.conn)
             if (own is not None and not own.closing) or ev.call in ACCEPTS:
-                self._lead_event(ev, own)
+                self.inputs.on_event(ev, own, self.epoch)
                 return
         elif self.own.on_event(ev):
             return
@@ -323,64 +329,6 @@ class Node:
                 self._refuse_held(ev, errno.EAGAIN)  # gating, not leading: the log has no CONNECT
             else:
                 self.tracer.release(ev)
-
-    def _lead_event(self, ev: SocketEvent, own: OwnConn | None) -> None:
-        assert self.replica is not None and self.tracer is not None
-        if ev.call in ACCEPTS:
-            if ev.fd not in self.listen_fds:
-                self._release(ev, None)
-                return
-            own = self.own.accepted((self.epoch, ev.conn), ev.conn, ev.ret)
-            self._propose(own, Entry(Kind.CONNECT, *own.cid), ev)
-            return
-        assert own is not None
-        cid = own.cid
-        if ev.dir is Direction.OUT:
-            self.checker.output(cid, ev.data, ev.ret)
-            self.metrics.output_bytes.inc(ev.ret)
-        elif ev.call in READS and ev.input:
-            if ev.ret > 0:
-                self.metrics.input_bytes.inc(ev.ret)
-                for start in range(0, len(ev.data) - MAX_CHUNK, MAX_CHUNK):
-                    self._propose(own, Entry(Kind.DATA, *cid, ev.data[start:start + MAX_CHUNK]), None)
-                last = (len(ev.data) - 1) // MAX_CHUNK * MAX_CHUNK
-                self._propose(own, Entry(Kind.DATA, *cid, ev.data[last:]), ev)
-            else:
-                self._close_live(own)
-                self._propose(own, Entry(Kind.CLOSE, *cid), ev)
-        elif ev.call is Call.CLOSE:
-            self._close_live(own)
-            self._propose(own, Entry(Kind.CLOSE, *cid), None)
-
-    def _close_live(self, own: OwnConn) -> None:
-        assert self.replica is not None
-        own.closing = True
-        cid = own.cid
-        offset, crc = self.checker.digest(cid)
-        if offset and self._digested.get(cid) != offset:
-            self.replica.propose(Entry(Kind.DIGEST, *cid, offset=offset, crc=crc).encode())
-        self._digested.pop(cid, None)
-        self.checker.forget(cid)
-
-    def _propose(self, own: OwnConn, entry: Entry, ev: SocketEvent | None) -> None:
-        """Propose an entry of an own connection; the commit of ``ev``'s entry releases it."""
-        assert self.replica is not None
-        held = ev if ev is not None and ev.gated else None
-        payload = entry.encode()
-        self.own.proposed(own, payload, held)  # first: the commit may be delivered before propose returns
-        future = self.replica.propose(payload)
-        if held is not None:
-            future.add_done_callback(lambda f, ev=held: self._release(ev, f))
-
-    def _release(self, ev: SocketEvent, future: CommitFuture | None) -> None:
-        if future is not None and future.exception() is not None:
-            log.warning("input on connection %d not committed (%s): held until the log decides it",
-                        ev.conn, future.exception())
-            return
-        self.tracer.release(ev)
-        held, hold_time = self.metrics.call(ev.call.syscall)
-        held.inc()
-        hold_time.observe(max(0.0, time.time() - ev.t))
 
     def _release_held(self, ev: SocketEvent) -> None:
         assert self.tracer is not None
@@ -443,10 +391,5 @@ class Node:
     def _digest_loop(self) -> None:
         while not self.fatal.wait(DIGEST_INTERVAL):
             self._report_lost_events()
-            if not self.leading or self.replica is None:
-                continue
-            for cid in self.own.open_cids(self.epoch):
-                offset, crc = self.checker.digest(cid)
-                if offset and self._digested.get(cid) != offset:
-                    self._digested[cid] = offset
-                    self.replica.propose(Entry(Kind.DIGEST, *cid, offset=offset, crc=crc).encode())
+            if self.leading and self.inputs is not None:
+                self.inputs.propose_digests(self.epoch)
