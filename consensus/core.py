@@ -259,7 +259,9 @@ class Core(Elections):
             elif mtype == wire.PREVOTE_RESP:
                 self._on_prevote_resp(peer, wire.dec_vote_resp(body))
             elif mtype == wire.TIMEOUT_NOW:
-                if wire.dec_timeout_now(body) == self.ballot and self.leader == peer:
+                if not self.standing:
+                    log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
+                elif wire.dec_timeout_now(body) == self.ballot and self.leader == peer:
                     log.info("%s: leadership handed over by %s", self.name, peer)
                     self.start_election()
 
@@ -338,6 +340,8 @@ class Core(Elections):
                 if self.store.durable_index < self.store.last_index:
                     self.store.sync()
                     self._advance_commit()
+                if not self.standing:
+                    self._hand_on(now)
                 retry = max(4 * self.heartbeat_s, 0.05)
                 for p in self.peers:
                     t = self.inflight.get(p)
@@ -354,6 +358,19 @@ class Core(Elections):
                     self._step_down(self.ballot, None)
             elif now >= self._deadline:
                 self.election_due(now)
+
+    def _hand_on(self, now: float) -> None:
+        """A withdrawn replica leads only until the most caught-up live peer has its whole log,
+        then tells that peer to take over."""
+        live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
+        if not live:
+            return
+        target = max(live, key=lambda p: self.match[p])
+        if not self.transferring:
+            log.info("%s: withdrawn, handing leadership on to %s", self.name, target)
+            self.transferring = True
+        if self.match[target] == self.store.last_index:
+            self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
 
     def transfer(self) -> str | None:
         """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""

@@ -20,6 +20,7 @@ log = logging.getLogger("consensus.core")
 LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
 LAGGING_ENTRIES = 1000
 CANDIDACY_DEFER_TIMEOUTS = 100
+WITHDRAWN_DEFER_TIMEOUTS = 10
 
 
 class Elections:
@@ -33,8 +34,12 @@ class Elections:
         back from a pause or a partition, takes over first. After CANDIDACY_DEFER_TIMEOUTS
         election timeouts without a leader it stands regardless: an application that stopped
         delivering must not stop the group. Liveness only: nothing here changes what may be
-        chosen."""
-        if not self.standing:
+        chosen.
+
+        A withdrawn replica stands only after WITHDRAWN_DEFER_TIMEOUTS election timeouts without
+        a leader, and then only to hand leadership on (Core.tick): a peer whose log is shorter
+        than a majority's cannot win without it, and its vote alone would never let it."""
+        if not self.standing and now - self._leader_contact < WITHDRAWN_DEFER_TIMEOUTS * self.election_s:
             self._deadline = now + self._random_timeout()
             return
         if (self.commit_index - self.applied_index >= LAGGING_ENTRIES

@@ -125,6 +125,9 @@ def _child(cfg_path: str) -> None:
                 reply("OK")
             elif op == "D":
                 reply(f"OK {int(rep.step_down(float(parts[1])))}")
+            elif op == "W":
+                rep.withdraw(float(parts[1]))
+                reply("OK")
             elif op == "Q":
                 stop.set()
                 reply("BYE")

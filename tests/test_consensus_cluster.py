@@ -190,3 +190,34 @@ def test_a_replica_whose_application_lags_lets_a_caught_up_peer_lead() -> None:
         st = c.reps[slow].status()
         assert new != slow, f"the lagging replica took over: {st}"
         assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, "it had caught up meanwhile"
+
+
+def test_a_withdrawn_replica_with_the_longest_log_hands_leadership_to_a_peer_that_lacked_it() -> None:
+    """The only live peer missed entries while it was down, so it cannot win without the
+    withdrawn replica's log: that replica stands after a while, brings it up to date and hands
+    leadership to it, and never leads for longer."""
+    with Cluster(3, "shm", "fsync") as c:
+        c.start()
+        lead = c.leader()
+        withdrawn, behind = [n for n in c.names if n != lead]
+        cl = Client(c.reps[withdrawn].socket_path)
+        assert cl.call("W 2") == "OK"
+        cl.close()
+        c.reps[behind].kill()
+        acked = {}
+        prop = Proposer(c)
+        for k in range(50):  # committed by the leader and the withdrawn replica alone
+            payload, idx = prop.propose(lambda a, k=k: b"missed-%d-%d" % (k, a))
+            acked[payload] = idx
+        prop.close()
+        c.reps[lead].kill()
+        c.reps[behind].start()
+        deadline = time.monotonic() + 30
+        while c.leader(timeout=30, exclude={lead}) != behind:  # the withdrawn one leads only for a while
+            assert time.monotonic() < deadline, c.statuses()
+            time.sleep(0.1)
+        c.wait_applied(max(acked.values()), [behind], timeout=30)
+        check_history(c, acked, require_all=[withdrawn, behind])
+        roles = c.reps[withdrawn].roles()
+        led = [b for r, b, _ in roles if r == "leader"]
+        assert len(led) <= 1, roles

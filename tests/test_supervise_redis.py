@@ -112,7 +112,7 @@ def test_a_follower_fed_an_extra_write_out_of_band_is_marked_diverged(cluster):
     assert "DIVERGED" in follower.log_path.read_text()
 
 
-def test_a_diverged_copy_never_stands_for_election_and_the_healthy_one_takes_over():
+def test_a_diverged_copy_never_serves_and_the_healthy_one_takes_over():
     with LocalCluster(n=3, server="redis", transport="shm") as fresh:
         fresh.start(timeout=120)
         leader = fresh.wait_leader()
@@ -120,11 +120,12 @@ def test_a_diverged_copy_never_stands_for_election_and_the_healthy_one_takes_ove
         _spoil(fresh, leader, spoiled)
         assert spoiled.status()["diverged"] is True
         assert healthy.status()["diverged"] is False
-        # the leader dies: the healthy copy takes over with the diverged one's vote, and the
-        # diverged one never stands, since it would serve clients from a copy the log does not hold
+        # the leader dies: the healthy copy takes over with the diverged one's vote. The diverged
+        # one never gates, since it would serve clients from a copy the log does not hold; it
+        # leads only if the healthy one lacks entries it has, and then only to hand them over.
         fresh.kill(leader)
         assert fresh.wait_leader(timeout=60, exclude=leader.name) is healthy
         time.sleep(1.0)
         assert spoiled.status()["role"] == "follower"
         after = spoiled.log_path.read_text().split("DIVERGED", 1)[1]
-        assert "election with ballot" not in after and "leading with ballot" not in after
+        assert "leading with ballot" not in after
