@@ -3,7 +3,7 @@
 Each logged connection gets a real local TCP connection to the server. A DATA entry is written
 and then waited on until the tracer (observe mode) has seen the server's reads return all of
 its bytes, so the server consumes inputs in log order across connections. Replies are read and
-dropped by the same thread between inputs (no thread wakes up for each reply); their digests
+dropped by the same thread every few inputs (no thread wakes up for each reply); their digests
 come from the tracer's output events.
 """
 
@@ -28,6 +28,10 @@ CLOSE_TIMEOUT = 2.0
 # While it waits for the server, the delivery thread reads replies this often: a server blocked
 # writing a reply that nobody reads would never consume its next input.
 DRAIN_EVERY = 0.02
+# Between inputs, replies are read on every DRAIN_INPUTS-th input: they wait in the socket
+# buffers meanwhile, and one pass reads them all.
+DRAIN_INPUTS = 16
+REPLY_BUFFER = 1 << 16
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Replayer:
         self._selector = selectors.DefaultSelector()
         self._running = True
         self.applied = 0
+        self._sends = 0
         self._abandoned = False
 
     # ---- entries (delivery thread) ------------------------------------------------------------
@@ -120,7 +125,9 @@ class Replayer:
                 log.warning("replay: %d input bytes for connection %s dropped: the server closed it",
                             len(data), conn.cid)
             return
-        self._drain_replies()
+        self._sends += 1
+        if self._sends % DRAIN_INPUTS == 0:
+            self._drain_replies()
         try:
             self._write(conn.sock, data)
         except OSError as exc:
@@ -212,14 +219,15 @@ class Replayer:
     # ---- replies --------------------------------------------------------------------------------
 
     def _drain_replies(self) -> None:
-        """Read and drop whatever the server has replied on any replayed connection."""
+        """Read and drop whatever the server has replied on any replayed connection. A read that
+        does not fill the buffer took all there was; more is read on a later pass."""
         if not self._running:
             return
         for key, _ in self._selector.select(0):
             sock = key.fileobj
             while True:
                 try:
-                    data = sock.recv(1 << 16)
+                    data = sock.recv(REPLY_BUFFER)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
@@ -229,6 +237,8 @@ class Replayer:
                         self._selector.unregister(sock)
                     except (KeyError, ValueError):
                         pass
+                    break
+                if len(data) < REPLY_BUFFER:
                     break
 
     def close(self) -> None:

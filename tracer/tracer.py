@@ -194,6 +194,7 @@ class Tracer(TaskControl):
         for fd in (ring_fd, sigchld.fd, self._wake_fd):
             poller.register(fd, select.EPOLLIN)
         exit_status: int | None = None
+        reaped = 0.0
         try:
             while not self._stopping.is_set() and self._tgids:
                 # after resuming a held thread, poll without sleeping for a moment: its next
@@ -209,7 +210,12 @@ class Tracer(TaskControl):
                 if self._wake_fd in ready:
                     self._drain_wake()
                 self._pump_events()
-                self._reap_all()
+                # a tracee's stop raises SIGCHLD; waiting on every pass (a syscall for each
+                # event an observer reads) only backs up a SIGCHLD another thread took
+                now = time.monotonic()
+                if sigchld.fd in ready or now - reaped >= BACKSTOP_SECONDS:
+                    reaped = now
+                    self._reap_all()
                 self._apply_releases()
             if self._tgids:
                 self._detach_all()
