@@ -57,6 +57,15 @@ MOUNT_TRACEFS = ('mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /s
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def wait_until(pred: Any, timeout: float, what: str) -> None:
+    """Poll ``pred`` until it holds; TimeoutError(what) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
 def enter_netns(name: str) -> None:
     """Move the calling thread (only it) into network namespace ``name``."""
     fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)

@@ -6,17 +6,8 @@ than the log holds makes every later client's CLIENT ID differ on that copy."""
 from __future__ import annotations
 
 import socket
-import time
 
-from .netns_cluster import REDIS_PORT, NetnsCluster
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
+from .netns_cluster import REDIS_PORT, NetnsCluster, wait_until
 
 
 def _connect(addr: str) -> socket.socket:
@@ -40,10 +31,10 @@ def test_a_connection_a_cut_off_leader_never_logged_is_refused_and_its_copy_stay
             # from the old leader's own host, which still reaches its server
             orphan = cluster.in_ns(old.ns, _connect, old.addr)
             new = cluster.wait_leader(timeout=30, exclude=(old.name,))
-            _wait(lambda: (cluster.status(old) or {}).get("role") == "follower", 10,
+            wait_until(lambda: (cluster.status(old) or {}).get("role") == "follower", 10,
                   "the cut-off leader did not step down")
             cluster.heal(old)
-            _wait(lambda: "went on past this node's leadership" in old.log_path.read_text(), 30,
+            wait_until(lambda: "went on past this node's leadership" in old.log_path.read_text(), 30,
                   "the old leader did not settle what it held")
             assert _reply_or_end(orphan) == b"", "the server served a connection the log never took"
             orphan.close()

@@ -11,7 +11,7 @@ import redis as redis_py
 
 from supervise.vip import LEASE_SECONDS
 
-from .netns_cluster import REDIS_PORT, NetnsCluster, enter_netns
+from .netns_cluster import REDIS_PORT, NetnsCluster, enter_netns, wait_until
 
 
 def _writer(cluster: NetnsCluster, index: int, acked: list[str], stop: threading.Event) -> None:
@@ -37,30 +37,22 @@ def _writer(cluster: NetnsCluster, index: int, acked: list[str], stop: threading
         client.close()
 
 
-def _wait(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def test_clients_use_only_the_vip_before_and_after_the_leaders_host_is_cut_off():
     with NetnsCluster(vip=True) as cluster:
         try:
             old = cluster.start(timeout=120)
-            _wait(lambda: cluster.vip_holders() == [old.name], 10, "the leader did not take the VIP")
+            wait_until(lambda: cluster.vip_holders() == [old.name], 10, "the leader did not take the VIP")
             acked: list[str] = []
             stop = threading.Event()
             writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop)) for i in range(4)]
             for w in writers:
                 w.start()
             try:
-                _wait(lambda: len(acked) >= 200, 30, "no writes through the VIP")
+                wait_until(lambda: len(acked) >= 200, 30, "no writes through the VIP")
                 cluster.partition(old)
                 before_cut = list(acked)
                 new = cluster.wait_leader(timeout=30, exclude=(old.name,))
-                _wait(lambda: len(acked) >= len(before_cut) + 200, 30,
+                wait_until(lambda: len(acked) >= len(before_cut) + 200, 30,
                       "clients did not go on through the VIP after the cut")
             finally:
                 stop.set()
@@ -76,7 +68,7 @@ def test_clients_use_only_the_vip_before_and_after_the_leaders_host_is_cut_off()
             assert all(k in set(acked) for k in before_cut)
 
             # the old leader lost its majority and dropped the VIP, but keeps its copy
-            _wait(lambda: cluster.vip_holders() == [new.name], 20,
+            wait_until(lambda: cluster.vip_holders() == [new.name], 20,
                   f"VIP holders {cluster.vip_holders()}, expected only {new.name}")
             assert old.supervisor.poll() is None
 
@@ -98,10 +90,10 @@ def test_a_leader_killed_with_9_loses_the_vip_when_its_lease_runs_out():
     with NetnsCluster(vip=True) as cluster:
         try:
             old = cluster.start(timeout=120)
-            _wait(lambda: cluster.vip_holders() == [old.name], 10, "the leader did not take the VIP")
+            wait_until(lambda: cluster.vip_holders() == [old.name], 10, "the leader did not take the VIP")
             cluster.kill(old, what="supervisor")
             new = cluster.wait_leader(timeout=30, exclude=(old.name,))
-            _wait(lambda: cluster.vip_holders() == [new.name], LEASE_SECONDS + 5,
+            wait_until(lambda: cluster.vip_holders() == [new.name], LEASE_SECONDS + 5,
                   f"VIP holders {cluster.vip_holders()}, expected only {new.name}")
         except BaseException:
             print(cluster.logs())
