@@ -34,6 +34,8 @@ log = logging.getLogger("supervise")
 
 DIGEST_INTERVAL = 0.5
 LOST_LEADERSHIP_EXIT = 3
+# A follower this many committed entries behind replays in catch-up mode (replayer.CONSUME_SPIN).
+CATCH_UP_BACKLOG = 1000
 
 
 class Node:
@@ -185,7 +187,8 @@ class Node:
             self.checker.expect(entry.cid, entry.offset, entry.crc)
             self.divergence.check()
             return
-        self.replayer.apply(entry)
+        assert self.replica is not None
+        self.replayer.apply(entry, catching_up=self.replica.commit_index - index >= CATCH_UP_BACKLOG)
         self.metrics.replayed.inc()
         if entry.kind is Kind.DATA:
             self.metrics.input_bytes.inc(len(entry.data))

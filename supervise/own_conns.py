@@ -23,7 +23,6 @@ change the copy as surely as input would.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -38,13 +37,12 @@ from dataclasses import dataclass, field
 
 from tracer.events import ACCEPTS, READS, Call, SocketEvent
 
+from .borrowed_socket import borrow_socket
 from .entries import Entry, Kind
 
 log = logging.getLogger("supervise")
 
 SETTLE_CLOSE_TIMEOUT = 2.0
-_SYS_PIDFD_GETFD = 438
-_libc = ctypes.CDLL(None, use_errno=True)
 
 Cid = tuple[int, int]
 
@@ -242,7 +240,7 @@ class LostInput(RuntimeError):
 def shut_down_socket(pid: int, fd: int) -> None:
     """shutdown(SHUT_RDWR) a socket of another process: the server reads EOF and closes it, and
     the client sees the end."""
-    sock = _borrow_socket(pid, fd)
+    sock = borrow_socket(pid, fd)
     if sock is None:
         return
     with sock:
@@ -255,7 +253,7 @@ def shut_down_socket(pid: int, fd: int) -> None:
 def reset_backlog(pid: int, fd: int) -> int:
     """Accept every connection waiting on another process's listening socket and reset it;
     returns how many. The socket is made non-blocking only for the while, if it was not."""
-    sock = _borrow_socket(pid, fd)
+    sock = borrow_socket(pid, fd)
     if sock is None:
         return 0
     reset = 0
@@ -280,21 +278,3 @@ def reset_backlog(pid: int, fd: int) -> int:
             if not flags & os.O_NONBLOCK:
                 fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags)
     return reset
-
-
-def _borrow_socket(pid: int, fd: int) -> socket.socket | None:
-    """A duplicate of another process's socket descriptor (pidfd_getfd): the same socket."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError as exc:
-        log.warning("cannot reach the server (pid %d) for its fd %d: %s", pid, fd, exc.strerror)
-        return None
-    try:
-        dup = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if dup < 0:
-            log.warning("cannot take fd %d of the server (pid %d): %s", fd, pid,
-                        os.strerror(ctypes.get_errno()))
-            return None
-        return socket.socket(fileno=dup)
-    finally:
-        os.close(pidfd)

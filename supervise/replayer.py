@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
 
+from .borrowed_socket import borrow_socket, bytes_read
 from .entries import Entry, Kind
 
 log = logging.getLogger("supervise.replayer")
@@ -32,6 +33,11 @@ DRAIN_EVERY = 0.02
 # buffers meanwhile, and one pass reads them all.
 DRAIN_INPUTS = 16
 REPLY_BUFFER = 1 << 16
+# While it catches up, the delivery thread polls the server's end of the connection after writing
+# an input, this long, for the server to have read it, before it sleeps until the tracer reports
+# the read: each of the two wake-ups of that report costs tens of microseconds on these VMs, most
+# of an input's replay. (Not when it keeps up: that CPU is the leader's, where nodes share cores.)
+CONSUME_SPIN = 0.0003
 
 
 @dataclass
@@ -41,7 +47,9 @@ class ReplayConn:
     peer: str
     server_conn: int = 0
     sent: int = 0
-    consumed: int = 0
+    consumed: int = 0  # bytes the tracer saw the server read
+    read_seen: int = 0  # bytes the delivery thread saw the server had read (server_sock)
+    server_sock: socket.socket | None = None  # the server's end, borrowed
     eof_seen: bool = False
     server_closed: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -70,7 +78,8 @@ class Replayer:
 
     # ---- entries (delivery thread) ------------------------------------------------------------
 
-    def apply(self, entry: Entry) -> None:
+    def apply(self, entry: Entry, catching_up: bool = False) -> None:
+        """Apply one committed entry; ``catching_up``: more wait behind it (see CONSUME_SPIN)."""
         if entry.kind is Kind.CONNECT:
             self._connect(entry.cid)
         elif entry.kind is Kind.DATA:
@@ -78,7 +87,7 @@ class Replayer:
             if conn is None:
                 log.warning("DATA for unknown connection %s: skipped", entry.cid)
                 return
-            self._send(conn, entry.data)
+            self._send(conn, entry.data, catching_up)
         elif entry.kind is Kind.CLOSE:
             conn = self.conns.pop(entry.cid, None)
             if conn is not None:
@@ -119,7 +128,7 @@ class Replayer:
         sock.setblocking(False)
         self._selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _send(self, conn: ReplayConn, data: bytes) -> None:
+    def _send(self, conn: ReplayConn, data: bytes, spin: bool) -> None:
         if conn.server_closed:
             if not self._abandoned:
                 log.warning("replay: %d input bytes for connection %s dropped: the server closed it",
@@ -135,7 +144,26 @@ class Replayer:
             conn.server_closed = True
             return
         conn.sent += len(data)
-        self._wait(conn, lambda: conn.consumed >= conn.sent, CONSUME_TIMEOUT, "consume")
+        if spin and self._spin_until_read(conn):
+            return
+        self._wait(conn, lambda: max(conn.consumed, conn.read_seen) >= conn.sent, CONSUME_TIMEOUT,
+                   "consume")
+
+    def _spin_until_read(self, conn: ReplayConn) -> bool:
+        """True once the server has read all that was sent, within CONSUME_SPIN."""
+        sock = conn.server_sock
+        if sock is None:
+            return False
+        deadline = time.perf_counter() + CONSUME_SPIN
+        while True:
+            try:
+                conn.read_seen = bytes_read(sock)
+            except OSError:
+                return False
+            if conn.read_seen >= conn.sent:
+                return True
+            if time.perf_counter() > deadline:
+                return False
 
     def _write(self, sock: socket.socket, data: bytes) -> None:
         """Send all of ``data``, reading replies whenever the socket is full: a server that is
@@ -165,6 +193,8 @@ class Replayer:
         except (KeyError, ValueError):
             pass
         conn.sock.close()
+        if conn.server_sock is not None:
+            conn.server_sock.close()
 
     def _wait(self, conn: ReplayConn, done, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -195,7 +225,11 @@ class Replayer:
                     self._by_server_conn[event.conn] = conn
             if conn is None:
                 self.on_stray(event)
-            return conn is not None
+                return False
+            conn.server_sock = self._server_end(event, conn.peer)
+            if conn.cid not in self.conns and conn.server_sock is not None:  # closed meanwhile
+                conn.server_sock.close()
+            return True
         conn = self._by_server_conn.get(event.conn)
         if conn is None:
             if event.call in READS and event.ret > 0:
@@ -215,6 +249,22 @@ class Replayer:
                 conn.server_closed = True
                 conn.cond.notify_all()
         return True
+
+    @staticmethod
+    def _server_end(event: SocketEvent, peer: str) -> socket.socket | None:
+        """The server's socket of a replayed connection, unless its descriptor already names
+        another connection (the server closed it and accepted again before this event was read)."""
+        sock = borrow_socket(event.pid, event.ret)
+        if sock is None:
+            return None
+        try:
+            host, port = sock.getpeername()[:2]
+            if (f"[{host}]:{port}" if ":" in host else f"{host}:{port}") == peer:
+                return sock
+        except OSError:
+            pass
+        sock.close()
+        return None
 
     # ---- replies --------------------------------------------------------------------------------
 
@@ -245,5 +295,7 @@ class Replayer:
         self._running = False
         for conn in list(self.conns.values()):
             conn.sock.close()
+            if conn.server_sock is not None:
+                conn.server_sock.close()
         self.conns.clear()
         self._selector.close()
