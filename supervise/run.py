@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 
 from .config import ClusterConfig, ConfigError
@@ -29,6 +30,15 @@ def _no_wakeup_preemption() -> None:
             log.debug("thread %s keeps its scheduling policy: %s", tid, exc)
 
 
+def _raise_fd_limit() -> None:
+    """A follower holds two descriptors per replayed client connection (its own end, and the
+    server's end borrowed to see what the server has read): more than the usual soft limit of
+    1,024 allows once the server has a few hundred clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[str]) -> int:
     me = cluster.node(name)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -44,6 +54,7 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     node.vip.drop_stale()  # first: until it is gone, clients may reach a copy that is not leading
     node.attach(pid, command)
     _no_wakeup_preemption()  # after attach: a server it launched keeps the usual policy
+    _raise_fd_limit()  # likewise
     node.start_replica()
     log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",
              name, node.server_pid, me.server, me.replication, me.status)

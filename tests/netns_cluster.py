@@ -14,27 +14,22 @@ it (``enter_netns``), so the test process itself needs no address anywhere.
 
 The virtual IP. Each server listens on its host's address and on the VIP (the namespace has
 ``net.ipv4.ip_nonlocal_bind=1``, so it can bind the VIP before holding it); only the host that
-holds the VIP receives anything on it. ``vip_relay=True`` instead runs a plain TCP relay bound to
-VIP:port that forwards to the host's own server address (the way a local haproxy would): that
-was needed while ``supervise`` gated only the listening socket at exactly ``node.server``.
+holds the VIP receives anything on it.
 
 ``stop()`` kills every process, removes the namespaces and the work directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +40,6 @@ from typing import Any
 from .netns import Hosts
 
 CLONE_NEWNET = 0x40000000
-IP_FREEBIND = 15
 REDIS_PORT = 6379
 REPLICATION_PORT = 9101
 STATUS_PORT = 9201
@@ -140,7 +134,6 @@ class NetnsNode:
     ns: str
     server: subprocess.Popen | LaunchedServer | None = None
     supervisor: subprocess.Popen | None = None
-    relay: subprocess.Popen | None = None
     log_path: Path | None = None
     paused: bool = False
     partitioned: bool = False
@@ -162,7 +155,7 @@ class NetnsCluster:
 
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
                  election_timeout_ms: int = 300, durability: str = "fsync",
-                 subnet: str = "10.77.0", vip_relay: bool = False, launch_restarts: bool = False) -> None:
+                 subnet: str = "10.77.0", launch_restarts: bool = False) -> None:
         """``launch_restarts``: restart nodes as an operator should, with the launch form
         (`supervise ... -- redis-server ...`): the supervisor removes a VIP left on the host by a
         killed leader before the fresh server exists, so no client reaches a copy nobody holds."""
@@ -171,7 +164,6 @@ class NetnsCluster:
         self.subnet = subnet
         self.vip = f"{subnet}.{VIP_HOST}" if vip else None
         self.election_timeout_ms = election_timeout_ms
-        self.vip_relay = vip_relay
         self.workdir = Path(tempfile.mkdtemp(prefix="supervise-netns-"))
         self.hosts = Hosts(n + 1, subnet=subnet)
         try:
@@ -260,7 +252,7 @@ class NetnsCluster:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir()
         bind = [node.addr]
-        if self.vip and not self.vip_relay:
+        if self.vip:
             self.hosts[node.index].run(["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"], timeout=10)
             bind.append(self.vip)
         return ["redis-server", "--port", str(REDIS_PORT), "--bind", *bind, "--save", "",
@@ -303,19 +295,10 @@ class NetnsCluster:
         node.starts += 1
         node.paused = False
 
-    def start_relay(self, node: NetnsNode) -> None:
-        if self.vip is None or not self.vip_relay or node.relay is not None and node.relay.poll() is None:
-            return
-        node.relay = self.hosts[node.index].popen(
-            [sys.executable, "-m", "tests.netns_cluster", "relay", self.vip, str(REDIS_PORT),
-             node.addr, str(REDIS_PORT)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent.parent))
-
     def start(self, timeout: float = 60.0) -> NetnsNode:
         """Start everything and wait for a gating leader. A supervisor that leaves meanwhile is
         restarted with a fresh server, as its operator would."""
         for node in self.nodes:
-            self.start_relay(node)
             self.start_server(node)
         for node in self.nodes:
             self.start_supervisor(node)
@@ -554,10 +537,10 @@ class NetnsCluster:
 
     def stop(self) -> None:
         for node in self.nodes:
-            for proc in (node.supervisor, node.server, node.relay):
+            for proc in (node.supervisor, node.server):
                 _kill(proc)
         for node in self.nodes:
-            for proc in (node.supervisor, node.server, node.relay):
+            for proc in (node.supervisor, node.server):
                 _reap(proc)
         for ex in self._executors.values():
             ex.shutdown(wait=False, cancel_futures=True)
@@ -570,54 +553,3 @@ class NetnsCluster:
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
-
-# ---- the VIP relay (run in each host's namespace) --------------------------------------------
-
-def relay(listen: tuple[str, int], target: tuple[str, int]) -> None:
-    """Forward every connection to ``listen`` (bound with IP_FREEBIND) to ``target``; an error
-    on either side resets both (the client sees what it would see from the server's host)."""
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-    server.bind(listen)
-    server.listen(128)
-    reset = struct.pack("ii", 1, 0)
-
-    def pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset)
-                    s.close()
-
-    def serve(client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(target, timeout=5)
-        except OSError:
-            client.close()
-            return
-        upstream.settimeout(None)
-        for s in (client, upstream):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
-        t.start()
-        pipe(client, upstream)
-        t.join()
-        client.close()
-        upstream.close()
-
-    while True:
-        client, _ = server.accept()
-        threading.Thread(target=serve, args=(client,), daemon=True).start()
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "relay":
-        relay((sys.argv[2], int(sys.argv[3])), (sys.argv[4], int(sys.argv[5])))
-    else:
-        print("usage: python -m tests.netns_cluster relay LISTEN_IP PORT TARGET_IP PORT", file=sys.stderr)
-        sys.exit(2)
