@@ -10,6 +10,7 @@ come from the tracer's output events.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import selectors
 import socket
@@ -37,6 +38,8 @@ REPLY_BUFFER = 1 << 16
 # an input, this long, for the server to have read it, before it sleeps until the tracer reports
 # the read: each of the two wake-ups of that report costs tens of microseconds on these VMs, most
 # of an input's replay. (Not when it keeps up: that CPU is the leader's, where nodes share cores.)
+# It yields the CPU between polls: where the copies share cores, a poller that held one kept its
+# own server, or another copy's, from running.
 CONSUME_SPIN = 0.0003
 
 
@@ -164,6 +167,7 @@ class Replayer:
                 return True
             if time.perf_counter() > deadline:
                 return False
+            os.sched_yield()
 
     def _write(self, sock: socket.socket, data: bytes) -> None:
         """Send all of ``data``, reading replies whenever the socket is full: a server that is
