@@ -57,6 +57,17 @@ class ReplayConn:
     server_closed: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
 
+    def close_sockets(self) -> None:
+        self.sock.close()
+        if self.server_sock is not None:
+            self.server_sock.close()
+
+
+def _address(sockaddr: tuple) -> str:
+    """``ip:port`` (``[ip]:port`` for IPv6) as the tracer gives a peer."""
+    host, port = sockaddr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 class Replayer:
     """Applies CONNECT, DATA and CLOSE entries to the local server.
@@ -113,8 +124,7 @@ class Replayer:
         sock = socket.socket(socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.server[0], 0))
-        host, port = sock.getsockname()[:2]
-        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        peer = _address(sock.getsockname())
         conn = ReplayConn(cid, sock, peer)
         with self._lock:
             self._by_peer[peer] = conn
@@ -196,9 +206,7 @@ class Replayer:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-        conn.sock.close()
-        if conn.server_sock is not None:
-            conn.server_sock.close()
+        conn.close_sockets()
 
     def _wait(self, conn: ReplayConn, done, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -262,8 +270,7 @@ class Replayer:
         if sock is None:
             return None
         try:
-            host, port = sock.getpeername()[:2]
-            if (f"[{host}]:{port}" if ":" in host else f"{host}:{port}") == peer:
+            if _address(sock.getpeername()) == peer:
                 return sock
         except OSError:
             pass
@@ -298,8 +305,6 @@ class Replayer:
     def close(self) -> None:
         self._running = False
         for conn in list(self.conns.values()):
-            conn.sock.close()
-            if conn.server_sock is not None:
-                conn.server_sock.close()
+            conn.close_sockets()
         self.conns.clear()
         self._selector.close()
