@@ -5,6 +5,8 @@ Children are bound once per replica so the hot path is a plain ``inc``/``set``/`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 _LAT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
@@ -74,5 +76,12 @@ class Metrics:
     def lag(self, peer: str, entries: int) -> None:
         self._lag[peer].set(max(0, entries))
 
-    def reachable(self, peer: str, up: bool) -> None:
-        self._reachable[peer].set(1 if up else 0)
+    def read_at_scrape(self, commit: Callable[[], int], applied: Callable[[], int],
+                       durable: Callable[[], int], connected: Callable[[str], bool]) -> None:
+        """The indices and peer reachability are read when scraped: always current, and nothing
+        to keep up to date on the replica's own threads."""
+        self.commit_index.set_function(commit)
+        self.applied_index.set_function(applied)
+        self.durable_index.set_function(durable)
+        for peer, gauge in self._reachable.items():
+            gauge.set_function(lambda peer=peer: 1 if connected(peer) else 0)

@@ -105,6 +105,8 @@ class Replica:
                          cfg.election_timeout_ms / 1000, self.transport.max_body(), self._role_changed,
                          self._commit_advanced, self.metrics)
         self.metrics.role("follower", self.store.promised, None)
+        self.metrics.read_at_scrape(lambda: self.core.commit_index, lambda: self.core.applied_index,
+                                    lambda: self.store.durable_index, self.transport.connected)
         try:
             self.transport.start()  # binds the listener: fails on a busy port or an empty secret
         except BaseException:
@@ -245,7 +247,6 @@ class Replica:
     def _tick_loop(self) -> None:
         fast = max(0.002, self.config.heartbeat_ms / 2000)  # leader: heartbeats and retries
         slow = max(fast, min(self.config.heartbeat_ms * 2, self.config.election_timeout_ms / 8) / 1000)
-        k = 0
         while not self._stop.wait(fast if self.core.role == LEADER else slow):
             try:
                 self.core.tick()
@@ -254,14 +255,6 @@ class Replica:
             if self.core.commit_index > self.applied_index:
                 with self._cv:
                     self._cv.notify()
-            k += 1
-            if k % 10 == 0:
-                m = self.metrics
-                m.commit_index.set(self.core.commit_index)
-                m.applied_index.set(self.applied_index)
-                m.durable_index.set(self.store.durable_index)
-                for p in self._peers:
-                    m.reachable(p, self.transport.connected(p))
 
     def _deliver_loop(self) -> None:
         while True:

@@ -67,7 +67,7 @@ def test_replicates_in_order_and_redirects(n: int) -> None:
 
 def _check_metrics(c: Cluster, acked: int) -> None:
     deadline = time.monotonic() + 30
-    while True:  # gauges are refreshed by each replica's timer thread
+    while True:  # until the status and the metrics (read a moment apart) agree
         lead, st = _converged(c)
         values = {n: _metrics(c, n) for n in c.names}
         r, last = f'replica="{lead}"', st[lead]["last"]
