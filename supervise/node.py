@@ -345,7 +345,7 @@ class Node:
         elif ev.call in ACCEPTS:
             log.info("refused client %s (connection %d): the log does not hold its connection",
                      ev.peer or "?", ev.conn)
-            shut_down_socket(self.server_pid, ev.ret)
+            shut_down_socket(self.server_pid, ev.ret)  # ends it even if the tracer cannot close it
         self.tracer.refuse(ev, error)
 
     def _on_replay_output(self, cid: tuple[int, int], data: bytes, length: int) -> None:

@@ -16,9 +16,9 @@ was held) wait in the listening socket's backlog; the server must not serve them
 and for Redis merely accepting one changes the copy (connection ids show in replies). So the
 node takes them out of the backlog itself and resets them. An accept the log does not hold (held
 meanwhile, or one whose CONNECT was proposed but never committed) is refused with EAGAIN: the
-server never learns of that connection (its descriptor stays open in the server, shut down: one
-per accepting thread at most, each time leadership ends). Letting such an accept through would
-change the copy as surely as input would.
+server never learns of that connection (the tracer has the held thread close the descriptor
+before it goes on). Letting such an accept through would change the copy as surely as input
+would.
 """
 
 from __future__ import annotations

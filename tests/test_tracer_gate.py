@@ -104,6 +104,47 @@ def test_an_accept_refused_with_eagain_leaves_the_server_unaware_of_the_connecti
             sock.close()
 
 
+def _socket_fds(pid: int) -> set[int]:
+    fds = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                fds.add(int(name))
+        except FileNotFoundError:
+            pass
+    return fds
+
+
+def test_a_refused_accept_leaves_no_descriptor_open_in_the_server(redis):
+    with traced(redis.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+        first = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())
+        before = _socket_fds(redis.pid)
+        refused = socket.create_connection(("127.0.0.1", redis.port))
+        accept = rec.next_input()
+        assert accept.ret not in before
+        tracer.refuse(accept, errno.EAGAIN)
+        refused.settimeout(5)
+        assert refused.recv(100) == b"", "the connection should end with its only descriptor"
+        assert _socket_fds(redis.pid) == before
+        first.sendall(PING)
+        tracer.release(rec.next_input())
+        first.settimeout(5)
+        assert first.recv(100) == b"+PONG\r\n"
+        later = socket.create_connection(("127.0.0.1", redis.port))
+        reused = rec.next_input()
+        assert reused.ret == accept.ret, "the descriptor number is free again"
+        tracer.release(reused)
+        later.sendall(PING)
+        tracer.release(rec.next_input())
+        later.settimeout(5)
+        assert later.recv(100) == b"+PONG\r\n"
+        assert not [ev for ev in rec.seen if ev.conn == accept.conn and ev is not accept], \
+            "an event was reported for the refused connection"
+        for sock in (first, refused, later):
+            sock.close()
+
+
 def test_server_keeps_serving_after_trace_exits(redis):
     proc = start_trace_cli("--pid", str(redis.pid))
     assert _ping(redis.port)

@@ -19,9 +19,11 @@ class Recorder:
     def __init__(self, auto_release: bool) -> None:
         self.auto_release = auto_release
         self.events: queue.Queue[SocketEvent] = queue.Queue()
+        self.seen: list[SocketEvent] = []  # every event, also those next_input passed over
         self.tracer: Tracer | None = None
 
     def __call__(self, event: SocketEvent) -> None:
+        self.seen.append(event)
         self.events.put(event)  # before the release: the reply it lets out may end the test's wait
         if event.gated and self.auto_release:
             assert self.tracer is not None

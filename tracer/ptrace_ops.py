@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 
 from ptrace.binding import func as pt
 from ptrace.error import PtraceError
@@ -82,6 +83,64 @@ def set_syscall_result(tid: int, value: int) -> None:
         if exc.errno == errno.ESRCH:
             raise ThreadGone(tid) from None
         raise
+
+
+_SYSCALL_INSN = b"\x0f\x05"  # x86_64 `syscall`
+SYS_CLOSE = 3
+
+
+class InjectFailed(Exception):
+    """The thread did not run the injected syscall; ``status`` is a wait status that belongs to
+    the tracer's loop (another stop came first), or None."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def run_syscall(tid: int, pid: int, nr: int, arg0: int, result_after: int) -> int:
+    """Make a thread that is stopped right after a syscall run one more syscall (``nr(arg0)``),
+    then put its registers back as they were, except that the first syscall now returns
+    ``result_after``. Returns what the injected syscall returned.
+
+    Nothing is written to the process's memory: the thread re-executes the ``syscall``
+    instruction it has just left (two bytes before its instruction pointer), single-stepped.
+    Raises InjectFailed if that instruction is not there or another stop comes first; the
+    registers are then restored before it returns."""
+    try:
+        regs = pt.ptrace_getregs(tid)
+    except PtraceError as exc:
+        if exc.errno == errno.ESRCH:
+            raise ThreadGone(tid) from None
+        raise
+    saved = type(regs).from_buffer_copy(regs)
+    saved.rax = result_after & 0xFFFFFFFFFFFFFFFF
+    try:
+        insn = read_memory(pid, regs.rip - 2, 2)
+    except OSError as exc:
+        raise InjectFailed(f"cannot read the instruction before {regs.rip:#x}: {exc}") from None
+    if insn != _SYSCALL_INSN:
+        raise InjectFailed(f"no syscall instruction before {regs.rip:#x} (a signal frame?)")
+    regs.rax = nr
+    regs.orig_rax = 0xFFFFFFFFFFFFFFFF  # not in a syscall: no restart logic on resuming
+    regs.rdi = arg0 & 0xFFFFFFFFFFFFFFFF
+    regs.rip -= 2
+    try:
+        pt.ptrace_setregs(tid, regs)
+        _call(pt.PTRACE_SINGLESTEP, tid)
+        _, status = wait_tid(tid, nohang=False)
+        if not os.WIFSTOPPED(status):
+            raise InjectFailed("the thread ended", status)
+        stepped = os.WSTOPSIG(status) == signal.SIGTRAP and status >> 16 == 0
+        got = pt.ptrace_getregs(tid).rax if stepped else 0
+        pt.ptrace_setregs(tid, saved)
+    except PtraceError as exc:
+        if exc.errno == errno.ESRCH:
+            raise ThreadGone(tid) from None
+        raise
+    if not stepped:
+        raise InjectFailed(f"another stop came first (wait status {status:#x})", status)
+    return got - (1 << 64) if got >= 1 << 63 else got
 
 
 def event_msg(tid: int) -> int:

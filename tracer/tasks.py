@@ -279,6 +279,35 @@ class TaskControl:
         if self._threads:
             log.error("threads %s did not stop for detach", sorted(self._threads))
 
+    def _close_refused_accept(self, tid: int, event: SocketEvent) -> bool:
+        """Close the descriptor a refused accept returned, in the server, and make the accept
+        fail with ``event.refused``. True when the thread is still held, ready to go on; False
+        when it is gone or another stop of it came first (handled here). If the descriptor
+        cannot be closed it stays open in the server, unknown to it (logged)."""
+        assert self.probes is not None
+        self.probes.drop_socket(event.pid, event.ret)  # no close event: the server never had it
+        try:
+            got = pt.run_syscall(tid, event.pid, pt.SYS_CLOSE, event.ret, -event.refused)
+        except pt.ThreadGone:
+            self._forget_thread(tid)
+            return False
+        except pt.InjectFailed as exc:
+            log.warning("refused connection %d: fd %d stays open in pid %d: %s", event.conn,
+                        event.ret, event.pid, exc)
+            if exc.status is not None:
+                self._on_wait(tid, exc.status)
+                return False
+            try:
+                pt.set_syscall_result(tid, -event.refused)
+            except pt.ThreadGone:
+                self._forget_thread(tid)
+                return False
+            return True
+        if got != 0:
+            log.warning("refused connection %d: closing fd %d in pid %d failed: %s", event.conn,
+                        event.ret, event.pid, os.strerror(-got))
+        return True
+
     def _on_detach_wait(self, tid: int, status: int) -> None:
         if tid not in self._threads:
             return

@@ -137,8 +137,9 @@ class Tracer(TaskControl):
     def refuse(self, event: SocketEvent, error: int = errno.ECONNRESET) -> None:
         """Let the held thread go on, but with its input taken back: the syscall fails with
         ``error`` instead, so the server drops that connection without having seen the bytes.
-        An accept refused with EAGAIN leaves the server unaware of the connection, whose
-        descriptor then stays open in it (shut it down from outside)."""
+        A refused accept also has its new descriptor closed in the server (the thread runs a
+        close before it goes on), so the server never learns of the connection; no close event
+        is reported for it."""
         event.refused = error
         self.release(event)
 
@@ -377,7 +378,10 @@ class Tracer(TaskControl):
             self._resume_held(thread.tid, event)
 
     def _resume_held(self, tid: int, event: SocketEvent) -> None:
-        if event.refused:
+        if event.refused and event.call in ACCEPTS and event.ret >= 0:
+            if not self._close_refused_accept(tid, event):
+                return
+        elif event.refused:
             try:
                 pt.set_syscall_result(tid, -event.refused)
             except pt.ThreadGone:
