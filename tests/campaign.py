@@ -13,10 +13,9 @@ supervisor, server or both (then a restart with a fresh server on the same data 
 partition of the leader's or a follower's host (link down, then up), a supervisor paused with
 SIGSTOP for longer than the election timeout (then SIGCONT). A node whose supervisor exited
 (1 after its server died; 3 when its copy could not be kept after it lost leadership) is
-restarted with a fresh server. Delayed, dropped and duplicated transport messages are *not*
-injected: the tcp provider's failpoints (``consensus.transport.Transport.inject``) are reachable
-only in-process, and nothing in a running ``supervise`` (configuration, environment, status endpoint) exposes
-them; this kernel has no netem either.
+restarted with a fresh server. A node's transport can be made flaky for a while (its requests
+dropped, delayed and duplicated, through the failpoints file that ``SUPERVISE_FAILPOINTS`` names:
+supervise/failpoints.py); this kernel has no netem.
 
 At the end every fault is healed, the clients stop, each key is read once more through the VIP,
 every node must have applied everything without diverging and hold the same values, and the
@@ -45,28 +44,16 @@ import redis as redis_py
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .campaign_report import summarize
 from .linearizability import CAS, INFO, OK, READ, WRITE, Op, Verdict, check
-from .netns_cluster import REDIS_PORT, NetnsCluster, NetnsNode, enter_netns
+from .netns import enter_netns
+from .netns_cluster import REDIS_PORT, NetnsCluster, NetnsNode
 
 CAS_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
            "return 1 else return 0 end")
 INIT = "init"
 FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-follower",
                "pause-leader", "pause-follower", "flaky-leader", "flaky-follower")
-
-
-def leaderless_stretches(leaders: list[dict]) -> dict:
-    """Stretches without a gating leader in the monitor's timeline (``{"t", "leader"}`` entries,
-    leader None when none gates): how many ended, the longest and their sum, in seconds."""
-    spans, since = [], None
-    for entry in leaders:
-        if entry["leader"] is None:
-            since = entry["t"] if since is None else since
-        elif since is not None:
-            spans.append(entry["t"] - since)
-            since = None
-    return {"count": len(spans), "longest_s": round(max(spans, default=0.0), 1),
-            "total_s": round(sum(spans), 1), "over_30s": sum(1 for x in spans if x >= 30)}
 
 
 @dataclass
@@ -442,65 +429,7 @@ class Campaign:
         return self._summary(verdicts, convergence, check_seconds)
 
     def _summary(self, verdicts: dict[str, Verdict], convergence: dict, check_seconds: float) -> dict:
-        outcomes: Counter = Counter()
-        for op in self.history:
-            if op.client >= 0:
-                outcomes[f"{op.kind} {op.status}"] += 1
-        acked_writes = sum(1 for op in self.history if op.client >= 0 and op.status == OK
-                           and (op.kind == WRITE or op.kind == CAS and op.result))
-        fault_counts = Counter(f["fault"] + (f" ({f['what']})" if "what" in f else "") for f in self.faults)
-        passed = (all(v.result == "ok" for v in verdicts.values()) and convergence.get("same")
-                  and not convergence.get("diverged") and not self.anomalies)
-        out = {
-            "seed": self.seed, "duration": self.duration, "clients": self.clients,
-            "operations": sum(outcomes.values()), "outcomes": dict(sorted(outcomes.items())),
-            "not_executed": dict(self.failed), "acknowledged_writes": acked_writes,
-            "faults": len(self.faults), "fault_kinds": dict(sorted(fault_counts.items())),
-            "fault_timeline": self.faults,
-            "leader_changes": max(0, sum(1 for x in self.leaders if x["leader"]) - 1),
-            "leaders": self.leaders, "leaderless": leaderless_stretches(self.leaders),
-            "supervisor_exits": self.exits, "anomalies": self.anomalies,
-            "stale_vips_removed_by_harness": self.stale_vips, "warnings": self.warnings,
-            "convergence": {k: v for k, v in convergence.items() if k != "values"},
-            "verdicts": {k: {"result": v.result, "ops": v.ops, "indeterminate": v.indeterminate,
-                             "steps": v.steps, "seconds": round(v.seconds, 2), "reason": v.reason}
-                         for k, v in verdicts.items()},
-            "check_seconds": round(check_seconds, 1),
-            "transport_faults": "flaky-leader / flaky-follower: the tcp provider's failpoints "
-                                "(SUPERVISE_FAILPOINTS)",
-            "passed": bool(passed),
-        }
-        lines = ["", "=== campaign summary ===",
-                 f"seed {self.seed}, {self.duration:.0f}s of faults, {self.clients} clients, "
-                 f"{out['operations']} operations"]
-        lines += [f"  {k:12s} {v}" for k, v in out["outcomes"].items()]
-        lines.append(f"  not executed (refused connection or error reply): {sum(self.failed.values())} "
-                     f"{dict(self.failed)}")
-        lines.append(f"acknowledged writes (SET, successful CAS): {acked_writes}")
-        lines.append(f"faults injected: {len(self.faults)}")
-        lines += [f"  {k:30s} {v}" for k, v in out["fault_kinds"].items()]
-        chain = " -> ".join(f"{x['leader']}@{x['ballot']}" if x["leader"] else "none" for x in self.leaders)
-        lines.append(f"leader changes: {out['leader_changes']} ({chain})")
-        gaps = out["leaderless"]
-        lines.append(f"without a gating leader: {gaps['count']} stretches, {gaps['total_s']} s in all, "
-                     f"the longest {gaps['longest_s']} s, {gaps['over_30s']} of 30 s or more")
-        lines.append(f"supervisor exits: {self.exits}")
-        lines.append(f"anomalies (safety: divergence, final reads): {self.anomalies or 'none'}")
-        lines.append(f"warnings (availability, VIP): {self.warnings or 'none'}")
-        if self.clear_stale_vip:
-            lines.append(f"stale VIPs (left by a supervisor killed with -9) removed by the harness before "
-                         f"a restart: {len(self.stale_vips)} {self.stale_vips if self.stale_vips else ''}")
-        lines.append(f"convergence: {out['convergence']}")
-        lines.append(f"linearizability (checked in {check_seconds:.1f}s):")
-        for key, v in verdicts.items():
-            lines.append(f"  {key}: {v.result:9s} {v.ops} ops ({v.indeterminate} indeterminate), "
-                         f"{v.steps} steps {v.reason}")
-            if v.result == "violation":
-                lines.append(f"  shortest non-linearizable prefix of {key}, reads it does not need "
-                             f"removed: {len(v.slice)} operations; the last 40 (seconds from the start):")
-                lines += [f"    {o.describe()}" for o in v.slice[-40:]]
-        lines.append("transport message faults (delay/drop/duplicate): " + out["transport_faults"])
-        lines.append(f"VERDICT: {'PASS' if passed else 'FAIL'}")
+        out, lines = summarize(self, verdicts, convergence, check_seconds)
         self.say("\n".join(lines))
         return out
 

@@ -16,6 +16,7 @@ killed test run (their creator pid is dead) are removed by the next ``Hosts``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from pyroute2 import NetNS, netns
 
 PREFIX = "rnh"
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _names() -> list[str]:
@@ -136,3 +139,14 @@ class Hosts:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread (only it) into network namespace ``name``."""
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)

@@ -21,7 +21,6 @@ holds the VIP receives anything on it.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -37,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .netns import Hosts
+from .netns import Hosts, enter_netns
+from .procs import LaunchedServer, kill_process, reap
 
-CLONE_NEWNET = 0x40000000
 REDIS_PORT = 6379
 REPLICATION_PORT = 9101
 STATUS_PORT = 9201
@@ -48,82 +47,6 @@ VIP_HOST = 100
 # then finds no tracepoint formats and the tracer's probes do not compile. Mount it there again.
 MOUNT_TRACEFS = ('mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; '
                  'exec "$@"')
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def wait_until(pred: Any, timeout: float, what: str) -> None:
-    """Poll ``pred`` until it holds; TimeoutError(what) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling thread (only it) into network namespace ``name``."""
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-def _kill(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        if sig == signal.SIGKILL:
-            os.kill(proc.pid, signal.SIGCONT)  # a stopped process dies as well, but tidier
-        proc.send_signal(sig)
-    except ProcessLookupError:
-        pass
-
-
-def _reap(proc: subprocess.Popen | None, timeout: float = 10) -> None:
-    if proc is None:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-class LaunchedServer:
-    """A server its supervisor started (`supervise ... -- CMD`): its child, ours to signal.
-
-    Dead once it is gone or a zombie (its supervisor reaps it, or is itself stopped)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                state = "X"
-            if state in ("Z", "X"):
-                self.returncode = -1  # its exit status went to its supervisor
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"server pid {self.pid}", timeout or 0)
-            time.sleep(0.01)
-        return self.returncode  # type: ignore[return-value]
 
 
 @dataclass
@@ -319,9 +242,9 @@ class NetnsCluster:
         procs = {"supervisor": [node.supervisor], "server": [node.server],
                  "both": [node.supervisor, node.server]}[what]
         for proc in procs:
-            _kill(proc)
+            kill_process(proc)
         for proc in procs:
-            _reap(proc)
+            reap(proc)
         node.paused = False
 
     def restart(self, key: int | str | NetnsNode, fresh_data: bool = False,
@@ -538,10 +461,10 @@ class NetnsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             for proc in (node.supervisor, node.server):
-                _kill(proc)
+                kill_process(proc)
         for node in self.nodes:
             for proc in (node.supervisor, node.server):
-                _reap(proc)
+                reap(proc)
         for ex in self._executors.values():
             ex.shutdown(wait=False, cancel_futures=True)
         self.hosts.close()

@@ -1,4 +1,5 @@
-"""Real server processes for tests: started on a free loopback port, always cleaned up."""
+"""Processes for tests: real servers started on a free loopback port (always cleaned up), and
+helpers to signal, reap and wait for processes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from supervise.localcluster import free_ports
@@ -93,3 +95,67 @@ def memcached_server(threads: int = 4, port: int | None = None) -> Server:
 def python_server(script: str, port: int | None = None) -> Server:
     port = port or free_port()
     return Server([sys.executable, str(SERVERS / script), str(port)], port)
+
+
+def wait_until(pred: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``pred`` until it holds; TimeoutError(what) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def kill_process(proc: subprocess.Popen | None, sig: int = signal.SIGKILL) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        if sig == signal.SIGKILL:
+            os.kill(proc.pid, signal.SIGCONT)  # a stopped process dies as well, but tidier
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def reap(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class LaunchedServer:
+    """A server its supervisor started (`supervise ... -- CMD`): its child, ours to signal.
+
+    Dead once it is gone or a zombie (its supervisor reaps it, or is itself stopped)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "X"
+            if state in ("Z", "X"):
+                self.returncode = -1  # its exit status went to its supervisor
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"server pid {self.pid}", timeout or 0)
+            time.sleep(0.01)
+        return self.returncode  # type: ignore[return-value]

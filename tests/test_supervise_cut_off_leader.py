@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import socket
 
-from .netns_cluster import REDIS_PORT, NetnsCluster, wait_until
+from .netns_cluster import REDIS_PORT, NetnsCluster
+from .procs import wait_until
 
 
 def _connect(addr: str) -> socket.socket:

@@ -11,7 +11,9 @@ import redis as redis_py
 
 from supervise.vip import LEASE_SECONDS
 
-from .netns_cluster import REDIS_PORT, NetnsCluster, enter_netns, wait_until
+from .netns import enter_netns
+from .netns_cluster import REDIS_PORT, NetnsCluster
+from .procs import wait_until
 
 
 def _writer(cluster: NetnsCluster, index: int, acked: list[str], stop: threading.Event) -> None:

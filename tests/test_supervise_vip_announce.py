@@ -18,8 +18,7 @@ from pyroute2 import IPRoute
 
 from supervise.vip import LEASE_SECONDS, VirtualIP
 
-from .netns import Hosts
-from .netns_cluster import enter_netns
+from .netns import Hosts, enter_netns
 
 VIP = "10.77.0.100"
 
