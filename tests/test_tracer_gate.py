@@ -115,30 +115,35 @@ def _socket_fds(pid: int) -> set[int]:
     return fds
 
 
-def test_a_refused_accept_leaves_no_descriptor_open_in_the_server(redis):
-    with traced(redis.pid, Mode.GATE, auto_release=False) as (tracer, rec):
-        first = socket.create_connection(("127.0.0.1", redis.port))
+@pytest.mark.parametrize("kind, request_, reply", [
+    ("redis", PING, b"+PONG\r\n"),
+    ("memcached", b"set k 0 0 1\r\nx\r\n", b"STORED\r\n"),  # its accepts are in another thread
+])
+def test_a_refused_accept_leaves_no_descriptor_open_in_the_server(kind, request_, reply, request):
+    server = request.getfixturevalue(kind)
+    with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+        first = socket.create_connection(("127.0.0.1", server.port))
         tracer.release(rec.next_input())
-        before = _socket_fds(redis.pid)
-        refused = socket.create_connection(("127.0.0.1", redis.port))
+        before = _socket_fds(server.pid)
+        refused = socket.create_connection(("127.0.0.1", server.port))
         accept = rec.next_input()
         assert accept.ret not in before
         tracer.refuse(accept, errno.EAGAIN)
         refused.settimeout(5)
         assert refused.recv(100) == b"", "the connection should end with its only descriptor"
-        assert _socket_fds(redis.pid) == before
-        first.sendall(PING)
+        assert _socket_fds(server.pid) == before
+        first.sendall(request_)
         tracer.release(rec.next_input())
         first.settimeout(5)
-        assert first.recv(100) == b"+PONG\r\n"
-        later = socket.create_connection(("127.0.0.1", redis.port))
+        assert first.recv(100) == reply
+        later = socket.create_connection(("127.0.0.1", server.port))
         reused = rec.next_input()
         assert reused.ret == accept.ret, "the descriptor number is free again"
         tracer.release(reused)
-        later.sendall(PING)
+        later.sendall(request_)
         tracer.release(rec.next_input())
         later.settimeout(5)
-        assert later.recv(100) == b"+PONG\r\n"
+        assert later.recv(100) == reply
         assert not [ev for ev in rec.seen if ev.conn == accept.conn and ev is not accept], \
             "an event was reported for the refused connection"
         for sock in (first, refused, later):
