@@ -7,10 +7,12 @@ Every function here must be called from the tracer thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import signal
+from collections.abc import Iterator
 
 from ptrace.binding import func as pt
 from ptrace.error import PtraceError
@@ -44,13 +46,19 @@ class ThreadGone(Exception):
     """The thread exited (ESRCH): treat it as gone."""
 
 
-def _call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+@contextlib.contextmanager
+def _esrch_means_gone(tid: int) -> Iterator[None]:
     try:
-        return pt.ptrace(request, tid, addr, data)
+        yield
     except PtraceError as exc:
         if exc.errno == errno.ESRCH:
             raise ThreadGone(tid) from None
         raise
+
+
+def _call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    with _esrch_means_gone(tid):
+        return pt.ptrace(request, tid, addr, data)
 
 
 def seize(tid: int, options: int) -> None:
@@ -75,14 +83,10 @@ def detach(tid: int, sig: int = 0) -> None:
 
 def set_syscall_result(tid: int, value: int) -> None:
     """Rewrite what the stopped thread's last syscall returns to user space (x86_64: rax)."""
-    try:
+    with _esrch_means_gone(tid):
         regs = pt.ptrace_getregs(tid)
         regs.rax = value & 0xFFFFFFFFFFFFFFFF
         pt.ptrace_setregs(tid, regs)
-    except PtraceError as exc:
-        if exc.errno == errno.ESRCH:
-            raise ThreadGone(tid) from None
-        raise
 
 
 _SYSCALL_INSN = b"\x0f\x05"  # x86_64 `syscall`
@@ -107,12 +111,8 @@ def run_syscall(tid: int, pid: int, nr: int, arg0: int, result_after: int) -> in
     instruction it has just left (two bytes before its instruction pointer), single-stepped.
     Raises InjectFailed if that instruction is not there or another stop comes first; the
     registers are then restored before it returns."""
-    try:
+    with _esrch_means_gone(tid):
         regs = pt.ptrace_getregs(tid)
-    except PtraceError as exc:
-        if exc.errno == errno.ESRCH:
-            raise ThreadGone(tid) from None
-        raise
     saved = type(regs).from_buffer_copy(regs)
     saved.rax = result_after & 0xFFFFFFFFFFFFFFFF
     try:
@@ -125,7 +125,7 @@ def run_syscall(tid: int, pid: int, nr: int, arg0: int, result_after: int) -> in
     regs.orig_rax = 0xFFFFFFFFFFFFFFFF  # not in a syscall: no restart logic on resuming
     regs.rdi = arg0 & 0xFFFFFFFFFFFFFFFF
     regs.rip -= 2
-    try:
+    with _esrch_means_gone(tid):
         pt.ptrace_setregs(tid, regs)
         _call(pt.PTRACE_SINGLESTEP, tid)
         _, status = wait_tid(tid, nohang=False)
@@ -134,10 +134,6 @@ def run_syscall(tid: int, pid: int, nr: int, arg0: int, result_after: int) -> in
         stepped = os.WSTOPSIG(status) == signal.SIGTRAP and status >> 16 == 0
         got = pt.ptrace_getregs(tid).rax if stepped else 0
         pt.ptrace_setregs(tid, saved)
-    except PtraceError as exc:
-        if exc.errno == errno.ESRCH:
-            raise ThreadGone(tid) from None
-        raise
     if not stepped:
         raise InjectFailed(f"another stop came first (wait status {status:#x})", status)
     return got - (1 << 64) if got >= 1 << 63 else got
@@ -151,12 +147,8 @@ def event_msg(tid: int) -> int:
 
 def siginfo_code(tid: int) -> tuple[int, int]:
     """(si_signo, si_code) of the signal a thread is stopped for."""
-    try:
+    with _esrch_means_gone(tid):
         info = pt.ptrace_getsiginfo(tid)
-    except PtraceError as exc:
-        if exc.errno == errno.ESRCH:
-            raise ThreadGone(tid) from None
-        raise
     return info.si_signo, info.si_code
 
 
