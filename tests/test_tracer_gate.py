@@ -1,12 +1,16 @@
 """Gate mode holds inputs; attaching, detaching and dying never harm the server."""
 
+import contextlib
+import ctypes
 import errno
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,16 @@ PING = b"*1\r\n$4\r\nPING\r\n"
 
 def _ping(port: int) -> bool:
     return redis_py.Redis(port=port, socket_timeout=5).ping()
+
+
+def _served(tracer, rec, port: int, request_: bytes) -> bytes:
+    """A new client's accept and request let through; the server's reply."""
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        tracer.release(rec.next_input())
+        client.sendall(request_)
+        tracer.release(rec.next_input())
+        client.settimeout(5)
+        return client.recv(100)
 
 
 def test_held_input_gets_no_reply_until_released(redis):
@@ -75,12 +89,7 @@ def test_a_refused_input_never_reaches_the_server_and_its_client_is_dropped(redi
         tracer.refuse(rec.next_input())
         client.settimeout(5)
         assert client.recv(100) == b"", "the server should drop the connection"
-        other = socket.create_connection(("127.0.0.1", redis.port))
-        tracer.release(rec.next_input())
-        other.sendall(b"*2\r\n$6\r\nEXISTS\r\n$7\r\nrefused\r\n")
-        tracer.release(rec.next_input())
-        other.settimeout(5)
-        assert other.recv(100) == b":0\r\n"
+        assert _served(tracer, rec, redis.port, b"*2\r\n$6\r\nEXISTS\r\n$7\r\nrefused\r\n") == b":0\r\n"
 
 
 def test_an_accept_refused_with_eagain_leaves_the_server_unaware_of_the_connection(redis):
@@ -148,6 +157,79 @@ def test_a_refused_accept_leaves_no_descriptor_open_in_the_server(kind, request_
             "an event was reported for the refused connection"
         for sock in (first, refused, later):
             sock.close()
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    if ctypes.CDLL(None, use_errno=True).syscall(234, pid, tid, sig) != 0:  # SYS_tgkill
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+@contextlib.contextmanager
+def _keeping_off_the_cpu(tid: int) -> Iterator[None]:
+    """While the body runs, thread ``tid`` (of another process) cannot: both are put on one CPU
+    and the calling thread runs there at real-time priority."""
+    cpu = min(os.sched_getaffinity(0))
+    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(tid)
+    os.sched_setaffinity(tid, {cpu})
+    os.sched_setaffinity(0, {cpu})
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setaffinity(0, mine)
+        os.sched_setaffinity(tid, theirs)
+
+
+def test_an_input_refused_after_a_signal_handler_was_entered_still_fails_in_the_server(caplog):
+    """A signal queued in the instant between a held read's return and its stop is delivered
+    first (SIGUSR1 before the gate's SIGSTOP): the thread stops at the handler's entry, and the
+    read's result waits in the handler's frame. Refusing must rewrite it there."""
+    server = python_server("threaded_echo.py")
+    caplog.set_level(logging.INFO, logger="tracer")
+    try:
+        with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            tracer.release(rec.next_input())
+            client.sendall(b"warm")
+            warm = rec.next_input()
+            tracer.release(warm)
+            client.settimeout(5)
+            assert client.recv(100) == b"WARM"  # its thread is blocked in recv again
+            with _keeping_off_the_cpu(warm.tid):
+                client.sendall(b"hello")  # the thread wakes with the bytes there to read...
+                _tgkill(server.pid, warm.tid, signal.SIGUSR1)  # ...and this signal queued
+            held = rec.next_input()
+            assert (held.data, held.tid) == (b"hello", warm.tid)
+            tracer.refuse(held)
+            try:
+                reply = client.recv(100)
+            except ConnectionResetError:
+                reply = b""
+            assert reply == b"", "the server read the refused input"
+        assert "recvfrom on connection" in caplog.text and "from a signal handler's frame" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_an_accept_refused_after_a_signal_handler_was_entered_is_closed_in_the_server(caplog):
+    server = python_server("threaded_echo.py")  # it accepts in its main thread
+    caplog.set_level(logging.INFO, logger="tracer")
+    try:
+        with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+            before = _socket_fds(server.pid)
+            with _keeping_off_the_cpu(server.pid):
+                refused = socket.create_connection(("127.0.0.1", server.port))
+                _tgkill(server.pid, server.pid, signal.SIGUSR1)
+            accept = rec.next_input()
+            tracer.refuse(accept, errno.EAGAIN)
+            refused.settimeout(5)
+            assert refused.recv(100) == b"", "the connection should end with its only descriptor"
+            assert _socket_fds(server.pid) == before
+            assert _served(tracer, rec, server.port, b"after") == b"AFTER", "the next client"
+        assert "accept4 on connection" in caplog.text and "from a signal handler's frame" in caplog.text
+    finally:
+        server.stop()
 
 
 def test_server_keeps_serving_after_trace_exits(redis):

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import signal
 from collections.abc import Iterator
 
 from ptrace.binding import func as pt
@@ -47,7 +46,8 @@ class ThreadGone(Exception):
 
 
 @contextlib.contextmanager
-def _esrch_means_gone(tid: int) -> Iterator[None]:
+def esrch_means_gone(tid: int) -> Iterator[None]:
+    """A ptrace request that fails with ESRCH raises ThreadGone: the thread has exited."""
     try:
         yield
     except PtraceError as exc:
@@ -56,98 +56,40 @@ def _esrch_means_gone(tid: int) -> Iterator[None]:
         raise
 
 
-def _call(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
-    with _esrch_means_gone(tid):
-        return pt.ptrace(request, tid, addr, data)
+def request(req: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    with esrch_means_gone(tid):
+        return pt.ptrace(req, tid, addr, data)
 
 
 def seize(tid: int, options: int) -> None:
-    _call(PTRACE_SEIZE, tid, 0, options)
+    request(PTRACE_SEIZE, tid, 0, options)
 
 
 def interrupt(tid: int) -> None:
-    _call(PTRACE_INTERRUPT, tid)
+    request(PTRACE_INTERRUPT, tid)
 
 
 def listen(tid: int) -> None:
-    _call(PTRACE_LISTEN, tid)
+    request(PTRACE_LISTEN, tid)
 
 
 def cont(tid: int, sig: int = 0) -> None:
-    _call(pt.PTRACE_CONT, tid, 0, sig)
+    request(pt.PTRACE_CONT, tid, 0, sig)
 
 
 def detach(tid: int, sig: int = 0) -> None:
-    _call(pt.PTRACE_DETACH, tid, 0, sig)
-
-
-def set_syscall_result(tid: int, value: int) -> None:
-    """Rewrite what the stopped thread's last syscall returns to user space (x86_64: rax)."""
-    with _esrch_means_gone(tid):
-        regs = pt.ptrace_getregs(tid)
-        regs.rax = value & 0xFFFFFFFFFFFFFFFF
-        pt.ptrace_setregs(tid, regs)
-
-
-_SYSCALL_INSN = b"\x0f\x05"  # x86_64 `syscall`
-SYS_CLOSE = 3
-
-
-class InjectFailed(Exception):
-    """The thread did not run the injected syscall; ``status`` is a wait status that belongs to
-    the tracer's loop (another stop came first), or None."""
-
-    def __init__(self, reason: str, status: int | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-def run_syscall(tid: int, pid: int, nr: int, arg0: int, result_after: int) -> int:
-    """Make a thread that is stopped right after a syscall run one more syscall (``nr(arg0)``),
-    then put its registers back as they were, except that the first syscall now returns
-    ``result_after``. Returns what the injected syscall returned.
-
-    Nothing is written to the process's memory: the thread re-executes the ``syscall``
-    instruction it has just left (two bytes before its instruction pointer), single-stepped.
-    Raises InjectFailed if that instruction is not there or another stop comes first; the
-    registers are then restored before it returns."""
-    with _esrch_means_gone(tid):
-        regs = pt.ptrace_getregs(tid)
-    saved = type(regs).from_buffer_copy(regs)
-    saved.rax = result_after & 0xFFFFFFFFFFFFFFFF
-    try:
-        insn = read_memory(pid, regs.rip - 2, 2)
-    except OSError as exc:
-        raise InjectFailed(f"cannot read the instruction before {regs.rip:#x}: {exc}") from None
-    if insn != _SYSCALL_INSN:
-        raise InjectFailed(f"no syscall instruction before {regs.rip:#x} (a signal frame?)")
-    regs.rax = nr
-    regs.orig_rax = 0xFFFFFFFFFFFFFFFF  # not in a syscall: no restart logic on resuming
-    regs.rdi = arg0 & 0xFFFFFFFFFFFFFFFF
-    regs.rip -= 2
-    with _esrch_means_gone(tid):
-        pt.ptrace_setregs(tid, regs)
-        _call(pt.PTRACE_SINGLESTEP, tid)
-        _, status = wait_tid(tid, nohang=False)
-        if not os.WIFSTOPPED(status):
-            raise InjectFailed("the thread ended", status)
-        stepped = os.WSTOPSIG(status) == signal.SIGTRAP and status >> 16 == 0
-        got = pt.ptrace_getregs(tid).rax if stepped else 0
-        pt.ptrace_setregs(tid, saved)
-    if not stepped:
-        raise InjectFailed(f"another stop came first (wait status {status:#x})", status)
-    return got - (1 << 64) if got >= 1 << 63 else got
+    request(pt.PTRACE_DETACH, tid, 0, sig)
 
 
 def event_msg(tid: int) -> int:
     msg = ctypes.c_ulong()
-    _call(pt.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
+    request(pt.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
     return msg.value
 
 
 def siginfo_code(tid: int) -> tuple[int, int]:
     """(si_signo, si_code) of the signal a thread is stopped for."""
-    with _esrch_means_gone(tid):
+    with esrch_means_gone(tid):
         info = pt.ptrace_getsiginfo(tid)
     return info.si_signo, info.si_code
 
@@ -192,6 +134,21 @@ def read_memory(pid: int, address: int, length: int) -> bytes:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_readv({pid}, {address:#x}, {length}): {os.strerror(err)}")
     return buf.raw[:got]
+
+
+_process_vm_writev = _libc.process_vm_writev
+_process_vm_writev.argtypes = _process_vm_readv.argtypes
+_process_vm_writev.restype = ctypes.c_ssize_t
+
+
+def write_memory(pid: int, address: int, data: bytes) -> None:
+    """Write ``data`` into another process's memory (process_vm_writev)."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
+    remote = _IoVec(address, len(data))
+    if _process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != len(data):
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_writev({pid}, {address:#x}, {len(data)}): {os.strerror(err)}")
 
 
 def read_iovecs(pid: int, iov_address: int, iov_count: int, total: int) -> bytes:

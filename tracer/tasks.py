@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from . import procfs
+from . import procfs, refusal
 from . import ptrace_ops as pt
-from .events import SocketEvent
+from .events import ACCEPTS, SocketEvent
 from .probes import MODE_GATE, MODE_OBSERVE, MODE_TRACE, SOCK_CONN, SOCK_LISTEN
 
 log = logging.getLogger("tracer")
@@ -279,28 +279,39 @@ class TaskControl:
         if self._threads:
             log.error("threads %s did not stop for detach", sorted(self._threads))
 
-    def _close_refused_accept(self, tid: int, event: SocketEvent) -> bool:
-        """Close the descriptor a refused accept returned, in the server, and make the accept
-        fail with ``event.refused``. True when the thread is still held, ready to go on; False
-        when it is gone or another stop of it came first (handled here). If the descriptor
-        cannot be closed it stays open in the server, unknown to it (logged)."""
-        assert self.probes is not None
-        self.probes.drop_socket(event.pid, event.ret)  # no close event: the server never had it
+    def _take_back(self, tid: int, event: SocketEvent) -> bool:
+        """Make a held syscall fail with ``event.refused``; a refused accept's new descriptor is
+        closed in the server too (by the thread), so the server never learns of the connection.
+        True when the thread is still held, ready to go on; False when it is gone or another stop
+        of it came first (handled here)."""
         try:
-            got = pt.run_syscall(tid, event.pid, pt.SYS_CLOSE, event.ret, -event.refused)
+            held = refusal.locate(tid, event.pid, event.ret)
+            if held is None:
+                log.error("cannot refuse %s of %d on connection %d: thread %d of pid %d stopped "
+                          "neither after it nor at a signal handler's entry; the server gets it",
+                          event.call.syscall, event.ret, event.conn, tid, event.pid)
+                return True
+            refusal.set_result(tid, event.pid, held, -event.refused)
+            if held.frame_rax is not None:
+                log.info("refused %s on connection %d from a signal handler's frame (thread %d)",
+                         event.call.syscall, event.conn, tid)
+            if event.call not in ACCEPTS:
+                return True
+            assert self.probes is not None
+            self.probes.drop_socket(event.pid, event.ret)  # no close event: the server never had it
+            got = refusal.run_syscall(tid, held, refusal.SYS_CLOSE, event.ret)
         except pt.ThreadGone:
             self._forget_thread(tid)
             return False
-        except pt.InjectFailed as exc:
+        except OSError as exc:
+            log.error("cannot refuse %s on connection %d of pid %d: %s; the server gets it",
+                      event.call.syscall, event.conn, event.pid, exc)
+            return True
+        except refusal.InjectFailed as exc:
             log.warning("refused connection %d: fd %d stays open in pid %d: %s", event.conn,
                         event.ret, event.pid, exc)
             if exc.status is not None:
                 self._on_wait(tid, exc.status)
-                return False
-            try:
-                pt.set_syscall_result(tid, -event.refused)
-            except pt.ThreadGone:
-                self._forget_thread(tid)
                 return False
             return True
         if got != 0:

@@ -139,7 +139,7 @@ class Tracer(TaskControl):
         ``error`` instead, so the server drops that connection without having seen the bytes.
         A refused accept also has its new descriptor closed in the server (the thread runs a
         close before it goes on), so the server never learns of the connection; no close event
-        is reported for it."""
+        is reported for it. See tracer/refusal.py."""
         event.refused = error
         self.release(event)
 
@@ -378,15 +378,8 @@ class Tracer(TaskControl):
             self._resume_held(thread.tid, event)
 
     def _resume_held(self, tid: int, event: SocketEvent) -> None:
-        if event.refused and event.call in ACCEPTS and event.ret >= 0:
-            if not self._close_refused_accept(tid, event):
-                return
-        elif event.refused:
-            try:
-                pt.set_syscall_result(tid, -event.refused)
-            except pt.ThreadGone:
-                self._forget_thread(tid)
-                return
+        if event.refused and not self._take_back(tid, event):
+            return
         self._cont(tid, 0)
         if self._resume_spin:
             self._spin_until = time.monotonic() + self._resume_spin

@@ -1,5 +1,6 @@
 """A TCP server that starts a new thread for every connection: threads appear after attach."""
 
+import signal
 import socket
 import sys
 import threading
@@ -12,10 +13,14 @@ def serve(conn: socket.socket) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler that tests signal its threads with
     listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
     print("ready", flush=True)
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:  # a supervisor refused the connection
+            continue
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
