@@ -371,6 +371,12 @@ class Node:
 
     def _on_escape(self, ev: SocketEvent) -> None:
         self.metrics.escapes.inc()
+        if ev.refused:  # input the log will never hold reached the server
+            log.error("refused input reached the server on connection %d: this copy no longer "
+                      "matches the log and leaves the service; restart the node with a fresh "
+                      "server to rejoin", ev.conn)
+            self.exit_code = LOST_LEADERSHIP_EXIT
+            self.fatal.set()
 
     def _on_server_exit(self, status: int | None) -> None:
         log.error("the server (pid %d) exited with status %s", self.server_pid, status)

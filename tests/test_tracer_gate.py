@@ -20,10 +20,11 @@ from tracer.events import Direction
 from tracer.idle_poll import current_limit_us
 from tracer.tracer import Mode
 
-from .procs import alive, python_server
+from .procs import alive, python_server, wait_until
 from .tracing import start_trace_cli, traced
 
 PING = b"*1\r\n$4\r\nPING\r\n"
+SYS_RECVFROM, SYS_ACCEPT4 = 45, 288  # x86_64
 
 
 def _ping(port: int) -> bool:
@@ -165,9 +166,13 @@ def _tgkill(pid: int, tid: int, sig: int) -> None:
 
 
 @contextlib.contextmanager
-def _keeping_off_the_cpu(tid: int) -> Iterator[None]:
-    """While the body runs, thread ``tid`` (of another process) cannot: both are put on one CPU
-    and the calling thread runs there at real-time priority."""
+def _keeping_off_the_cpu(pid: int, tid: int, blocked_in: int) -> Iterator[None]:
+    """Once thread ``tid`` of ``pid`` sleeps in syscall number ``blocked_in``, it cannot run while
+    the body does: both are put on one CPU and the calling thread runs there at real-time
+    priority. (A thread that is still on its way to that syscall would take a signal the body
+    queues before it gets there.)"""
+    wait_until(lambda: Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0]
+               == str(blocked_in), 5, f"thread {tid} to block in syscall {blocked_in}")
     cpu = min(os.sched_getaffinity(0))
     mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(tid)
     os.sched_setaffinity(tid, {cpu})
@@ -181,7 +186,10 @@ def _keeping_off_the_cpu(tid: int) -> Iterator[None]:
         os.sched_setaffinity(tid, theirs)
 
 
-def test_an_input_refused_after_a_signal_handler_was_entered_still_fails_in_the_server(caplog):
+@pytest.mark.parametrize("signals", [(signal.SIGUSR1,), (signal.SIGUSR1, signal.SIGUSR2)],
+                         ids=["one handler", "two handlers, one entered on top of the other"])
+def test_an_input_refused_after_a_signal_handler_was_entered_still_fails_in_the_server(
+        signals, caplog):
     """A signal queued in the instant between a held read's return and its stop is delivered
     first (SIGUSR1 before the gate's SIGSTOP): the thread stops at the handler's entry, and the
     read's result waits in the handler's frame. Refusing must rewrite it there."""
@@ -196,9 +204,10 @@ def test_an_input_refused_after_a_signal_handler_was_entered_still_fails_in_the_
             tracer.release(warm)
             client.settimeout(5)
             assert client.recv(100) == b"WARM"  # its thread is blocked in recv again
-            with _keeping_off_the_cpu(warm.tid):
+            with _keeping_off_the_cpu(server.pid, warm.tid, SYS_RECVFROM):
                 client.sendall(b"hello")  # the thread wakes with the bytes there to read...
-                _tgkill(server.pid, warm.tid, signal.SIGUSR1)  # ...and this signal queued
+                for sig in signals:  # ...and these signals queued
+                    _tgkill(server.pid, warm.tid, sig)
             held = rec.next_input()
             assert (held.data, held.tid) == (b"hello", warm.tid)
             tracer.refuse(held)
@@ -218,7 +227,7 @@ def test_an_accept_refused_after_a_signal_handler_was_entered_is_closed_in_the_s
     try:
         with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
             before = _socket_fds(server.pid)
-            with _keeping_off_the_cpu(server.pid):
+            with _keeping_off_the_cpu(server.pid, server.pid, SYS_ACCEPT4):
                 refused = socket.create_connection(("127.0.0.1", server.port))
                 _tgkill(server.pid, server.pid, signal.SIGUSR1)
             accept = rec.next_input()

@@ -29,15 +29,15 @@ _WORD = 0xFFFFFFFFFFFFFFFF
 # uc_link, uc_stack of 24 bytes, then uc_mcontext: struct sigcontext, whose registers run r8..r15,
 # rdi, rsi, rbp, rbx, rdx, rax, rcx, rsp, rip). The kernel passes &frame->uc in rdx.
 _UC_MCONTEXT = 40
-_SC_RAX = 13 * 8
-_SC_RIP = 16 * 8
+_SC_RDX, _SC_RAX, _SC_RSP, _SC_RIP = 12 * 8, 13 * 8, 15 * 8, 16 * 8
+MAX_FRAMES = 8
 
 
 class InjectFailed(Exception):
-    """The thread did not run the injected syscall; ``status`` is a wait status that belongs to
-    the tracer's loop (another stop came first), or None."""
+    """The thread did not run the injected syscall: ``status`` is the wait status it reported
+    instead (it ended, or another stop came first), which belongs to the tracer's loop."""
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(self, reason: str, status: int) -> None:
         super().__init__(reason)
         self.status = status
 
@@ -56,23 +56,24 @@ def _word(pid: int, address: int) -> int:
 
 def locate(tid: int, pid: int, result: int) -> HeldSyscall | None:
     """Find the held syscall that returned ``result``: right behind the thread, or saved in the
-    frame of a signal handler the thread stopped at the entry of. None when it is neither."""
+    frame of the signal handler the thread stopped at the entry of (or, handlers entered one on
+    top of another, in the frame of the first). None when it is none of these."""
     with esrch_means_gone(tid):
         regs = pt.ptrace_getregs(tid)
+    rip, rsp, rdx, rax = regs.rip, regs.rsp, regs.rdx, regs.rax
+    frame_rax = None
     try:
-        if read_memory(pid, regs.rip - 2, 2) == SYSCALL_INSN and regs.rax == result & _WORD:
-            return HeldSyscall(regs.rip - 2, None)
-        if regs.rdx != regs.rsp + 8:
-            return None
-        context = regs.rdx + _UC_MCONTEXT
-        saved_rip = _word(pid, context + _SC_RIP)
-        if _word(pid, context + _SC_RAX) != result & _WORD:
-            return None
-        if read_memory(pid, saved_rip - 2, 2) != SYSCALL_INSN:
-            return None
+        for _ in range(MAX_FRAMES + 1):
+            if rax == result & _WORD and read_memory(pid, rip - 2, 2) == SYSCALL_INSN:
+                return HeldSyscall(rip - 2, frame_rax)
+            if rdx != rsp + 8:  # not a handler's entry
+                return None
+            context = rdx + _UC_MCONTEXT
+            frame_rax = context + _SC_RAX
+            rip, rsp, rdx, rax = (_word(pid, context + at) for at in (_SC_RIP, _SC_RSP, _SC_RDX, _SC_RAX))
     except OSError:
         return None
-    return HeldSyscall(saved_rip - 2, context + _SC_RAX)
+    return None
 
 
 def set_result(tid: int, pid: int, held: HeldSyscall, value: int) -> None:

@@ -287,9 +287,8 @@ class TaskControl:
         try:
             held = refusal.locate(tid, event.pid, event.ret)
             if held is None:
-                log.error("cannot refuse %s of %d on connection %d: thread %d of pid %d stopped "
-                          "neither after it nor at a signal handler's entry; the server gets it",
-                          event.call.syscall, event.ret, event.conn, tid, event.pid)
+                self._refusal_failed(event, f"thread {tid} stopped neither right after it nor at "
+                                            "a signal handler's entry")
                 return True
             refusal.set_result(tid, event.pid, held, -event.refused)
             if held.frame_rax is not None:
@@ -304,20 +303,26 @@ class TaskControl:
             self._forget_thread(tid)
             return False
         except OSError as exc:
-            log.error("cannot refuse %s on connection %d of pid %d: %s; the server gets it",
-                      event.call.syscall, event.conn, event.pid, exc)
+            self._refusal_failed(event, str(exc))
             return True
         except refusal.InjectFailed as exc:
             log.warning("refused connection %d: fd %d stays open in pid %d: %s", event.conn,
                         event.ret, event.pid, exc)
-            if exc.status is not None:
-                self._on_wait(tid, exc.status)
-                return False
-            return True
+            self._on_wait(tid, exc.status)
+            return False
         if got != 0:
             log.warning("refused connection %d: closing fd %d in pid %d failed: %s", event.conn,
                         event.ret, event.pid, os.strerror(-got))
         return True
+
+    def _refusal_failed(self, event: SocketEvent, why: str) -> None:
+        """The server gets an input that was refused: reported as an escape."""
+        event.escaped = True
+        self.stats.escapes += 1
+        log.error("cannot refuse %s on connection %d of pid %d (%s): the server gets it",
+                  event.call.syscall, event.conn, event.pid, why)
+        if self.on_escape is not None:
+            self.on_escape(event)
 
     def _on_detach_wait(self, tid: int, status: int) -> None:
         if tid not in self._threads:

@@ -13,7 +13,8 @@ def serve(conn: socket.socket) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler that tests signal its threads with
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):  # handlers for tests to signal its threads with
+        signal.signal(sig, lambda *_: None)
     listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
     print("ready", flush=True)
     while True:
