@@ -18,6 +18,7 @@ import redis as redis_py
 
 from tracer.events import Direction
 from tracer.idle_poll import current_limit_us
+from tracer.procfs import socket_fds
 from tracer.tracer import Mode
 
 from .procs import alive, python_server, wait_until
@@ -114,17 +115,6 @@ def test_an_accept_refused_with_eagain_leaves_the_server_unaware_of_the_connecti
             sock.close()
 
 
-def _socket_fds(pid: int) -> set[int]:
-    fds = set()
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                fds.add(int(name))
-        except FileNotFoundError:
-            pass
-    return fds
-
-
 @pytest.mark.parametrize("kind, request_, reply", [
     ("redis", PING, b"+PONG\r\n"),
     ("memcached", b"set k 0 0 1\r\nx\r\n", b"STORED\r\n"),  # its accepts are in another thread
@@ -134,14 +124,14 @@ def test_a_refused_accept_leaves_no_descriptor_open_in_the_server(kind, request_
     with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
         first = socket.create_connection(("127.0.0.1", server.port))
         tracer.release(rec.next_input())
-        before = _socket_fds(server.pid)
+        before = set(socket_fds(server.pid))
         refused = socket.create_connection(("127.0.0.1", server.port))
         accept = rec.next_input()
         assert accept.ret not in before
         tracer.refuse(accept, errno.EAGAIN)
         refused.settimeout(5)
         assert refused.recv(100) == b"", "the connection should end with its only descriptor"
-        assert _socket_fds(server.pid) == before
+        assert set(socket_fds(server.pid)) == before
         first.sendall(request_)
         tracer.release(rec.next_input())
         first.settimeout(5)
@@ -226,7 +216,7 @@ def test_an_accept_refused_after_a_signal_handler_was_entered_is_closed_in_the_s
     caplog.set_level(logging.INFO, logger="tracer")
     try:
         with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
-            before = _socket_fds(server.pid)
+            before = set(socket_fds(server.pid))
             with _keeping_off_the_cpu(server.pid, server.pid, SYS_ACCEPT4):
                 refused = socket.create_connection(("127.0.0.1", server.port))
                 _tgkill(server.pid, server.pid, signal.SIGUSR1)
@@ -234,7 +224,7 @@ def test_an_accept_refused_after_a_signal_handler_was_entered_is_closed_in_the_s
             tracer.refuse(accept, errno.EAGAIN)
             refused.settimeout(5)
             assert refused.recv(100) == b"", "the connection should end with its only descriptor"
-            assert _socket_fds(server.pid) == before
+            assert set(socket_fds(server.pid)) == before
             assert _served(tracer, rec, server.port, b"after") == b"AFTER", "the next client"
         assert "accept4 on connection" in caplog.text and "from a signal handler's frame" in caplog.text
     finally:

@@ -287,8 +287,9 @@ class TaskControl:
         try:
             held = refusal.locate(tid, event.pid, event.ret)
             if held is None:
-                self._refusal_failed(event, f"thread {tid} stopped neither right after it nor at "
-                                            "a signal handler's entry")
+                self._report_escape(event, f"cannot refuse {event.call.syscall} on connection "
+                                           f"{event.conn}: thread {tid} stopped neither right "
+                                           "after it nor at a signal handler's entry")
                 return True
             refusal.set_result(tid, event.pid, held, -event.refused)
             if held.frame_rax is not None:
@@ -303,7 +304,8 @@ class TaskControl:
             self._forget_thread(tid)
             return False
         except OSError as exc:
-            self._refusal_failed(event, str(exc))
+            self._report_escape(event, f"cannot refuse {event.call.syscall} on connection "
+                                       f"{event.conn}: {exc}")
             return True
         except refusal.InjectFailed as exc:
             log.warning("refused connection %d: fd %d stays open in pid %d: %s", event.conn,
@@ -315,12 +317,11 @@ class TaskControl:
                         event.ret, event.pid, os.strerror(-got))
         return True
 
-    def _refusal_failed(self, event: SocketEvent, why: str) -> None:
-        """The server gets an input that was refused: reported as an escape."""
+    def _report_escape(self, event: SocketEvent, why: str) -> None:
+        """The server got an input past the gate: one it was not held for, or a refused one."""
         event.escaped = True
         self.stats.escapes += 1
-        log.error("cannot refuse %s on connection %d of pid %d (%s): the server gets it",
-                  event.call.syscall, event.conn, event.pid, why)
+        log.error("escape: %s", why)
         if self.on_escape is not None:
             self.on_escape(event)
 

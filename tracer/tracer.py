@@ -333,17 +333,12 @@ class Tracer(TaskControl):
     def _escaped(self, thread: Task) -> None:
         assert thread.pending is not None
         lost = thread.pending
-        lost.escaped = True
         thread.pending = None
-        self.stats.escapes += 1
         if not lost.released:
             self.stats.held -= 1
-        log.error(
-            "escape: thread %d of pid %d ran on past held %s on fd %d without stopping "
-            "(was it sent SIGCONT?)", thread.tid, lost.pid, lost.call.syscall, lost.fd,
-        )
-        if self.on_escape is not None:
-            self.on_escape(lost)
+        self._report_escape(lost, f"thread {thread.tid} of pid {lost.pid} ran on past held "
+                                  f"{lost.call.syscall} on fd {lost.fd} without stopping (was it "
+                                  "sent SIGCONT?)")
 
     def _await_gate_stop(self, thread: Task) -> None:
         """Pair the event with its stop if the stop is already there; otherwise its SIGCHLD
