@@ -55,6 +55,8 @@ def is_local_host(host: str) -> bool:
         return False
     for family, _, _, _, addr in infos:
         with socket.socket(family, socket.SOCK_STREAM) as s:
+            # only the address is checked: no port is taken (there may be none free)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             try:
                 s.bind((addr[0], 0))
             except OSError:

@@ -9,6 +9,7 @@ come from the tracer's output events.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -27,6 +28,7 @@ log = logging.getLogger("supervise.replayer")
 
 CONSUME_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
+CONNECT_TIMEOUT = 10.0
 # While it waits for the server, the delivery thread reads replies this often: a server blocked
 # writing a reply that nobody reads would never consume its next input.
 DRAIN_EVERY = 0.02
@@ -78,6 +80,7 @@ class Replayer:
 
     def __init__(self, server_host: str, server_port: int, on_output, on_stray) -> None:
         self.server = (server_host, server_port)
+        self._family = socket.AF_INET6 if ":" in server_host else socket.AF_INET
         self.on_output = on_output
         self.on_stray = on_stray
         self.conns: dict[tuple[int, int], ReplayConn] = {}
@@ -121,25 +124,56 @@ class Replayer:
         return list(self.conns)
 
     def _connect(self, cid: tuple[int, int]) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((self.server[0], 0))
-        peer = _address(sock.getsockname())
-        conn = ReplayConn(cid, sock, peer)
+        conn = ReplayConn(cid, socket.socket(self._family), "")
         with self._lock:
-            self._by_peer[peer] = conn
             self.conns[cid] = conn
         if self._abandoned:
             conn.server_closed = True
             return
         try:
-            sock.connect(self.server)
+            self._open(conn)
         except OSError as exc:
             log.error("replay: cannot connect to the server at %s:%d: %s", *self.server, exc)
             conn.server_closed = True
             return
-        sock.setblocking(False)
-        self._selector.register(sock, selectors.EVENT_READ, conn)
+        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _open(self, conn: ReplayConn) -> None:
+        """Connect ``conn`` to the server. The source port is left to connect(), which picks one
+        free for this destination and may take one in TIME_WAIT (on loopback): a port bound
+        beforehand stays taken for the minute of its TIME_WAIT, and a few thousand short
+        connections in a minute used them all up. A port is not free while the connections that
+        left it wait, so connect is retried for a while (CONNECT_TIMEOUT)."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        pause = 0.001
+        while True:
+            sock = conn.sock
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.server[0], 0))
+            sock.setblocking(False)
+            # The tracer thread knows the server's accept of this connection by our address,
+            # which exists once connect has picked the port: it waits on the lock until then.
+            with self._lock:
+                error = sock.connect_ex(self.server)
+                if error in (0, errno.EINPROGRESS):
+                    conn.peer = _address(sock.getsockname())
+                    self._by_peer[conn.peer] = conn
+                    break
+            if error != errno.EADDRNOTAVAIL or time.monotonic() + pause > deadline:
+                raise OSError(error, os.strerror(error))
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+            sock.close()
+            conn.sock = socket.socket(self._family)
+        if error == errno.EINPROGRESS:
+            writable = select.poll()
+            writable.register(conn.sock, select.POLLOUT)
+            if not writable.poll(CONNECT_TIMEOUT * 1000):
+                raise OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+            error = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
 
     def _send(self, conn: ReplayConn, data: bytes, spin: bool) -> None:
         if conn.server_closed:

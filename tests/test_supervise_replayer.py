@@ -2,13 +2,16 @@
 
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import redis
 
 from supervise.borrowed_socket import borrow_socket, bytes_read
 from supervise.entries import Entry, Kind
 from supervise.replayer import Replayer
-from tests.procs import python_server, redis_server
+from tests.netns import Hosts, enter_netns
+from tests.procs import python_server, redis_server, wait_until
 from tests.tracing import traced
 from tracer.tracer import Mode
 
@@ -85,3 +88,55 @@ def test_bytes_read_counts_what_the_owner_read_not_what_arrived():
         for sock in (borrowed, server_end, client, listener):
             if sock is not None:
                 sock.close()
+
+
+
+def test_connections_are_replayed_while_every_ephemeral_port_waits_out_another_connection():
+    """Connections that ended recently hold their ports in TIME_WAIT for a minute (a burst of
+    short client connections left thousands on a follower's host). A port held so toward one
+    destination is still free toward another, where connect() picks it; a port bound before
+    connecting is not. With every one of 24 ephemeral ports (in a namespace of its own) waiting
+    out a connection to another listener, 20 connections must still be replayed, each
+    incrementing a counter once."""
+    with Hosts(1) as hosts, ThreadPoolExecutor(1, initializer=enter_netns,
+                                               initargs=(hosts[0].name,)) as inside:
+        inside.submit(_replay_with_every_port_in_time_wait, 20).result(timeout=120)
+
+
+def _replay_with_every_port_in_time_wait(count: int) -> None:
+    server = redis_server()
+    _hold_every_ephemeral_port_in_time_wait(24)
+    replies: dict[tuple[int, int], bytes] = {}
+    replayer = Replayer("127.0.0.1", server.port, on_stray=lambda _: None,
+                        on_output=lambda cid, data, _length: replies.__setitem__(cid, data))
+    try:
+        with traced(server.pid, Mode.OBSERVE) as (tracer, _):
+            tracer.on_event = replayer.on_server_event
+            for conn in range(1, count + 1):
+                replayer.apply(Entry(Kind.CONNECT, 1, conn))
+                replayer.apply(Entry(Kind.DATA, 1, conn, b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"))
+                replayer.apply(Entry(Kind.CLOSE, 1, conn))
+            wait_until(lambda: len(replies) == count, 10, "a reply on every connection")
+            assert [replies[(1, conn)] for conn in range(1, count + 1)] == [
+                f":{n}\r\n".encode() for n in range(1, count + 1)]
+    finally:
+        replayer.close()
+        server.stop()
+
+
+def _hold_every_ephemeral_port_in_time_wait(ports: int) -> None:
+    """Leave this namespace ``ports`` ephemeral ports, then connect to a listener of our own
+    until none is left, closing each client first: the side that closes first keeps the
+    connection in TIME_WAIT."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        low = 40000 if listener.getsockname()[1] < 40000 else 30000  # not the listener's port
+        Path("/proc/sys/net/ipv4/ip_local_port_range").write_text(f"{low} {low + ports - 1}")
+        while True:
+            try:
+                client = socket.create_connection(listener.getsockname())
+            except OSError:
+                return
+            accepted, _ = listener.accept()
+            client.close()
+            accepted.recv(1)  # the client's FIN
+            accepted.close()
