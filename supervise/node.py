@@ -188,7 +188,10 @@ class Node:
             self.divergence.check()
             return
         assert self.replica is not None
-        self.replayer.apply(entry, catching_up=self.replica.commit_index - index >= CATCH_UP_BACKLOG)
+        catching_up = self.replica.commit_index - index >= CATCH_UP_BACKLOG
+        if self.tracer is not None:
+            self.tracer.set_batched_wakeups(catching_up)
+        self.replayer.apply(entry, catching_up=catching_up)
         self.metrics.replayed.inc()
         if entry.kind is Kind.DATA:
             self.metrics.input_bytes.inc(len(entry.data))

@@ -16,7 +16,7 @@ from tracer import probes
 from tracer.events import ACCEPTS, Call, Direction
 from tracer.tracer import Mode
 
-from .procs import free_port, memcached_server, python_server, wait_port
+from .procs import free_port, memcached_server, python_server, wait_port, wait_until
 from .tracing import start_trace_cli, traced
 
 
@@ -288,3 +288,31 @@ def test_trace_cli_stops_cleanly_under_a_burst_of_interrupts(redis):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "detached" in err
+
+
+def test_batched_wakeups_lose_nothing_and_a_connections_start_and_end_are_read_at_once(redis):
+    """With batched wake-ups (a follower catching up) only a connection's accept and end wake
+    the tracer thread; here it would otherwise not read the ring for an hour."""
+    sent = _commands(20, "b")
+    with traced(redis.pid, Mode.OBSERVE) as (tracer, recorder):
+        tracer.set_batched_wakeups(True)
+        tracer._poll_seconds = 3600
+        client = socket.create_connection(("127.0.0.1", redis.port))
+        wait_until(lambda: any(e.call in ACCEPTS for e in recorder.seen), 10, "the accept")
+        for command in sent:
+            client.sendall(command)
+            assert client.recv(100) == b"+OK\r\n"
+        client.close()
+        wait_until(lambda: any(e.is_eof for e in recorder.seen), 10, "the connection's end")
+        mine = [e for e in recorder.seen if e.conn == recorder.seen[0].conn]
+        assert b"".join(e.data for e in mine if e.dir is Direction.IN) == b"".join(sent)
+        assert [e.data for e in mine if e.dir is Direction.OUT] == [b"+OK\r\n"] * len(sent)
+
+        tracer.set_batched_wakeups(False)  # every input wakes the tracer thread again
+        seen = len(recorder.seen)
+        again = socket.create_connection(("127.0.0.1", redis.port))
+        again.sendall(sent[0])
+        assert again.recv(100) == b"+OK\r\n"
+        wait_until(lambda: any(e.input and e.data == sent[0] for e in recorder.seen[seen:]), 10,
+                   "the input after batching ended")
+        again.close()

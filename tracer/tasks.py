@@ -59,6 +59,8 @@ class Task:
 class TaskControl:
     """Attaching to, stopping for and detaching from the tasks of traced processes."""
 
+    batched_wakeups = False  # see Tracer.set_batched_wakeups
+
     # ---- attaching --------------------------------------------------------------------------
 
     def _options(self) -> int:
@@ -67,7 +69,7 @@ class TaskControl:
     def _bpf_mode(self) -> int:
         if self.mode is Mode.GATE:
             return MODE_GATE
-        return MODE_TRACE if self.background else MODE_OBSERVE
+        return MODE_TRACE if self.background or self.batched_wakeups else MODE_OBSERVE
 
     def _attach(self, pid: int) -> None:
         self.pid = pid

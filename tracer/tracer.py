@@ -30,6 +30,7 @@ log = logging.getLogger("tracer")
 
 BACKSTOP_SECONDS = 0.02
 GATE_SPIN_SECONDS = 0.0002
+BATCHED_POLL_SECONDS = 0.001
 _CALLS = {c.value: c for c in Call}
 _DIRECTIONS = tuple(Direction)
 # _on_raw_event builds events positionally (keywords cost a fifth of an event's construction)
@@ -126,6 +127,21 @@ class Tracer(TaskControl):
                 self.probes.supervise_tgid(tgid, self._bpf_mode())
             self._sync_idle_poll()
 
+    def set_batched_wakeups(self, on: bool) -> None:
+        """Observe mode: with ``on``, the probes wake the tracer thread once per batch of events
+        (and at once for a connection's start and end) instead of for each, and it reads them
+        every BATCHED_POLL_SECONDS. For a caller that does not wait on each input's report for a
+        while, such as a follower replaying a backlog: each wake-up costs the traced thread a
+        VM exit, and the tracer thread a switch and the GIL."""
+        if self.batched_wakeups == on:
+            return
+        self.batched_wakeups = on
+        self._poll_seconds = BATCHED_POLL_SECONDS if on else BACKSTOP_SECONDS
+        if self.probes is not None:
+            for tgid in list(self._tgids):
+                self.probes.supervise_tgid(tgid, self._bpf_mode())
+        os.eventfd_write(self._wake_fd, 1)  # read what waits now: behind it, the ring wakes nobody
+
     def _sync_idle_poll(self) -> None:
         if self._idle_poll is None:
             return
@@ -203,7 +219,7 @@ class Tracer(TaskControl):
                 # (Not while a thread waits for its release: on a supervisor that is a commit,
                 # hundreds of microseconds of CPU that the followers need.)
                 spinning = time.monotonic() < self._spin_until
-                ready = {fd for fd, _ in poller.poll(0 if spinning else BACKSTOP_SECONDS)}
+                ready = {fd for fd, _ in poller.poll(0 if spinning else self._poll_seconds)}
                 if not ready and not spinning:
                     self._forget_vanished_processes()
                 if sigchld.fd in ready:
@@ -235,6 +251,7 @@ class Tracer(TaskControl):
 
     _exit_status: int | None = None
     _spin_until = 0.0  # the loop polls without sleeping until then (set on resuming a held thread)
+    _poll_seconds = BACKSTOP_SECONDS  # the loop's longest sleep (see set_batched_wakeups)
 
     def _forget_vanished_processes(self) -> None:
         """Backstop for an exit whose notification was missed: the process is gone from /proc."""

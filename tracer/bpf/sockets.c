@@ -13,7 +13,7 @@
 
 #define MODE_OBSERVE 1
 #define MODE_GATE 2
-#define MODE_TRACE 3        // observe, and wake the reader once per WAKE_EVERY events a CPU
+#define MODE_TRACE 3        // observe; wake the reader per WAKE_EVERY events a CPU, and per connection event
 #define WAKE_EVERY 4096
 #define RB_NO_WAKEUP 1
 #define RB_FORCE_WAKEUP 2
@@ -237,9 +237,11 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     // A wake-up per event costs the traced thread more than the event itself (on a VM, an exit
     // to the hypervisor). A gating tracer is woken by a held thread's stop and reads the ring
     // then, so only inputs that are not held wake it; the rest wait for that or its 20 ms poll.
-    // A tracer that only prints reads them on its 20 ms poll: 32 MiB of ring holds seconds of
+    // A tracer that only prints (or a follower catching up, which learns from the server's
+    // socket that an input was read) reads them on its poll: 32 MiB of ring holds seconds of
     // events, and a wake-up per 64 events cost each event about 250 ns of probe time (an
-    // interrupt raised on the traced thread's CPU; a VM exit). One per 4096 remains, in case.
+    // interrupt raised on the traced thread's CPU; a VM exit). One per 4096 remains, in case;
+    // and a connection's start and end wake it at once, since a replayer waits on them.
     // Without FORCE, the ring wakes the reader only if it has read every earlier record: behind
     // a record written with NO_WAKEUP, a default record wakes nobody. So an observer (whose
     // replayer waits on each input) must keep the default for every record.
@@ -253,6 +255,8 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
             *n = 0;
             wake = RB_FORCE_WAKEUP;
         }
+        if (dir == DIR_CTL || (dir == DIR_IN && ret <= 0))
+            wake = RB_FORCE_WAKEUP;
     }
     u64 size = sizeof(struct event) - SNAPLEN + e->data_len;
     if (size > sizeof(struct event))
