@@ -140,10 +140,10 @@ class Replayer:
 
     def _open(self, conn: ReplayConn) -> None:
         """Connect ``conn`` to the server. The source port is left to connect(), which picks one
-        free for this destination and may take one in TIME_WAIT (on loopback): a port bound
-        beforehand stays taken for the minute of its TIME_WAIT, and a few thousand short
-        connections in a minute used them all up. A port is not free while the connections that
-        left it wait, so connect is retried for a while (CONNECT_TIMEOUT)."""
+        free toward this destination, whatever waits out TIME_WAIT toward others: bind() takes
+        only a port free toward every destination, and a few thousand short connections in a
+        minute left none. When none is free even toward the server (EADDRNOTAVAIL), connect is
+        retried, as ports leave TIME_WAIT, for up to CONNECT_TIMEOUT."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
         pause = 0.001
         while True:
