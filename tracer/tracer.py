@@ -122,9 +122,8 @@ class Tracer(TaskControl):
         if mode is Mode.GATE and not self.exitkill:
             raise ValueError("gating needs a tracer attached with exitkill")
         self.mode = mode
+        self._apply_bpf_mode()
         if self.probes is not None:
-            for tgid in list(self._tgids):
-                self.probes.supervise_tgid(tgid, self._bpf_mode())
             self._sync_idle_poll()
 
     def set_batched_wakeups(self, on: bool) -> None:
@@ -137,10 +136,14 @@ class Tracer(TaskControl):
             return
         self.batched_wakeups = on
         self._poll_seconds = BATCHED_POLL_SECONDS if on else BACKSTOP_SECONDS
+        self._apply_bpf_mode()
+        os.eventfd_write(self._wake_fd, 1)  # read what waits now: behind it, the ring wakes nobody
+
+    def _apply_bpf_mode(self) -> None:
+        """Tell the probes the mode every traced process is in now."""
         if self.probes is not None:
             for tgid in list(self._tgids):
                 self.probes.supervise_tgid(tgid, self._bpf_mode())
-        os.eventfd_write(self._wake_fd, 1)  # read what waits now: behind it, the ring wakes nobody
 
     def _sync_idle_poll(self) -> None:
         if self._idle_poll is None:
