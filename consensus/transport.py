@@ -37,16 +37,15 @@ log = logging.getLogger(__name__)
 
 _OUTQ_LIMIT = 4096
 _CREDIT = -1
-# Poll (yielding) this long after traffic before sleeping on the completion channel. Off by
-# default: on a 2-core host the spinning steals the core the peer needs (see README.md).
-SPIN_S = float(os.environ.get("CONSENSUS_SPIN_US", "0")) / 1e6
 
 
 class Transport:
     def __init__(self, name: str, endpoints: dict[str, str], provider: str, secret: bytes, area_bytes: int,
-                 on_frame: Callable[[str, int, bytes], None], poll_s: float | None = None) -> None:
+                 on_frame: Callable[[str, int, bytes], None], poll_s: float | None = None,
+                 spin_s: float = 0.0) -> None:
         self.name = name
         self.poll_s = poll_s
+        self.spin_s = spin_s
         self.endpoints = endpoints
         self.peers = [p for p in endpoints if p != name]
         self.provider = provider
@@ -323,7 +322,7 @@ class Transport:
     def _recv_loop(self) -> None:
         views = {p: mr.buf[SLOT:] for p, mr in self.inbox.items()}
         cq = self.recv_cq
-        spin_s = SPIN_S
+        spin_s = self.spin_s
         last = 0.0
         while not self._stop.is_set():
             try:
