@@ -141,6 +141,28 @@ def test_catch_up_beyond_the_log_region_from_segment_files() -> None:
         check_history(c, acked, require_all=c.names)
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_receive_threads_stop_polling_when_the_proposals_stop() -> None:
+    """Each receive loop polls for spin_us after a message; an idle group must go back to
+    sleeping, a core's worth of polling per replica would be a defect."""
+    with Cluster(3, "shm", "memory", record=False) as c:
+        c.start()
+        prop = Proposer(c)
+        for _ in range(2000):
+            prop.propose(lambda _a: b"x" * 64)
+        c.wait_applied(2000)
+        prop.close()
+        pids = {n: r.proc.pid for n, r in c.reps.items()}
+        before = {n: _cpu_seconds(pid) for n, pid in pids.items()}
+        time.sleep(3)
+        used = {n: (_cpu_seconds(pid) - before[n]) / 3 for n, pid in pids.items()}
+        assert all(share < 0.3 for share in used.values()), used  # idle: about 0.02 each
+
+
 def test_resident_memory_does_not_grow_with_the_log() -> None:
     with Cluster(3, "shm", "memory", log_region_bytes=1 << 20, record=False) as c:
         c.start()
