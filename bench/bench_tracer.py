@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RedisServer, print_table, redis_benchmark, round_ratios, write_json  # noqa: E402
+from tests.procs import cpu_seconds  # noqa: E402
 
 GATE_HOLDER = Path(__file__).resolve().parent.parent / "tests" / "gate_holder.py"
 
@@ -60,11 +61,6 @@ def _under(kind: str, server: RedisServer) -> subprocess.Popen | None:
         time.sleep(1.0)
         return proc
     raise ValueError(kind)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -105,11 +101,11 @@ def measure(kind: str, requests: int) -> dict:
     server = RedisServer()
     watcher = _under(kind, server)
     try:
-        watcher_before = _cpu_seconds(watcher.pid) if watcher is not None else 0.0
-        server_before = _cpu_seconds(server.pid)
+        watcher_before = cpu_seconds(watcher.pid) if watcher is not None else 0.0
+        server_before = cpu_seconds(server.pid)
         probes_before = _probe_time(watcher.pid) if watcher is not None else (0, 0)
         result = redis_benchmark(server.port, "set", 50, requests)["SET"]
-        result["server_cpu_us"] = (_cpu_seconds(server.pid) - server_before) / requests * 1e6
+        result["server_cpu_us"] = (cpu_seconds(server.pid) - server_before) / requests * 1e6
         if watcher is not None and probes_before[1]:
             ns, runs = (a - b for a, b in zip(_probe_time(watcher.pid), probes_before, strict=True))
             result["probe_ns"] = ns / requests

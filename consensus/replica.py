@@ -44,9 +44,10 @@ class ReplicaConfig:
     log_region_bytes: int = 64 << 20
     # How long the receive thread keeps polling after its last message before it sleeps,
     # yielding the core and the GIL between polls, so that a steady stream of proposals meets
-    # no sleeping thread on its way (shm p50 60-170 against 200-300 µs with 0 on a 2-core host,
-    # and 10-20 % more commits a second; README.md). It takes CPU that an application sharing
-    # the cores may need more (a supervisor sets 0), and one window per heartbeat when idle.
+    # no sleeping thread on its way (on a 2-core host, bench_consensus.py's shm p50 66-68
+    # against 225 µs with 0, and 3.5-3.8x against 3.0x PySyncObj's commits; README.md). It takes
+    # CPU that an application sharing the cores may need more (a supervisor sets 0), and one
+    # window per heartbeat when idle.
     spin_us: int = 200
     # How long each sleep on the completion channel is put off by polling without yielding
     # (None: the provider's default, 30 µs for shm). A supervisor sets 0 for the reason above.

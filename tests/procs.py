@@ -36,6 +36,12 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None
             time.sleep(0.02)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

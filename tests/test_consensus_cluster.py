@@ -11,6 +11,7 @@ import pytest
 
 from tests.consensus_cluster import Cluster, Load, Proposer, check_history, settle
 from tests.consensus_harness import Client
+from tests.procs import cpu_seconds
 
 
 def _converged(c: Cluster, timeout: float = 30) -> tuple[str, dict]:
@@ -141,11 +142,6 @@ def test_catch_up_beyond_the_log_region_from_segment_files() -> None:
         check_history(c, acked, require_all=c.names)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_receive_threads_stop_polling_when_the_proposals_stop() -> None:
     """Each receive loop polls for spin_us after a message; an idle group must go back to
     sleeping, a core's worth of polling per replica would be a defect."""
@@ -157,9 +153,9 @@ def test_receive_threads_stop_polling_when_the_proposals_stop() -> None:
         c.wait_applied(2000)
         prop.close()
         pids = {n: r.proc.pid for n, r in c.reps.items()}
-        before = {n: _cpu_seconds(pid) for n, pid in pids.items()}
+        before = {n: cpu_seconds(pid) for n, pid in pids.items()}
         time.sleep(3)
-        used = {n: (_cpu_seconds(pid) - before[n]) / 3 for n, pid in pids.items()}
+        used = {n: (cpu_seconds(pid) - before[n]) / 3 for n, pid in pids.items()}
         assert all(share < 0.3 for share in used.values()), used  # idle: about 0.02 each
 
 
