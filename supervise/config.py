@@ -43,6 +43,7 @@ class ClusterConfig:
     vip: str | None
     vip_interface: str | None
     log_region_bytes: int
+    spin_us: int = 0
     nodes: list[NodeConfig] = field(default_factory=list)
 
     def node(self, name: str) -> NodeConfig:
@@ -101,7 +102,8 @@ def load(path: str | Path) -> ClusterConfig:
         raise ConfigError(f"{path}: missing [cluster] table")
     where = f"{path}: cluster"
     unknown = set(cluster) - {"transport", "durability", "secret_file", "heartbeat_ms",
-                              "election_timeout_ms", "vip", "vip_interface", "log_region_mib"}
+                              "election_timeout_ms", "vip", "vip_interface", "log_region_mib",
+                              "spin_us"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
     transport = _get(cluster, "transport", where, str, "auto")
@@ -133,6 +135,9 @@ def load(path: str | Path) -> ClusterConfig:
         if vip_interface is None:
             raise ConfigError(f"{where}.vip_interface: required with vip")
     log_mib = _get(cluster, "log_region_mib", where, int, 64)
+    spin_us = _get(cluster, "spin_us", where, int, 0)
+    if spin_us < 0:
+        raise ConfigError(f"{where}.spin_us: expected microseconds, 0 or more, got {spin_us}")
     nodes_doc = doc.get("node")
     if not isinstance(nodes_doc, list) or not nodes_doc:
         raise ConfigError(f"{path}: expected [[node]] tables, found none")
@@ -165,5 +170,5 @@ def load(path: str | Path) -> ClusterConfig:
         path=path, transport=transport, durability=durability,
         secret_file=(base / secret) if secret else None, heartbeat_ms=heartbeat,
         election_timeout_ms=election, vip=vip, vip_interface=vip_interface,
-        log_region_bytes=log_mib << 20, nodes=nodes,
+        log_region_bytes=log_mib << 20, spin_us=spin_us, nodes=nodes,
     )

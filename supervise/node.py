@@ -103,7 +103,9 @@ class Node:
             # a receive thread polling for an answer takes the CPU that the answer needs.
             # 2,370 against 1,980 SET/s with the default 30 µs (four interleaved pairs).
             poll_us=0,
-            spin_us=0,  # likewise: with 200 µs, 1,983 and 2,042 against 2,316 and 2,362 SET/s
+            # 0 unless configured, likewise: with 200 µs, 1,983 and 2,042 against 2,316 and
+            # 2,362 SET/s with three nodes on two cores (README.md)
+            spin_us=self.cluster.spin_us,
         )
         self.me.data_dir.mkdir(parents=True, exist_ok=True)
         self.replica = Replica(cfg, self._on_commit, self._on_role_change)

@@ -51,6 +51,7 @@ BROKEN = [
     ('durability = "fsync"', 'durability = "fsync"\nvip = "not-an-ip"\nvip_interface = "eth0"',
      "cluster.vip: expected"),
     ('durability = "fsync"', 'durability = "fsync"\ncolour = "blue"', "cluster.colour: unknown key"),
+    ('durability = "fsync"', 'durability = "fsync"\nspin_us = -5', "cluster.spin_us: expected microseconds"),
     ('[cluster]', '[cluster', "not valid TOML"),
 ]
 
@@ -66,6 +67,12 @@ def test_the_documented_example_loads(tmp_path):
     assert [n.name for n in cfg.nodes] == ["n1", "n2", "n3"]
     assert cfg.node("n2").data_dir == tmp_path / "n2-data"
     assert cfg.heartbeat_ms == 20 and cfg.election_timeout_ms == 300
+
+
+def test_receive_polling_is_off_unless_configured(tmp_path):
+    assert load(_write(tmp_path, GOOD)).spin_us == 0
+    text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nspin_us = 150', 1)
+    assert load(_write(tmp_path, text)).spin_us == 150
 
 
 @pytest.mark.parametrize("old,new,message", BROKEN)
