@@ -102,6 +102,43 @@ def test_gated_inputs_stay_whole_and_in_order_across_wraps_of_the_ring_buffer():
         server.stop()
 
 
+def test_trace_cli_reads_every_event_whole_and_in_order_across_wraps_of_the_ring_buffer(tmp_path):
+    from tracer.probes import RINGBUF_PAGES
+
+    server = python_server("threaded_echo.py")
+    size = 4000
+    rounds = RINGBUF_PAGES * 4096 * 5 // (2 * size) // 2  # each round trip puts ~2 x size in the ring
+    messages = [f"{i:08d}".encode() * (size // 8) for i in range(rounds)]
+    out_path = tmp_path / "trace.jsonl"
+    try:
+        with out_path.open("w") as out:
+            proc = start_trace_cli("--pid", str(server.pid), "--json", stdout=out)
+            try:
+                client = socket.create_connection(("127.0.0.1", server.port))
+                for i, message in enumerate(messages):
+                    if i % 500 == 0:
+                        time.sleep(0.05)  # idle CPU for the reader, which drops rather than slow us
+                    client.sendall(message)
+                    got = b""
+                    while len(got) < size:
+                        got += client.recv(65536)
+                client.close()
+                wait_until(lambda: out_path.stat().st_size > 2 * len(messages) * size, 60,
+                           "the trace to print every round trip")
+            finally:
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "0 lost" in err
+        events = [json.loads(line) for line in out_path.read_text().splitlines()]
+    finally:
+        server.stop()
+    by_dir = {d: b"".join(base64.b64decode(e["data"]) for e in events if e["dir"] == d and "data" in e)
+              for d in ("in", "out")}
+    assert by_dir["in"] == b"".join(messages)
+    assert by_dir["out"] == b"".join(messages).upper()
+
+
 def test_redis_py_commands_and_replies_seen_as_input_and_output_events(redis):
     with traced(redis.pid, Mode.OBSERVE) as (_tracer, rec):
         client = redis_py.Redis(port=redis.port)

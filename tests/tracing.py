@@ -57,11 +57,11 @@ def traced(pid: int, mode: Mode, auto_release: bool = True,
         tracer.detach()
 
 
-def start_trace_cli(*args: str) -> subprocess.Popen:
+def start_trace_cli(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
     """`supervise --trace ...` as a real subprocess; returns once it has attached."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "supervise", "--trace", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=stdout, stderr=subprocess.PIPE, text=True,
     )
     line = proc.stderr.readline()
     if not line.startswith("tracing"):

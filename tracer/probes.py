@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+
+from . import ringbuf
 
 BPF_SOURCE = Path(__file__).with_name("bpf") / "sockets.c"
 MODE_OBSERVE = 1
@@ -61,14 +64,27 @@ class Probes:
         self.counters = self.bpf[b"counters"]
         self._prefill_next = PREFILL_CONN_BASE + 1
         self._slots_held: set[int] = set()
+        self._reader: ringbuf.RingReader | None = None
 
-    def open_events(self, callback: Callable[[tuple, bytes], None]) -> int:
+    def open_events(self, callback: Callable[[tuple, bytes], None], mapped: bool = False) -> int:
         """Route ring-buffer records to ``callback(header, payload)``: the fields of EVENT_HEADER
         and the payload bytes. Returns an fd that polls readable when records are waiting.
+        ``mapped``: read the ring from its memory mapping (tracer/ringbuf.py) where it can be.
 
         A record is copied out whole and unpacked at once: reading a ctypes structure field by
         field cost more than everything else done with an event."""
-        unpack, start, string_at = EVENT_HEADER.unpack_from, EVENT_HEADER.size, ctypes.string_at
+        unpack, start = EVENT_HEADER.unpack_from, EVENT_HEADER.size
+        ring = self.bpf[b"events"]
+        if mapped and ringbuf.supported():
+            def on_view(record: memoryview) -> None:
+                header = unpack(record)
+                callback(header, record[start:start + header[10]].tobytes())
+
+            self._reader = ringbuf.RingReader(ring.map_fd, RINGBUF_PAGES * mmap.PAGESIZE)
+            self._on_view = on_view
+            return self._reader.fd
+
+        string_at = ctypes.string_at
 
         def on_record(_ctx: object, data: int, size: int) -> int:
             record = string_at(data, size)
@@ -76,14 +92,17 @@ class Probes:
             callback(header, record[start:start + header[10]])
             return 0
 
-        self.bpf[b"events"].open_ring_buffer(on_record)
+        ring.open_ring_buffer(on_record)
         libbpf = ctypes.CDLL("libbpf.so.1")
         libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
         libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
         return libbpf.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
 
     def consume(self) -> None:
-        self.bpf.ring_buffer_consume()
+        if self._reader is not None:
+            self._reader.consume(self._on_view)
+        else:
+            self.bpf.ring_buffer_consume()
 
     def supervise_tgid(self, tgid: int, mode: int) -> None:
         """Capture the tgid's syscalls in ``mode`` (MODE_*), or change its mode."""
@@ -159,6 +178,9 @@ class Probes:
             self.tgid_slots[ctypes.c_uint32(idx)] = self.tgid_slots.Leaf(0, 0)
         for table in (self.tgids, self.tids):
             table.clear()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         self.bpf.cleanup()
 
 

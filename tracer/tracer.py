@@ -200,7 +200,8 @@ class Tracer(TaskControl):
         sigchld = SigchldFd()
         try:
             self.probes = Probes(self.snaplen)
-            ring_fd = self.probes.open_events(self._on_raw_event)
+            # the mapped reader only where nothing is replicated: it is newer than libbpf's
+            ring_fd = self.probes.open_events(self._on_raw_event, mapped=self.background)
             setup()
         except BaseException as exc:  # reported to the caller of attach()/launch()
             self._error = exc if isinstance(exc, (AttachError, pt.ThreadGone)) else AttachError(str(exc))
