@@ -233,6 +233,7 @@ class Replayer:
             pass
         if not conn.server_closed:
             self._wait(conn, lambda: conn.eof_seen, CLOSE_TIMEOUT, "see the end of")
+        self._read_replies(conn.sock)  # a socket closed with unread data sends a reset, not a FIN
         with self._lock:
             self._by_peer.pop(conn.peer, None)
             self._by_server_conn.pop(conn.server_conn, None)
@@ -319,22 +320,26 @@ class Replayer:
         if not self._running:
             return
         for key, _ in self._selector.select(0):
-            sock = key.fileobj
-            while True:
+            if not self._read_replies(key.fileobj):
                 try:
-                    data = sock.recv(REPLY_BUFFER)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    data = b""
-                if not data:
-                    try:
-                        self._selector.unregister(sock)
-                    except (KeyError, ValueError):
-                        pass
-                    break
-                if len(data) < REPLY_BUFFER:
-                    break
+                    self._selector.unregister(key.fileobj)
+                except (KeyError, ValueError):
+                    pass
+
+    @staticmethod
+    def _read_replies(sock: socket.socket) -> bool:
+        """Read and drop what waits on one replayed connection; False once the server closed it."""
+        while True:
+            try:
+                data = sock.recv(REPLY_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            if len(data) < REPLY_BUFFER:
+                return True
 
     def close(self) -> None:
         self._running = False
