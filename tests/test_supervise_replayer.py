@@ -98,60 +98,62 @@ def test_connections_are_replayed_while_every_ephemeral_port_waits_out_another_c
     connecting is not. With every one of 24 ephemeral ports (in a namespace of its own) waiting
     out a connection to another listener, 20 connections must still be replayed, each
     incrementing a counter once."""
-    with Hosts(1) as hosts, ThreadPoolExecutor(1, initializer=enter_netns,
-                                               initargs=(hosts[0].name,)) as inside:
-        inside.submit(_replay_with_every_port_in_time_wait, 20).result(timeout=120)
+    _in_a_namespace_of_its_own(_replay_with_every_port_in_time_wait, 20, timeout=120)
 
 
 def _replay_with_every_port_in_time_wait(count: int) -> None:
     server = redis_server()
-    _hold_every_ephemeral_port_in_time_wait(24)
-    replies: dict[tuple[int, int], bytes] = {}
-    replayer = Replayer("127.0.0.1", server.port, on_stray=lambda _: None,
-                        on_output=lambda cid, data, _length: replies.__setitem__(cid, data))
     try:
-        with traced(server.pid, Mode.OBSERVE) as (tracer, _):
-            tracer.on_event = replayer.on_server_event
-            for conn in range(1, count + 1):
-                replayer.apply(Entry(Kind.CONNECT, 1, conn))
-                replayer.apply(Entry(Kind.DATA, 1, conn, b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"))
-                replayer.apply(Entry(Kind.CLOSE, 1, conn))
-            wait_until(lambda: len(replies) == count, 10, "a reply on every connection")
-            assert [replies[(1, conn)] for conn in range(1, count + 1)] == [
-                f":{n}\r\n".encode() for n in range(1, count + 1)]
+        _hold_every_ephemeral_port_in_time_wait(24)
+        replies = _replay_connections(server, count, b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n")
     finally:
-        replayer.close()
         server.stop()
+    assert [replies[(1, conn)] for conn in range(1, count + 1)] == [
+        f":{n}\r\n".encode() for n in range(1, count + 1)]
 
 
 def test_a_replayed_connection_ends_with_a_fin_even_when_its_replies_were_not_read():
     """Replies are read only every few inputs; a connection closed with some unread would end
     with a reset, which a server that still writes after the client's end would see as an error
     its leader's copy never had. In a namespace of its own no reset may leave the host."""
-    with Hosts(1) as hosts, ThreadPoolExecutor(1, initializer=enter_netns,
-                                               initargs=(hosts[0].name,)) as inside:
-        assert inside.submit(_resets_sent_replaying_unread_replies, 5).result(timeout=60) == 0
+    assert _in_a_namespace_of_its_own(_resets_sent_replaying_unread_replies, 5, timeout=60) == 0
 
 
 def _resets_sent_replaying_unread_replies(count: int) -> int:
     server = python_server("threaded_echo.py")
+    try:
+        resets_before = _tcp_counter("OutRsts")
+        replies = _replay_connections(server, count, b"hello")
+        resets = _tcp_counter("OutRsts") - resets_before
+    finally:
+        server.stop()
+    assert set(replies.values()) == {b"HELLO"}
+    return resets
+
+
+def _in_a_namespace_of_its_own(run, *args, timeout: float):
+    with Hosts(1) as hosts, ThreadPoolExecutor(1, initializer=enter_netns,
+                                               initargs=(hosts[0].name,)) as inside:
+        return inside.submit(run, *args).result(timeout=timeout)
+
+
+def _replay_connections(server, count: int, data: bytes) -> dict[tuple[int, int], bytes]:
+    """Replay ``count`` connections to ``server`` (CONNECT, one DATA, CLOSE each); returns what
+    the server wrote on each, as its tracer saw."""
     replies: dict[tuple[int, int], bytes] = {}
     replayer = Replayer("127.0.0.1", server.port, on_stray=lambda _: None,
-                        on_output=lambda cid, data, _length: replies.__setitem__(cid, data))
+                        on_output=lambda cid, out, _length: replies.__setitem__(cid, out))
     try:
         with traced(server.pid, Mode.OBSERVE) as (tracer, _):
             tracer.on_event = replayer.on_server_event
-            resets_before = _tcp_counter("OutRsts")
             for conn in range(1, count + 1):
                 replayer.apply(Entry(Kind.CONNECT, 1, conn))
-                replayer.apply(Entry(Kind.DATA, 1, conn, b"hello"))
+                replayer.apply(Entry(Kind.DATA, 1, conn, data))
                 replayer.apply(Entry(Kind.CLOSE, 1, conn))
             wait_until(lambda: len(replies) == count, 10, "a reply on every connection")
-            assert set(replies.values()) == {b"HELLO"}
-            return _tcp_counter("OutRsts") - resets_before
     finally:
         replayer.close()
-        server.stop()
+    return replies
 
 
 def _tcp_counter(name: str) -> int:
