@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import platform
-import struct
 from collections.abc import Callable
 
 BUSY = 1 << 31
@@ -24,8 +23,6 @@ HEADER = 8  # u32 length (with BUSY and DISCARD), u32 page offset
 # The space of records read is handed back this often (libbpf: after each), not only at the end
 # of a pass, which can be long: the reader runs at SCHED_IDLE and is preempted at any point.
 PUBLISH_EVERY = 64
-_POSITION = struct.Struct("=Q")
-_LENGTH = struct.Struct("=I")
 
 
 def supported() -> bool:
@@ -45,29 +42,37 @@ class RingReader:
         self._producer = mmap.mmap(map_fd, page + 2 * data_bytes, mmap.MAP_SHARED, mmap.PROT_READ,
                                    offset=page)
         self._data = memoryview(self._producer)[page:]
+        # The positions are read and written through views cast to u64, which move each in one
+        # aligned load or store. struct.pack_into zeroes its target before it writes: the
+        # producer, seeing the consumer position 0 for that instant, takes the ring for full
+        # and drops the record it was writing.
+        self._consumer_pos = memoryview(self._consumer).cast("Q")
+        self._producer_pos = memoryview(self._producer)[:8].cast("Q")
+        self._lengths = self._data.cast("I")
 
     def consume(self, handle: Callable[[memoryview], None]) -> int:
         """Hand every committed record, oldest first, to ``handle`` as a view into the ring
         (valid only during the call), then give their space back; returns how many."""
-        data, mask = self._data, self._mask
-        cons = _POSITION.unpack_from(self._consumer, 0)[0]
-        prod = _POSITION.unpack_from(self._producer, 0)[0]
+        data, mask, lengths, consumer_pos = self._data, self._mask, self._lengths, self._consumer_pos
+        cons = consumer_pos[0]
+        prod = self._producer_pos[0]
         taken = 0
         while cons < prod:
             at = cons & mask
-            length = _LENGTH.unpack_from(data, at)[0]
+            length = lengths[at >> 2]
             if length & BUSY:
                 break
+            cons += ((length & ~DISCARD) + HEADER + 7) & ~7
             if not length & DISCARD:
                 handle(data[at + HEADER:at + HEADER + length])
                 taken += 1
-            cons += ((length & ~DISCARD) + HEADER + 7) & ~7
-            if not taken % PUBLISH_EVERY:
-                _POSITION.pack_into(self._consumer, 0, cons)
-        _POSITION.pack_into(self._consumer, 0, cons)
+                if not taken % PUBLISH_EVERY:
+                    consumer_pos[0] = cons
+        consumer_pos[0] = cons
         return taken
 
     def close(self) -> None:
-        self._data.release()
+        for view in (self._lengths, self._producer_pos, self._consumer_pos, self._data):
+            view.release()
         self._producer.close()
         self._consumer.close()
