@@ -194,12 +194,19 @@ class Core(Elections):
         for k, (_, fut, t0) in enumerate(batch):
             pend[first + k] = (fut, t0)
         now = time.monotonic()
-        for p in self.peers:
+        for p in self._eager():
             if p not in self.inflight:
                 self._replicate(p, now)
         return True
 
     # ---- replication (leader) -----------------------------------------------------------------
+    def _eager(self) -> list[str]:
+        """The followers that new entries go to at once: as many as a commit needs besides the
+        leader, those furthest along (in name order on a tie). The others get them in batches on
+        the leader's tick, so that they are not woken for every entry; one that stops answering
+        falls behind and is replaced by the next."""
+        return sorted(self.peers, key=lambda p: -self.match[p])[:self.majority - 1]
+
     def _replicate(self, p: str, now: float) -> None:
         nxt = self.next_index[p]
         records, count = self.store.records(nxt, self.store.last_index, self.max_frame)
@@ -328,7 +335,8 @@ class Core(Elections):
         else:
             self.next_index[peer] = max(self.match[peer], min(m.index, self.next_index[peer] - 1)) + 1
             self.inflight.pop(peer, None)
-        if peer not in self.inflight and self.next_index[peer] <= self.store.last_index:
+        if peer not in self.inflight and self.next_index[peer] <= self.store.last_index and \
+                peer in self._eager():
             self._replicate(peer, now)
 
     # ---- timers -------------------------------------------------------------------------------
