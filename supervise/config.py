@@ -43,7 +43,7 @@ class ClusterConfig:
     vip: str | None
     vip_interface: str | None
     log_region_bytes: int
-    spin_us: int = 0
+    spin_us: int = 200
     nodes: list[NodeConfig] = field(default_factory=list)
 
     def node(self, name: str) -> NodeConfig:
@@ -135,7 +135,7 @@ def load(path: str | Path) -> ClusterConfig:
         if vip_interface is None:
             raise ConfigError(f"{where}.vip_interface: required with vip")
     log_mib = _get(cluster, "log_region_mib", where, int, 64)
-    spin_us = _get(cluster, "spin_us", where, int, 0)
+    spin_us = _get(cluster, "spin_us", where, int, 200)
     if spin_us < 0:
         raise ConfigError(f"{where}.spin_us: expected microseconds, 0 or more, got {spin_us}")
     nodes_doc = doc.get("node")

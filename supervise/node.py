@@ -103,8 +103,9 @@ class Node:
             # a receive thread polling for an answer takes the CPU that the answer needs.
             # 2,370 against 1,980 SET/s with the default 30 µs (four interleaved pairs).
             poll_us=0,
-            # 0 unless configured, likewise: with 200 µs, 1,983 and 2,042 against 2,316 and
-            # 2,362 SET/s with three nodes on two cores (README.md)
+            # 200 µs unless configured: with the leader waking only one follower per entry (the
+            # other takes entries in batches), 2,644-3,129 against 2,283-2,635 SET/s with three
+            # nodes on two cores; before that, polling lost (README.md)
             spin_us=self.cluster.spin_us,
         )
         self.me.data_dir.mkdir(parents=True, exist_ok=True)

@@ -69,8 +69,8 @@ def test_the_documented_example_loads(tmp_path):
     assert cfg.heartbeat_ms == 20 and cfg.election_timeout_ms == 300
 
 
-def test_receive_polling_is_off_unless_configured(tmp_path):
-    assert load(_write(tmp_path, GOOD)).spin_us == 0
+def test_receive_polling_lasts_200_us_unless_configured(tmp_path):
+    assert load(_write(tmp_path, GOOD)).spin_us == 200
     text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nspin_us = 150', 1)
     assert load(_write(tmp_path, text)).spin_us == 150
 
