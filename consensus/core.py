@@ -41,8 +41,9 @@ class Core(Elections):
     def __init__(self, name: str, names: list[str], store: LogStore, send: Callable[[str, int, bytes], bool],
                  heartbeat_s: float, election_s: float, max_frame: int,
                  on_role: Callable[[str, int, str | None], None], on_commit_advance: Callable[[int], None],
-                 metrics) -> None:
+                 metrics, thrifty: bool = False) -> None:
         self.name = name
+        self.thrifty = thrifty
         self.names = names
         self.n = len(names)
         self.my_id = names.index(name)
@@ -204,7 +205,9 @@ class Core(Elections):
         """The followers that new entries go to at once: as many as a commit needs besides the
         leader, those furthest along (in name order on a tie). The others get them in batches on
         the leader's tick, so that they are not woken for every entry; one that stops answering
-        falls behind and is replaced by the next."""
+        falls behind and is replaced by the next. Without ``thrifty``, every follower."""
+        if not self.thrifty:
+            return self.peers
         return sorted(self.peers, key=lambda p: -self.match[p])[:self.majority - 1]
 
     def _replicate(self, p: str, now: float) -> None:

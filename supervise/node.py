@@ -107,6 +107,7 @@ class Node:
             # other takes entries in batches), 2,644-3,129 against 2,283-2,635 SET/s with three
             # nodes on two cores; before that, polling lost (README.md)
             spin_us=self.cluster.spin_us,
+            thrifty=True,
         )
         self.me.data_dir.mkdir(parents=True, exist_ok=True)
         self.replica = Replica(cfg, self._on_commit, self._on_role_change)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -121,6 +122,27 @@ def test_step_down_hands_over_and_memory_durability() -> None:
         assert any(r == "follower" for r, _, _ in old_roles[first_lead:])
         old_ballot = old_roles[first_lead][1]
         assert any(r == "leader" and b > old_ballot and who == new for r, b, who in new_roles)
+
+
+def test_a_thrifty_leader_commits_while_either_follower_is_stopped_and_both_get_every_entry() -> None:
+    """A thrifty leader sends new entries at once to one follower only, the other getting them
+    on its tick. Commits must go on while either follower is stopped, and in the end every
+    replica holds every acknowledged entry, in order."""
+    with Cluster(3, "shm", "memory", thrifty=True) as c:
+        c.start()
+        lead = c.leader()
+        with Load(c, threads=4) as load:
+            load.wait_acks(200)
+            for follower in (n for n in c.names if n != lead):
+                proc = c.reps[follower].proc
+                proc.send_signal(signal.SIGSTOP)
+                try:
+                    load.wait_acks(200)
+                finally:
+                    proc.send_signal(signal.SIGCONT)
+                load.wait_acks(200)
+        settle(c, load)
+        check_history(c, load.acked, require_all=c.names)
 
 
 def test_catch_up_beyond_the_log_region_from_segment_files() -> None:
