@@ -79,36 +79,44 @@ def test_trace_cli_prints_every_event_that_happened_before_it_was_stopped(redis)
     assert "0 lost" in proc.stderr_text
 
 
-def test_gated_inputs_stay_whole_and_in_order_across_wraps_of_the_ring_buffer():
+WRAP_MESSAGE = 4000
+
+
+def _messages_past_two_wraps() -> list[bytes]:
+    """Distinct echo messages enough to wrap the ring buffer 2.6 times: each round trip puts
+    about twice a message in the ring (the input and its echo)."""
     from tracer.probes import RINGBUF_PAGES
 
+    rounds = RINGBUF_PAGES * 4096 * 5 // (2 * WRAP_MESSAGE) // 2
+    return [f"{i:08d}".encode() * (WRAP_MESSAGE // 8) for i in range(rounds)]
+
+
+def _echo(client: socket.socket, message: bytes) -> bytes:
+    client.sendall(message)
+    got = b""
+    while len(got) < len(message):
+        got += client.recv(65536)
+    return got
+
+
+def test_gated_inputs_stay_whole_and_in_order_across_wraps_of_the_ring_buffer():
     server = python_server("threaded_echo.py")
-    size = 4000
-    rounds = RINGBUF_PAGES * 4096 * 5 // (2 * size) // 2  # each round trip puts ~2 x size in the ring
+    messages = _messages_past_two_wraps()
     try:
         with traced(server.pid, Mode.GATE) as (_tracer, rec):
             client = socket.create_connection(("127.0.0.1", server.port))
-            for i in range(rounds):
-                message = f"{i:08d}".encode() * (size // 8)
-                client.sendall(message)
-                got = b""
-                while len(got) < size:
-                    got += client.recv(65536)
-                assert got == message.upper()
+            for message in messages:
+                assert _echo(client, message) == message.upper()
             client.close()
             inputs = [e.data for e in rec.drain() if e.dir is Direction.IN and e.ret > 0]
-        assert b"".join(inputs) == b"".join(f"{i:08d}".encode() * (size // 8) for i in range(rounds))
+        assert b"".join(inputs) == b"".join(messages)
     finally:
         server.stop()
 
 
 def test_trace_cli_reads_every_event_whole_and_in_order_across_wraps_of_the_ring_buffer(tmp_path):
-    from tracer.probes import RINGBUF_PAGES
-
     server = python_server("threaded_echo.py")
-    size = 4000
-    rounds = RINGBUF_PAGES * 4096 * 5 // (2 * size) // 2  # each round trip puts ~2 x size in the ring
-    messages = [f"{i:08d}".encode() * (size // 8) for i in range(rounds)]
+    messages = _messages_past_two_wraps()
     out_path = tmp_path / "trace.jsonl"
     try:
         with out_path.open("w") as out:
@@ -118,12 +126,9 @@ def test_trace_cli_reads_every_event_whole_and_in_order_across_wraps_of_the_ring
                 for i, message in enumerate(messages):
                     if i % 500 == 0:
                         time.sleep(0.05)  # idle CPU for the reader, which drops rather than slow us
-                    client.sendall(message)
-                    got = b""
-                    while len(got) < size:
-                        got += client.recv(65536)
+                    _echo(client, message)
                 client.close()
-                wait_until(lambda: out_path.stat().st_size > 2 * len(messages) * size, 60,
+                wait_until(lambda: out_path.stat().st_size > 2 * len(messages) * WRAP_MESSAGE, 60,
                            "the trace to print every round trip")
             finally:
                 proc.send_signal(signal.SIGINT)
