@@ -47,6 +47,25 @@ def test_a_json_line_parses_to_every_field_of_its_event(event):
     assert doc.get("gated", False) == event.gated and doc.get("escaped", False) == event.escaped
 
 
+# events that share most of what a line's repeated fields are remembered by, differing in one
+few = st.sampled_from
+alike_events = st.builds(
+    SocketEvent, seq=st.just(0), t=st.floats(0, 4e9), pid=few([7, 8]), tid=few([7, 9]),
+    call=few([Call.READ, Call.WRITE, Call.RECVFROM]), fd=few([5, 6]), ret=st.integers(-1, 99),
+    conn=few([1, 2]), dir=few(list(Direction)), input=st.booleans(), gated=st.booleans(),
+    data=st.binary(max_size=8), peer=few([None, "10.0.0.1:80", "10.0.0.2:80"]),
+)
+
+
+@given(st.lists(alike_events, min_size=2, max_size=40))
+def test_events_of_a_connection_keep_their_own_fields_in_a_json_line(batch):
+    for event in batch:
+        doc = json.loads(json_line(event))
+        assert (doc["pid"], doc["tid"], doc["call"], doc["fd"], doc["ret"], doc["conn"],
+                doc["peer"], doc["dir"]) == (event.pid, event.tid, event.call.syscall, event.fd,
+                                             event.ret, event.conn, event.peer, event.dir.label)
+
+
 @given(st.lists(events, max_size=50), st.integers(1, 8))
 def test_lines_come_out_whole_and_in_order_however_the_flushes_interleave(batch, every):
     out = io.StringIO()
