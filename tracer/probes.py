@@ -104,6 +104,10 @@ class Probes:
         else:
             self.bpf.ring_buffer_consume()
 
+    def backlog(self) -> float | None:
+        """The fraction of the ring buffer unread; None with libbpf's reader, which cannot say."""
+        return self._reader.backlog() if self._reader is not None else None
+
     def supervise_tgid(self, tgid: int, mode: int) -> None:
         """Capture the tgid's syscalls in ``mode`` (MODE_*), or change its mode."""
         idx = ctypes.c_uint32(tgid % TGID_SLOTS)

@@ -64,6 +64,15 @@ def comm(pid: int) -> str:
         return "?"
 
 
+def last_cpu(tid: int) -> int | None:
+    """The CPU a thread last ran on (field 39 of its stat); None when it is gone."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def threads(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))

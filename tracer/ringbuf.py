@@ -71,6 +71,10 @@ class RingReader:
         consumer_pos[0] = cons
         return taken
 
+    def backlog(self) -> float:
+        """The fraction of the ring that holds records not yet read."""
+        return (self._producer_pos[0] - self._consumer_pos[0]) / (self._mask + 1)
+
     def close(self) -> None:
         for view in (self._lengths, self._producer_pos, self._consumer_pos, self._data):
             view.release()

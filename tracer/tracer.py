@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from . import procfs
 from . import ptrace_ops as pt
+from .cpu_follow import CpuFollower
 from .events import ACCEPTS, MSGHDR, READS, VECTORED, Call, Direction, SocketEvent, format_sockaddr
 from .idle_poll import IdlePolling
 from .probes import Probes
@@ -85,6 +86,7 @@ class Tracer(TaskControl):
         self._thread: threading.Thread | None = None
         self._thread_ident = 0
         self._batch: list[SocketEvent] = []
+        self._batch_before: list[SocketEvent] = []  # the last read's events
         self._clock_offset = time.time() - time.monotonic()
         self.probes: Probes | None = None
         self._idle_poll = IdlePolling() if idle_poll else None
@@ -195,8 +197,10 @@ class Tracer(TaskControl):
     def _main(self, setup: Callable[[], None]) -> None:
         self._thread_ident = threading.get_ident()
         if self.background:
-            # an observer must never slow the server: it runs on idle CPU and counts what it lost
+            # an observer must never slow the server: it runs on idle CPU (the server's own, where
+            # it can: cpu_follow.py) and counts what it lost
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            self._follower = CpuFollower()
         sigchld = SigchldFd()
         try:
             self.probes = Probes(self.snaplen)
@@ -254,6 +258,7 @@ class Tracer(TaskControl):
                 self.on_exit(exit_status)
 
     _exit_status: int | None = None
+    _follower: CpuFollower | None = None
     _spin_until = 0.0  # the loop polls without sleeping until then (set on resuming a held thread)
     _poll_seconds = BACKSTOP_SECONDS  # the loop's longest sleep (see set_batched_wakeups)
 
@@ -292,10 +297,13 @@ class Tracer(TaskControl):
 
     def _pump_events(self) -> None:
         assert self.probes is not None
+        if self._follower is not None:  # first: it lets go of a CPU that leaves it too little time
+            self._follower.update(self._batch_before, self.probes.backlog())
         self.probes.consume()
         batch, self._batch = self._batch, []
         for event in batch:
             self._handle(event)
+        self._batch_before = batch
 
     def _handle(self, event: SocketEvent) -> None:
         self.stats.events += 1
