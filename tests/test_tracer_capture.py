@@ -358,3 +358,28 @@ def test_batched_wakeups_lose_nothing_and_a_connections_start_and_end_are_read_a
         wait_until(lambda: any(e.input and e.data == sent[0] for e in recorder.seen[seen:]), 10,
                    "the input after batching ended")
         again.close()
+
+
+@pytest.mark.parametrize("mode", [Mode.OBSERVE, Mode.GATE])
+def test_inputs_read_into_several_buffers_by_readv_and_recvmsg_are_gathered_whole(mode):
+    server = python_server("vectored_echo.py")
+    messages = [bytes([65 + i]) * (100 + 1000 * i) for i in range(6)]  # the last, 5,100 bytes
+    try:
+        with traced(server.pid, mode, snaplen=8192) as (_tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            inputs = []
+            for message in messages:
+                client.sendall(message)
+                echoed = b""
+                while len(echoed) < len(message):
+                    echoed += client.recv(65536)
+                assert echoed == message
+                event = rec.next_input()
+                while event.call in ACCEPTS:
+                    event = rec.next_input()
+                inputs.append((event.call, event.data))
+            client.close()
+    finally:
+        server.stop()
+    assert {call for call, _ in inputs} == {Call.READV, Call.RECVMSG}
+    assert [data for _, data in inputs] == messages

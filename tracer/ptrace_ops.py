@@ -163,3 +163,10 @@ def read_iovecs(pid: int, iov_address: int, iov_count: int, total: int) -> bytes
         take = min(vec.len, total - len(out))
         out += read_memory(pid, vec.base, take)
     return bytes(out)
+
+
+def read_msghdr(pid: int, msghdr_address: int, total: int) -> bytes:
+    """Gather ``total`` bytes from the buffers of a remote struct msghdr (msg_iov, msg_iovlen)."""
+    header = read_memory(pid, msghdr_address + 16, 16)
+    iov, iovlen = int.from_bytes(header[:8], "little"), int.from_bytes(header[8:], "little")
+    return read_iovecs(pid, iov, iovlen, total)

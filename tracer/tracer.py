@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from . import procfs
 from . import ptrace_ops as pt
 from .cpu_follow import CpuFollower
-from .events import ACCEPTS, MSGHDR, READS, VECTORED, Call, Direction, SocketEvent, format_sockaddr
+from .events import ACCEPTS, MSGHDR, VECTORED, Call, Direction, SocketEvent, format_sockaddr
 from .idle_poll import IdlePolling
 from .probes import Probes
 from .signalfd import SigchldFd
@@ -310,8 +310,8 @@ class Tracer(TaskControl):
         self._track_connection(event)
         if event.input:
             self.stats.inputs += 1
-            if event.dir is Direction.IN and event.ret > len(event.data):
-                self._complete_payload(event)
+            if event.gated and event.dir is Direction.IN and event.ret > len(event.data):
+                self._read_held_input(event)
         thread = self._threads.get(event.tid)
         if thread is not None and thread.pending is not None and not thread.gate_stopped:
             self._escaped(thread)
@@ -341,23 +341,19 @@ class Tracer(TaskControl):
         if event.fd not in procfs.tcp_fds(event.pid):
             self.probes.drop_socket(event.pid, event.fd)
 
-    def _complete_payload(self, event: SocketEvent) -> None:
-        """Read the whole input from the process: the thread has not run user code since."""
-        if not event.gated and event.call not in READS:
-            return
-        limit = event.ret if event.gated else min(event.ret, self.snaplen)
+    def _read_held_input(self, event: SocketEvent) -> None:
+        """Read the whole input from the process: a held thread has not run user code since.
+        (The thread of an input that is not held has run on: the probe's copy, up to the snap
+        length, is all there is of it.)"""
         try:
             if event.call in VECTORED:
-                event.data = pt.read_iovecs(event.pid, event.buf, event.count, limit)
+                event.data = pt.read_iovecs(event.pid, event.buf, event.count, event.ret)
             elif event.call in MSGHDR:
-                header = pt.read_memory(event.pid, event.buf + 16, 16)
-                iov = int.from_bytes(header[:8], "little")
-                iovlen = int.from_bytes(header[8:], "little")
-                event.data = pt.read_iovecs(event.pid, iov, iovlen, limit)
+                event.data = pt.read_msghdr(event.pid, event.buf, event.ret)
             else:
-                event.data = pt.read_memory(event.pid, event.buf, limit)
+                event.data = pt.read_memory(event.pid, event.buf, event.ret)
         except OSError as exc:
-            log.warning("could not read %d input bytes of pid %d: %s", limit, event.pid, exc)
+            log.warning("could not read %d input bytes of pid %d: %s", event.ret, event.pid, exc)
 
     def _escaped(self, thread: Task) -> None:
         assert thread.pending is not None

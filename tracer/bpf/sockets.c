@@ -159,33 +159,61 @@ static __always_inline void read_args(u32 call, struct call_args *a) {
     }
 }
 
-// First user buffer of the call: flat buffer, iovec[0] or msghdr->msg_iov[0].
-static __always_inline void first_buffer(struct call_args *a, u64 *base, u64 *len) {
-    u64 iov[2] = {0, 0};
-    u64 msg_iov = 0;
+// A vectored call's buffers are gathered here first: the verifier can bound a copy's offset and
+// its length, but not their sum, so the space is twice the snap length (32 KiB at most, the
+// largest per-CPU value).
+struct gather_buf {
+    u8 bytes[2 * SNAPLEN];
+};
+BPF_PERCPU_ARRAY(gather_scratch, struct gather_buf, 1);
+#define MAX_IOVECS 16
+
+// Copies the first min(ret, SNAPLEN) bytes the call moved into e->data: from its flat buffer,
+// or from up to MAX_IOVECS buffers of its iovec array (readv, writev, msghdr->msg_iov).
+static __always_inline u32 copy_payload(struct call_args *a, s64 ret, u8 *data) {
+    u64 want = (u64)ret < SNAPLEN ? (u64)ret : SNAPLEN;
+    u64 iovs = 0, iovcnt = 0;
     switch (a->call) {
     case C_READ: case C_RECVFROM: case C_WRITE: case C_SENDTO:
-        *base = a->buf;
-        *len = a->count;
-        return;
+        if (a->buf && want > 0 && want <= SNAPLEN && bpf_probe_read_user(data, want, (void *)a->buf) == 0)
+            return want;
+        return 0;
     case C_READV: case C_WRITEV:
-        if (a->count == 0)
-            break;
-        bpf_probe_read_user(iov, sizeof(iov), (void *)a->buf);
-        *base = iov[0];
-        *len = iov[1];
-        return;
-    case C_RECVMSG: case C_SENDMSG:
-        bpf_probe_read_user(&msg_iov, sizeof(msg_iov), (void *)(a->buf + 16));
-        if (!msg_iov)
-            break;
-        bpf_probe_read_user(iov, sizeof(iov), (void *)msg_iov);
-        *base = iov[0];
-        *len = iov[1];
-        return;
+        iovs = a->buf;
+        iovcnt = a->count;
+        break;
+    case C_RECVMSG: case C_SENDMSG: {
+        u64 msg[2] = {0, 0};  // msg_iov, msg_iovlen
+        bpf_probe_read_user(msg, sizeof(msg), (void *)(a->buf + 16));
+        iovs = msg[0];
+        iovcnt = msg[1];
+        break;
     }
-    *base = 0;
-    *len = 0;
+    default:
+        return 0;
+    }
+    u32 zero = 0;
+    struct gather_buf *g = gather_scratch.lookup(&zero);
+    if (!g || !iovs)
+        return 0;
+    u64 got = 0;
+    for (int i = 0; i < MAX_IOVECS; i++) {
+        if (i >= iovcnt || got >= want)
+            break;
+        u64 iov[2] = {0, 0};  // iov_base, iov_len
+        if (bpf_probe_read_user(iov, sizeof(iov), (void *)(iovs + 16 * i)))
+            break;
+        u64 n = iov[1] < want - got ? iov[1] : want - got;
+        if (got >= SNAPLEN || n > SNAPLEN)
+            break;
+        if (n && bpf_probe_read_user(g->bytes + got, n, (void *)iov[0]))
+            break;
+        got += n;
+    }
+    if (got > SNAPLEN)
+        return 0;
+    bpf_probe_read_kernel(data, got, g->bytes);
+    return got;
 }
 
 // Builds the event in this CPU's scratch space and writes it to the ring at its real size,
@@ -218,17 +246,8 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
         bpf_probe_read_user(e->peer, sizeof(e->peer), (void *)a->buf);
         e->peer_len = sizeof(e->peer);
     }
-    if ((dir == DIR_IN || dir == DIR_OUT) && ret > 0) {
-        u64 base = 0, len = 0;
-        first_buffer(a, &base, &len);
-        u64 n = (u64)ret < len ? (u64)ret : len;
-        if (n > SNAPLEN)
-            n = SNAPLEN;
-        if (base && n > 0 && n <= SNAPLEN) {
-            if (bpf_probe_read_user(e->data, n, (void *)base) == 0)
-                e->data_len = n;
-        }
-    }
+    if ((dir == DIR_IN || dir == DIR_OUT) && ret > 0)
+        e->data_len = copy_payload(a, ret, e->data);
 
     if (input && mode == MODE_GATE && tids.lookup(&tid)) {
         e->gated = 1;
