@@ -45,7 +45,7 @@ class ReplicaConfig:
     # How long the receive thread keeps polling after its last message before it sleeps,
     # yielding the core and the GIL between polls, so that a steady stream of proposals meets
     # no sleeping thread on its way (on a 2-core host, bench_consensus.py's shm p50 66-68
-    # against 225 µs with 0, and 3.5-3.8x against 3.0x PySyncObj's commits; README.md). It takes
+    # against 225 µs with 0, and 3.5-3.8x against 3.0x PySyncObj's commits; bench/NOTES.md). It takes
     # CPU that an application sharing the cores may need more (a supervisor polls only with
     # thrifty set, which frees that CPU), and one window per heartbeat when idle.
     spin_us: int = 200
@@ -53,7 +53,7 @@ class ReplicaConfig:
     # (None: the provider's default, 30 µs for shm). A supervisor sets 0 for the reason above.
     poll_us: int | None = None
     # New entries go at once only to the followers a commit needs; the others get them in
-    # batches on the leader's tick (README.md, "Which followers hear of an entry at once"). It
+    # batches on the leader's tick (consensus/README.md, "Which followers hear of an entry at once"). It
     # frees their CPU for an application that shares the cores (a supervisor sets it), and
     # costs a group alone on two cores throughput: a commit waits for one chosen follower, not
     # for the first of all to answer (bench_consensus.py: 3.09x PySyncObj against 3.34-3.76x).

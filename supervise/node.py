@@ -77,7 +77,7 @@ class Node:
 
     def attach(self, pid: int | None, command: list[str] | None) -> None:
         # resume_spin=0: the commit a held thread waits for needs the followers' CPU more than
-        # the tracer needs to catch the next input early (bench_supervise.py, README)
+        # the tracer needs to catch the next input early (bench_supervise.py, bench/NOTES.md)
         self.tracer = Tracer(Mode.OBSERVE, self._on_event, snaplen=16384, exitkill=True,
                              on_escape=self._on_escape, on_exit=self._on_server_exit,
                              resume_spin=0.0)
@@ -105,7 +105,7 @@ class Node:
             poll_us=0,
             # 200 µs unless configured: with the leader waking only one follower per entry (the
             # other takes entries in batches), 2,644-3,129 against 2,283-2,635 SET/s with three
-            # nodes on two cores; before that, polling lost (README.md)
+            # nodes on two cores; before that, polling lost (bench/NOTES.md)
             spin_us=self.cluster.spin_us,
             thrifty=True,
         )
