@@ -16,6 +16,8 @@ again and drops no more than it would have without following.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 
@@ -26,6 +28,8 @@ LOOK_EVERY = 0.02  # seconds between looks at where the traced thread runs
 FOLLOW_BATCH = 64  # events in a batch for it to decide where to read
 LET_GO_BACKLOG = 1 / 2  # of the ring unread
 FOLLOW_AGAIN_BACKLOG = 1 / 16
+
+log = logging.getLogger("tracer")
 
 
 class CpuFollower:
@@ -57,5 +61,13 @@ class CpuFollower:
             if cpu not in self._anywhere:
                 cpu = None
         if cpu != self.cpu:
-            os.sched_setaffinity(0, self._anywhere if cpu is None else {cpu})
+            try:
+                os.sched_setaffinity(0, self._anywhere if cpu is None else {cpu})
+            except OSError as exc:  # the CPUs this process may use changed under it
+                log.warning("reading on any CPU from now on: keeping to CPU %s failed: %s", cpu, exc)
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, self._anywhere)
+                self.cpu = None
+                self._next = float("inf")
+                return
             self.cpu = cpu

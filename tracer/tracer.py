@@ -303,7 +303,8 @@ class Tracer(TaskControl):
         batch, self._batch = self._batch, []
         for event in batch:
             self._handle(event)
-        self._batch_before = batch
+        if self._follower is not None:
+            self._batch_before = batch
 
     def _handle(self, event: SocketEvent) -> None:
         self.stats.events += 1

@@ -1,5 +1,5 @@
-"""An echo server that reads with readv and recvmsg into two buffers, the first of 8 bytes: the
-probes copy only a call's first buffer, so the tracer must gather the rest from the others."""
+"""An echo server that reads with readv and recvmsg into two buffers, the first of 8 bytes, so
+that an input's bytes must be gathered from both."""
 
 import os
 import socket
