@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,3 +345,24 @@ def test_idle_cpus_are_kept_polling_only_while_gating_with_idle_poll(redis):
         assert current_limit_us() == 0
         assert _ping(redis.port)
     assert current_limit_us() == unheld
+
+
+def test_a_thread_that_takes_sigchld_is_named_when_a_tracer_starts(redis, caplog):
+    started, done = threading.Event(), threading.Event()
+
+    def careless() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        started.set()
+        done.wait(30)
+
+    thread = threading.Thread(target=careless, name="careless")
+    thread.start()
+    started.wait(5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tracer"), traced(redis.pid, Mode.OBSERVE):
+            pass
+    finally:
+        done.set()
+        thread.join()
+    assert f"({thread.native_id})" in caplog.text
+    assert "block_sigchld" in caplog.text

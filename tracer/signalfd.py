@@ -9,8 +9,11 @@ the stop instead.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
+
+log = logging.getLogger("tracer")
 
 SFD_NONBLOCK = 0o4000
 SFD_CLOEXEC = 0o2000000
@@ -25,9 +28,30 @@ def block_sigchld() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
 
 
+def threads_taking_sigchld() -> list[str]:
+    """Threads of this process that do not block SIGCHLD ("name (tid)"): any of them may take a
+    tracee's stop notification from the signalfd."""
+    bit = 1 << (signal.SIGCHLD - 1)
+    found = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue  # the thread ended
+        if not int(fields["SigBlk"], 16) & bit:
+            found.append(f"{fields['Name'].strip()} ({task})")
+    return found
+
+
 class SigchldFd:
     def __init__(self) -> None:
         block_sigchld()
+        taking = threads_taking_sigchld()
+        if taking:
+            log.warning("threads of this process that do not block SIGCHLD: %s; a tracee's stop may "
+                        "then reach the tracer only on its next poll, tens of ms later: call "
+                        "tracer.signalfd.block_sigchld() before starting threads", ", ".join(taking))
         mask = (ctypes.c_ulong * 16)()
         mask[0] = 1 << (signal.SIGCHLD - 1)
         self.fd = _libc.signalfd(-1, ctypes.byref(mask), SFD_NONBLOCK | SFD_CLOEXEC)
