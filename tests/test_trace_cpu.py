@@ -12,7 +12,7 @@ from pathlib import Path
 import redis as redis_py
 
 from .procs import wait_until
-from .tracing import start_trace_cli
+from .tracing import start_trace_cli, stop_trace_cli
 
 
 def _pinned_cpus(pid: int) -> set[int]:
@@ -34,8 +34,7 @@ def _trace(pid: int) -> subprocess.Popen:
 
 def _stop(proc: subprocess.Popen) -> str:
     os.kill(proc.pid, signal.SIGCONT)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = stop_trace_cli(proc, timeout=60)
     assert proc.returncode == 0, err
     return err
 

@@ -17,12 +17,11 @@ from tracer.events import ACCEPTS, Call, Direction
 from tracer.tracer import Mode
 
 from .procs import free_port, memcached_server, python_server, wait_port, wait_until
-from .tracing import start_trace_cli, traced
+from .tracing import start_trace_cli, stop_trace_cli, traced
 
 
 def _stop_cli(proc) -> list[dict]:
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=20)
+    out, err = stop_trace_cli(proc)
     assert proc.returncode == 0, err
     proc.stderr_text = err
     return [json.loads(line) for line in out.splitlines()]
@@ -131,8 +130,7 @@ def test_trace_cli_reads_every_event_whole_and_in_order_across_wraps_of_the_ring
                 wait_until(lambda: out_path.stat().st_size > 2 * len(messages) * WRAP_MESSAGE, 60,
                            "the trace to print every round trip")
             finally:
-                proc.send_signal(signal.SIGINT)
-                _, err = proc.communicate(timeout=60)
+                _, err = stop_trace_cli(proc, timeout=60)
         assert proc.returncode == 0, err
         assert "0 lost" in err
         events = [json.loads(line) for line in out_path.read_text().splitlines()]
@@ -252,8 +250,7 @@ def test_launch_mode_traces_a_server_started_under_it(tmp_path):
         client.close()
     finally:
         os.kill(server_pid, signal.SIGKILL)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
+        out, _ = stop_trace_cli(proc)
     events = [json.loads(line) for line in out.splitlines()]
     data = b"".join(base64.b64decode(e.get("data", "")) for e in events if e["dir"] == "in")
     assert b"launched" in data
@@ -280,8 +277,7 @@ def test_memcached_under_trace_cli_reports_threads_and_io():
         client.sendall(b"set a 0 0 1\r\nx\r\n")
         assert client.recv(100) == b"STORED\r\n"
         client.close()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        out, err = stop_trace_cli(proc)
         assert "set a 0 0 1" in out and "STORED" in out
         assert "detached" in err
     finally:

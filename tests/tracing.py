@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -70,3 +71,9 @@ def start_trace_cli(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
         raise AssertionError(f"tracer did not attach: {line}{err}")
     proc.attached_line = line
     return proc
+
+
+def stop_trace_cli(proc: subprocess.Popen, timeout: float = 20) -> tuple[str, str]:
+    """Interrupt a `supervise --trace` as Ctrl-C does; returns what it wrote (stdout, stderr)."""
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=timeout)

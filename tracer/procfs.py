@@ -28,11 +28,14 @@ def exists(pid: int) -> bool:
 GONE = (FileNotFoundError, ProcessLookupError)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (the first is field 3, the state)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].decode().split()
+
+
 def is_kernel_thread(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return bool(int(fields[6]) & PF_KTHREAD)
+    return bool(int(_stat_fields(pid)[6]) & PF_KTHREAD)
 
 
 def status_field(pid: int, name: str) -> str | None:
@@ -67,8 +70,7 @@ def comm(pid: int) -> str:
 def last_cpu(tid: int) -> int | None:
     """The CPU a thread last ran on (field 39 of its stat); None when it is gone."""
     try:
-        with open(f"/proc/{tid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[36])
+        return int(_stat_fields(tid)[36])
     except (OSError, ValueError, IndexError):
         return None
 

@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 
+from . import procfs
+
 log = logging.getLogger("tracer")
 
 SFD_NONBLOCK = 0o4000
@@ -33,14 +35,13 @@ def threads_taking_sigchld() -> list[str]:
     tracee's stop notification from the signalfd."""
     bit = 1 << (signal.SIGCHLD - 1)
     found = []
-    for task in os.listdir("/proc/self/task"):
+    for tid in procfs.threads(os.getpid()):
         try:
-            with open(f"/proc/self/task/{task}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue  # the thread ended
-        if not int(fields["SigBlk"], 16) & bit:
-            found.append(f"{fields['Name'].strip()} ({task})")
+            blocked = procfs.status_field(tid, "SigBlk")
+        except procfs.GONE:
+            continue
+        if blocked is not None and not int(blocked, 16) & bit:
+            found.append(f"{procfs.comm(tid)} ({tid})")
     return found
 
 

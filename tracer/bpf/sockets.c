@@ -204,13 +204,13 @@ static __always_inline u32 copy_payload(struct call_args *a, s64 ret, u8 *data) 
         if (bpf_probe_read_user(iov, sizeof(iov), (void *)(iovs + 16 * i)))
             break;
         u64 n = iov[1] < want - got ? iov[1] : want - got;
-        if (got >= SNAPLEN || n > SNAPLEN)
+        if (got >= SNAPLEN || n > SNAPLEN)  // never: bounds for the verifier
             break;
         if (n && bpf_probe_read_user(g->bytes + got, n, (void *)iov[0]))
             break;
         got += n;
     }
-    if (got > SNAPLEN)
+    if (got > SNAPLEN)  // never: a bound for the verifier
         return 0;
     bpf_probe_read_kernel(data, got, g->bytes);
     return got;
