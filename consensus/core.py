@@ -1,4 +1,5 @@
-"""The Multi-Paxos state machine of one replica: replication and commit (elections: election.py).
+"""The Multi-Paxos state machine of one replica: replication and commit (elections: election.py;
+handing leadership on: transfer.py).
 
 Ballots are ``round * n + node_id``, unique per node. Phase 1 runs once per leadership and
 elects only a candidate whose log is at least as up to date as a majority's, so every entry that
@@ -30,6 +31,7 @@ from consensus.commit_future import CommitFuture
 from consensus.election import CANDIDATE, FOLLOWER, LEADER, Elections
 from consensus.errors import LeadershipLost, NotLeader
 from consensus.logstore import LogStore
+from consensus.transfer import LeadershipTransfer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ __all__ = ["CANDIDATE", "FOLLOWER", "LEADER", "Core"]
 MAX_FRAME_PAYLOAD = 256 << 10
 
 
-class Core(Elections):
+class Core(Elections, LeadershipTransfer):
     def __init__(self, name: str, names: list[str], store: LogStore, send: Callable[[str, int, bytes], bool],
                  heartbeat_s: float, election_s: float, max_frame: int,
                  on_role: Callable[[str, int, str | None], None], on_commit_advance: Callable[[int], None],
@@ -269,11 +271,7 @@ class Core(Elections):
             elif mtype == wire.PREVOTE_RESP:
                 self._on_prevote_resp(peer, wire.dec_vote_resp(body))
             elif mtype == wire.TIMEOUT_NOW:
-                if not self.standing:
-                    log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
-                elif wire.dec_timeout_now(body) == self.ballot and self.leader == peer:
-                    log.info("%s: leadership handed over by %s", self.name, peer)
-                    self.start_election()
+                self._on_timeout_now(peer, wire.dec_timeout_now(body))
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
         m = wire.AppendResp(self.ballot, index, self.store.last_index, ok)
@@ -369,41 +367,3 @@ class Core(Elections):
                     self._step_down(self.ballot, None)
             elif now >= self._deadline:
                 self.election_due(now)
-
-    def _hand_on(self, now: float) -> None:
-        """A withdrawn replica leads only until the most caught-up live peer has its whole log,
-        then tells that peer to take over."""
-        live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
-        if not live:
-            return
-        target = max(live, key=lambda p: self.match[p])
-        if not self.transferring:
-            log.info("%s: withdrawn, handing leadership on to %s", self.name, target)
-            self.transferring = True
-        if self.match[target] == self.store.last_index:
-            self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
-
-    def transfer(self) -> str | None:
-        """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""
-        with self.locked():
-            if self.role != LEADER:
-                return None
-            now = time.monotonic()
-            live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
-            if 1 + len(live) < self.majority or not live:
-                return None
-            target = max(live, key=lambda p: self.match[p])
-            self.transferring = True
-            self._replicate(target, now)
-            if self.match[target] == self.store.last_index:
-                self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
-            return target
-
-    def transfer_poke(self, target: str) -> None:
-        with self.locked():
-            if self.role == LEADER and self.transferring and self.match[target] == self.store.last_index:
-                self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
-
-    def transfer_abort(self) -> None:
-        with self.locked():
-            self.transferring = False

@@ -1,0 +1,66 @@
+"""Handing leadership on, as methods mixed into Core: a leader that leaves (Replica.step_down)
+or withdraws (Replica.withdraw) brings its most caught-up live peer up to its whole log, then
+sends it TIMEOUT_NOW, and that peer starts an election at once instead of waiting out its timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from consensus import wire
+from consensus.election import LEADER
+
+log = logging.getLogger("consensus.core")
+
+
+class LeadershipTransfer:
+    """Mixed into :class:`consensus.core.Core`."""
+
+    def _hand_on(self, now: float) -> None:
+        """A withdrawn replica leads only until the most caught-up live peer has its whole log,
+        then tells that peer to take over."""
+        live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
+        if not live:
+            return
+        target = max(live, key=lambda p: self.match[p])
+        if not self.transferring:
+            log.info("%s: withdrawn, handing leadership on to %s", self.name, target)
+            self.transferring = True
+        self._hand_over_if_caught_up(target)
+
+    def transfer(self) -> str | None:
+        """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""
+        with self.locked():
+            if self.role != LEADER:
+                return None
+            now = time.monotonic()
+            live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
+            if 1 + len(live) < self.majority or not live:
+                return None
+            target = max(live, key=lambda p: self.match[p])
+            self.transferring = True
+            self._replicate(target, now)
+            self._hand_over_if_caught_up(target)
+            return target
+
+    def transfer_poke(self, target: str) -> None:
+        with self.locked():
+            if self.role == LEADER and self.transferring:
+                self._hand_over_if_caught_up(target)
+
+    def transfer_abort(self) -> None:
+        with self.locked():
+            self.transferring = False
+
+    def _hand_over_if_caught_up(self, target: str) -> None:
+        if self.match[target] == self.store.last_index:
+            self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
+
+    def _on_timeout_now(self, peer: str, ballot: int) -> None:
+        """The leader hands leadership to this replica (called with the lock held)."""
+        if not self.standing:
+            log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
+        elif ballot == self.ballot and self.leader == peer:
+            log.info("%s: leadership handed over by %s", self.name, peer)
+            self.start_election()
