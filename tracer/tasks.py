@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from . import procfs, refusal
+from . import procfs
 from . import ptrace_ops as pt
-from .events import ACCEPTS, SocketEvent
+from .events import SocketEvent
 from .probes import MODE_GATE, MODE_OBSERVE, MODE_TRACE, SOCK_CONN, SOCK_LISTEN
 
 log = logging.getLogger("tracer")
@@ -187,17 +187,15 @@ class TaskControl:
                 return
         self._cont(thread.tid, sig)
 
-    def _on_gate_stop(self, thread: Task) -> None:
-        pending = thread.pending
-        if pending is not None and pending.released:
-            thread.pending = None  # released before its stop arrived
-            self._resume_held(thread.tid, pending)
-            return
-        thread.gate_stopped = True  # its event may still be in the ring buffer
-
     def _listen(self, tid: int) -> None:
         try:
             pt.listen(tid)
+        except pt.ThreadGone:
+            self._forget_thread(tid)
+
+    def _cont(self, tid: int, sig: int) -> None:
+        try:
+            pt.cont(tid, sig)
         except pt.ThreadGone:
             self._forget_thread(tid)
 
@@ -280,52 +278,6 @@ class TaskControl:
         self._tgids.clear()
         if self._threads:
             log.error("threads %s did not stop for detach", sorted(self._threads))
-
-    def _take_back(self, tid: int, event: SocketEvent) -> bool:
-        """Make a held syscall fail with ``event.refused``; a refused accept's new descriptor is
-        closed in the server too (by the thread), so the server never learns of the connection.
-        True when the thread is still held, ready to go on; False when it is gone or another stop
-        of it came first (handled here)."""
-        try:
-            held = refusal.locate(tid, event.pid, event.ret)
-            if held is None:
-                self._report_escape(event, f"cannot refuse {event.call.syscall} on connection "
-                                           f"{event.conn}: thread {tid} stopped neither right "
-                                           "after it nor at a signal handler's entry")
-                return True
-            refusal.set_result(tid, event.pid, held, -event.refused)
-            if held.frame_rax is not None:
-                log.info("refused %s on connection %d from a signal handler's frame (thread %d)",
-                         event.call.syscall, event.conn, tid)
-            if event.call not in ACCEPTS:
-                return True
-            assert self.probes is not None
-            self.probes.drop_socket(event.pid, event.ret)  # no close event: the server never had it
-            got = refusal.run_syscall(tid, held, refusal.SYS_CLOSE, event.ret)
-        except pt.ThreadGone:
-            self._forget_thread(tid)
-            return False
-        except OSError as exc:
-            self._report_escape(event, f"cannot refuse {event.call.syscall} on connection "
-                                       f"{event.conn}: {exc}")
-            return True
-        except refusal.InjectFailed as exc:
-            log.warning("refused connection %d: fd %d stays open in pid %d: %s", event.conn,
-                        event.ret, event.pid, exc)
-            self._on_wait(tid, exc.status)
-            return False
-        if got != 0:
-            log.warning("refused connection %d: closing fd %d in pid %d failed: %s", event.conn,
-                        event.ret, event.pid, os.strerror(-got))
-        return True
-
-    def _report_escape(self, event: SocketEvent, why: str) -> None:
-        """The server got an input past the gate: one it was not held for, or a refused one."""
-        event.escaped = True
-        self.stats.escapes += 1
-        log.error("escape: %s", why)
-        if self.on_escape is not None:
-            self.on_escape(event)
 
     def _on_detach_wait(self, tid: int, status: int) -> None:
         if tid not in self._threads:

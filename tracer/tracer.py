@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from . import procfs
 from . import ptrace_ops as pt
 from .cpu_follow import CpuFollower
-from .events import ACCEPTS, MSGHDR, VECTORED, Call, Direction, SocketEvent, format_sockaddr
+from .events import ACCEPTS, Call, Direction, SocketEvent, format_sockaddr
+from .holding import Holding
 from .idle_poll import IdlePolling
 from .probes import Probes
 from .signalfd import SigchldFd
@@ -40,7 +41,7 @@ assert [f.name for f in dataclasses.fields(SocketEvent)] == [
     "escaped", "released", "refused", "buf", "count"], "update Tracer._on_raw_event"
 
 
-class Tracer(TaskControl):
+class Tracer(TaskControl, Holding):
     """Attach to (or launch) a process and report its socket events.
 
     ``on_event`` is called on the tracer thread for every event; it must not block. In gate
@@ -341,72 +342,3 @@ class Tracer(TaskControl):
         assert self.probes is not None
         if event.fd not in procfs.tcp_fds(event.pid):
             self.probes.drop_socket(event.pid, event.fd)
-
-    def _read_held_input(self, event: SocketEvent) -> None:
-        """Read the whole input from the process: a held thread has not run user code since.
-        (The thread of an input that is not held has run on: the probe's copy, up to the snap
-        length, is all there is of it.)"""
-        try:
-            if event.call in VECTORED:
-                event.data = pt.read_iovecs(event.pid, event.buf, event.count, event.ret)
-            elif event.call in MSGHDR:
-                event.data = pt.read_msghdr(event.pid, event.buf, event.ret)
-            else:
-                event.data = pt.read_memory(event.pid, event.buf, event.ret)
-        except OSError as exc:
-            log.warning("could not read %d input bytes of pid %d: %s", event.ret, event.pid, exc)
-
-    def _escaped(self, thread: Task) -> None:
-        assert thread.pending is not None
-        lost = thread.pending
-        thread.pending = None
-        if not lost.released:
-            self.stats.held -= 1
-        self._report_escape(lost, f"thread {thread.tid} of pid {lost.pid} ran on past held "
-                                  f"{lost.call.syscall} on fd {lost.fd} without stopping (was it "
-                                  "sent SIGCONT?)")
-
-    def _await_gate_stop(self, thread: Task) -> None:
-        """Pair the event with its stop if the stop is already there; otherwise its SIGCHLD
-        wakes this thread later (spinning here would steal the CPU the held thread needs)."""
-        if not thread.gate_stopped:
-            tid, status = pt.wait_tid(thread.tid, nohang=True)
-            if tid:
-                self._on_wait(tid, status)
-
-    # ---- releasing --------------------------------------------------------------------------
-
-    def _apply_releases(self) -> None:
-        if not self._releases:
-            return
-        with self._releases_lock:
-            todo, self._releases = self._releases, []
-        for event in todo:
-            self._release_now(event)
-
-    def _release_now(self, event: SocketEvent) -> None:
-        thread = self._threads.get(event.tid)
-        if thread is None or thread.pending is not event:
-            return
-        if event.released:
-            return
-        event.released = True
-        self.stats.held -= 1
-        self.stats.released += 1
-        if thread.gate_stopped:
-            thread.pending = None
-            thread.gate_stopped = False
-            self._resume_held(thread.tid, event)
-
-    def _resume_held(self, tid: int, event: SocketEvent) -> None:
-        if event.refused and not self._take_back(tid, event):
-            return
-        self._cont(tid, 0)
-        if self._resume_spin:
-            self._spin_until = time.monotonic() + self._resume_spin
-
-    def _cont(self, tid: int, sig: int) -> None:
-        try:
-            pt.cont(tid, sig)
-        except pt.ThreadGone:
-            self._forget_thread(tid)
