@@ -3,9 +3,7 @@ logic that turns one into the other.
 
 Leader: every input of the server (accept, data, client EOF) is held by the tracer, proposed as
 a log entry, and released once committed. Follower: committed entries are replayed into the
-local server. Failover: the new leader first replays everything committed, then commits CLOSE
-for the connections of the old leadership, then starts gating its own clients. A leader that
-loses leadership keeps its copy: the log decides the inputs it still holds (own_conns.py).
+local server. Taking and losing leadership: leadership.py.
 """
 
 from __future__ import annotations
@@ -14,16 +12,16 @@ import errno
 import logging
 import os
 import threading
-import time
 
-from consensus import NotLeader, Peer, Replica, ReplicaConfig
+from consensus import Peer, Replica, ReplicaConfig
 from tracer.events import ACCEPTS, READS, SocketEvent
 from tracer.tracer import Mode, Tracer
 
 from .config import ClusterConfig, NodeConfig
 from .digest import Divergence, OutputChecker
-from .entries import Entry, EntryError, Kind, decode
+from .entries import EntryError, Kind, decode
 from .leader_inputs import LeaderInputs
+from .leadership import LOST_LEADERSHIP_EXIT, Leadership
 from .metrics import NodeMetrics
 from .own_conns import LostInput, OwnConnections, shut_down_socket
 from .replayer import Replayer
@@ -33,12 +31,11 @@ from .vip import LeaderVip
 log = logging.getLogger("supervise")
 
 DIGEST_INTERVAL = 0.5
-LOST_LEADERSHIP_EXIT = 3
 # A follower this many committed entries behind replays in catch-up mode (replayer.CONSUME_SPIN).
 CATCH_UP_BACKLOG = 1000
 
 
-class Node:
+class Node(Leadership):
     def __init__(self, cluster: ClusterConfig, me: NodeConfig, metrics: NodeMetrics) -> None:
         self.cluster = cluster
         self.me = me
@@ -200,123 +197,6 @@ class Node:
         self.metrics.replayed.inc()
         if entry.kind is Kind.DATA:
             self.metrics.input_bytes.inc(len(entry.data))
-
-    def _on_role_change(self, role: str, ballot: int, leader: str | None) -> None:
-        self.metrics.leader.set(1 if self.leading else 0)
-        if role == "leader" and not self.leading:
-            self._start_takeover()
-        elif role != "leader" and self.leading and not self._stepping_down:
-            assert self.tracer is not None
-            if self.tracer.stats.escapes > self._escapes_before:
-                log.error("lost leadership (ballot %d, leader now %s) after input escaped the gate "
-                          "while leading: this copy may hold input the log never will, so it leaves "
-                          "the service; restart the node with a fresh server", ballot, leader)
-                self.vip.drop()
-                self.exit_code = LOST_LEADERSHIP_EXIT
-                self.fatal.set()
-                return
-            held = self.own.depose(self.epoch)  # first: the tracer thread then holds what comes
-            self.leading = False
-            self.metrics.leader.set(0)
-            self.vip.drop()
-            log.warning("lost leadership (ballot %d, leader now %s) while gating: %d inputs stay held "
-                        "until the log decides them, then this copy follows the log", ballot, leader,
-                        held)
-
-    def _settle(self) -> None:
-        """The log went on past this node's last leadership: what it still held will never
-        commit. Refuse it, close the old clients' connections, and follow."""
-        assert self.tracer is not None
-        closed = self.own.settle(self.server_pid, self.listen_fds)
-        if not self.leading:
-            self.tracer.set_mode(Mode.OBSERVE)
-        log.info("the log went on past this node's leadership: refused the inputs it still held and "
-                 "closed %d connections of its clients; following", closed)
-
-    def _withdraw(self) -> None:
-        """A diverged copy must never serve: this node stops standing for election and hands on
-        any leadership it has (it keeps voting, so the group keeps its majority)."""
-        if self.replica is not None:
-            threading.Thread(target=self.replica.withdraw, args=(2.0,), name="withdraw",
-                             daemon=True).start()
-
-    def _start_takeover(self) -> None:
-        with self._takeover_lock:
-            if self._taking_over:
-                return  # the running takeover follows the replica's current ballot
-            self._taking_over = True
-        threading.Thread(target=self._become_leader, name="failover", daemon=True).start()
-
-    def _become_leader(self) -> None:
-        """Replay all that is committed, close the old leadership's connections, then gate.
-
-        A copy may have a long log to replay first: the takeover goes on for as long as this
-        node leads and the replay progresses, retrying a barrier that timed out, and under the
-        replica's current ballot (leadership may have ended and come back meanwhile)."""
-        assert self.replica is not None and self.tracer is not None
-        attempt, ballot = 0, self.replica.ballot
-        try:
-            while self.replica.role == "leader" and not self.leading:
-                if self.divergence.diverged:
-                    log.error("elected with ballot %d, but this copy diverged: handing leadership on",
-                              self.replica.ballot)
-                    self.replica.withdraw(timeout=2.0)
-                    return
-                ballot = self.replica.ballot
-                attempt += 1
-                try:
-                    self._take_over(ballot, attempt)
-                except TimeoutError as exc:
-                    log.warning("taking over with ballot %d (attempt %d): %s; retrying", ballot, attempt, exc)
-                except NotLeader as exc:
-                    log.info("leadership with ballot %d ended while taking over: %s", ballot, exc)
-                    self.fatal.wait(0.05)
-            if not self.leading:
-                log.info("leadership (last ballot %d) ended before this node could take over", ballot)
-        except Exception:
-            log.exception("taking over leadership failed; handing leadership on")
-            self.replica.step_down(timeout=2.0)
-        finally:
-            self._barrier = None
-            with self._takeover_lock:
-                self._taking_over = False
-                again = (self.replica.role == "leader" and not self.leading and not self.fatal.is_set()
-                         and not self.divergence.diverged)
-            if again:  # leadership came back after the loop looked
-                self._start_takeover()
-
-    def _take_over(self, ballot: int, attempt: int) -> None:
-        assert self.replica is not None and self.tracer is not None
-        marker = f"{self.me.name}:{ballot}:{attempt}:{time.time_ns()}".encode()
-        done = threading.Event()
-        self._barrier = (marker, done)
-        self.replica.propose(Entry(Kind.BARRIER, ballot, 0, marker).encode()).result(30)
-        applied = self.replica.applied_index
-        while not done.wait(5.0):
-            if self.replica.role != "leader" or self.replica.ballot != ballot:
-                raise NotLeader(self.replica.leader)
-            if self.replica.applied_index == applied:
-                raise TimeoutError("the replay made no progress for 5 s")
-            applied = self.replica.applied_index
-        if self.divergence.diverged:  # found while replaying up to the barrier: the loop hands on
-            return
-        stale = self.replayer.open_connections() + sorted(self.own.orphans)
-        for cid in stale:
-            self.replica.propose(Entry(Kind.CLOSE, cid[0], cid[1]).encode())
-        if stale:
-            self.replica.propose(Entry(Kind.BARRIER, ballot, 1, marker + b"/closed").encode()).result(30)
-        self.epoch = ballot
-        # gating first: an input seen while leading must never have been let through ungated;
-        # what is gated before `leading` is set is already this leadership's
-        self._opening = True
-        self.tracer.set_mode(Mode.GATE)
-        self._escapes_before = self.tracer.stats.escapes
-        self.leading = True
-        self._opening = False
-        self.metrics.leader.set(1)
-        log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
-                 "clients of %s", ballot, len(stale), self.me.server)
-        self.vip.take(lambda: self.leading and self.replica is not None and self.replica.role == "leader")
 
     # ---- tracer callbacks (tracer thread) -----------------------------------------------------
 
