@@ -19,6 +19,7 @@ class Check:
     detail: str
     fix: str = ""
     required: bool = True
+    mark: str = ""  # shown instead of ok / MISSING / absent
 
 
 def _kernel_version() -> tuple[int, int]:
@@ -122,9 +123,25 @@ def check_netns() -> Check:
     return Check("network namespaces", True, "created and removed one", required=False)
 
 
+def check_idle_cpus() -> Check:
+    """Advice only: gating is correct either way, and faster with halt-polling (bench/NOTES.md)."""
+    from tracer.idle_poll import HALT_POLL_NS, halt_poll_ns
+
+    window = halt_poll_ns()
+    if window is None:
+        return Check("idle CPUs", True, "not under the haltpoll governor", required=False)
+    if window > 0:
+        return Check("idle CPUs", True, f"poll up to {window // 1000} µs before they halt (haltpoll)",
+                     required=False)
+    return Check("idle CPUs", False, "halt at once (haltpoll.guest_halt_poll_ns=0): each held input "
+                 "wakes a halted vCPU, an exit to the hypervisor", required=False, mark="slow",
+                 fix=f"optional, for faster gating: echo 200000 > {HALT_POLL_NS} (the kernel's "
+                     "default: an idle vCPU polls up to 200 µs before it halts)")
+
+
 CHECKS: list[Callable[[], Check]] = [
     check_root, check_kernel, check_tracefs, check_btf, check_bcc, check_headers, check_compile,
-    check_send_signal, check_yama, check_rdma, check_netns,
+    check_send_signal, check_yama, check_rdma, check_netns, check_idle_cpus,
 ]
 
 
@@ -135,7 +152,7 @@ def run_doctor(argv: list[str]) -> int:
     results = [check() for check in CHECKS]
     width = max(len(r.name) for r in results)
     for r in results:
-        mark = "ok" if r.ok else ("MISSING" if r.required else "absent")
+        mark = r.mark or ("ok" if r.ok else ("MISSING" if r.required else "absent"))
         print(f"{r.name:<{width}}  {mark:<7}  {r.detail}")
         if not r.ok and r.fix:
             print(f"{'':<{width}}  {'':<7}  fix: {r.fix}")

@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from supervise.doctor import check_idle_cpus
+from tracer.idle_poll import HALT_POLL_NS, halt_poll_ns
 
 from .procs import alive
 
@@ -82,5 +86,24 @@ def test_doctor_reports_a_ready_machine():
     result = _run("doctor")
     assert result.returncode == 0, result.stdout
     for item in ("root", "tracefs", "bcc", "kernel headers", "tracepoint program",
-                 "bpf_send_signal_thread", "Yama ptrace_scope", "RDMA devices", "network namespaces"):
+                 "bpf_send_signal_thread", "Yama ptrace_scope", "RDMA devices", "network namespaces",
+                 "idle CPUs"):
         assert item in result.stdout
+
+
+def test_doctor_says_whether_idle_cpus_poll_before_they_halt():
+    window = Path(HALT_POLL_NS)
+    if halt_poll_ns() is None:
+        assert check_idle_cpus().detail == "not under the haltpoll governor"
+        return
+    was = window.read_text()
+    try:
+        window.write_text("0")
+        halting = check_idle_cpus()
+        window.write_text("150000")
+        polling = check_idle_cpus()
+    finally:
+        window.write_text(was)
+    assert (halting.mark, halting.required) == ("slow", False)
+    assert HALT_POLL_NS in halting.fix
+    assert polling.ok and polling.detail.startswith("poll up to 150 µs")

@@ -16,6 +16,23 @@ import threading
 
 log = logging.getLogger("tracer.idle_poll")
 DEVICE = "/dev/cpu_dma_latency"
+CPUIDLE_GOVERNOR = "/sys/devices/system/cpu/cpuidle/current_governor"
+HALT_POLL_NS = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def halt_poll_ns() -> int | None:
+    """How long an idle vCPU polls before it halts, under the haltpoll governor of a KVM guest
+    (cpuidle-haltpoll; the kernel's default is 200,000 ns, and it shrinks the window for a CPU
+    whose idle spells run longer). None when idle CPUs are governed otherwise. At 0 every idle
+    CPU halts at once, and each held input's two cross-CPU wake-ups exit to the hypervisor."""
+    try:
+        with open(CPUIDLE_GOVERNOR) as governor:
+            if governor.read().strip() != "haltpoll":
+                return None
+        with open(HALT_POLL_NS) as window:
+            return int(window.read())
+    except (OSError, ValueError):
+        return None
 
 
 def current_limit_us(device: str = DEVICE) -> int:
