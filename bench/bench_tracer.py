@@ -72,18 +72,16 @@ HALT_POLL_WINDOW_NS = 200_000  # the kernel's default for guest_halt_poll_ns
 
 
 @contextlib.contextmanager
-def _halt_polling(on: bool) -> Iterator[None]:
-    """The haltpoll governor's polling window at the kernel's default for the block (restored
-    after), on a machine where it is 0; nothing otherwise."""
+def _halt_polling() -> Iterator[None]:
+    """The haltpoll governor's polling window at the kernel's default for the block, then as it
+    was (run_rounds uses it where the window is 0)."""
     window = Path(HALT_POLL_NS)
-    was = window.read_text() if on else ""
-    if on:
-        window.write_text(str(HALT_POLL_WINDOW_NS))
+    was = window.read_text()
+    window.write_text(str(HALT_POLL_WINDOW_NS))
     try:
         yield
     finally:
-        if on:
-            window.write_text(was)
+        window.write_text(was)
 
 
 def _probe_time(pid: int) -> tuple[int, int]:
@@ -167,7 +165,7 @@ def run_rounds(args: argparse.Namespace) -> None:
     for _ in range(args.rounds):  # interleaved, so drift on a noisy machine hits every kind
         for kind in kinds:
             n = args.requests if kind != "strace" else max(args.requests // 10, 10_000)
-            with _halt_polling(kind == "gate-halt-poll"):
+            with _halt_polling() if kind == "gate-halt-poll" else contextlib.nullcontext():
                 runs[kind].append(measure(kind, n))
     ratios = {k: round_ratios([r["rps"] for r in runs[k]], [r["rps"] for r in runs["bare"]])
               for k in kinds}
