@@ -3,7 +3,7 @@ Redis, under `supervise --trace`, under gate mode with an immediate release (als
 polling: tracer/idle_poll.py; and, on a KVM guest whose haltpoll governor does not poll, with
 the kernel's default halt-polling window set for that run), and under strace -f.
 
-Usage: .venv/bin/python bench/bench_tracer.py [--requests N] [--rounds N] [--bpf-stats]
+Usage: .venv/bin/python bench/bench_tracer.py [--requests N] [--rounds N] [--bpf-stats] [--modes M,...]
 Prints a table of throughput as ratios to bare: each round runs every mode once, and each ratio
 is to the same round's bare run (median and range over the rounds). Also the CPU that Redis and
 its watcher (the tracer, or strace) used per request, counted from /proc: steadier than
@@ -67,6 +67,8 @@ def _under(kind: str, server: RedisServer) -> subprocess.Popen | None:
     raise ValueError(kind)
 
 
+# gate-halt-poll runs only where the haltpoll window is 0 (see _halt_polling)
+MODES = ("trace", "gate", "gate-idle-poll", "gate-halt-poll", "strace")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 HALT_POLL_WINDOW_NS = 200_000  # the kernel's default for guest_halt_poll_ns
 
@@ -145,7 +147,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bpf-stats", action="store_true",
                         help="also report the probes' in-kernel run time per request")
+    parser.add_argument("--modes", default="",
+                        help="comma-separated modes to run beside bare (default: all of "
+                             f"{', '.join(MODES)})")
     args = parser.parse_args()
+    unknown = set(filter(None, args.modes.split(","))) - set(MODES)
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))} (known: {', '.join(MODES)})")
     if not args.bpf_stats:
         run_rounds(args)
         return
@@ -158,9 +166,8 @@ def main() -> None:
 
 
 def run_rounds(args: argparse.Namespace) -> None:
-    kinds = ["bare", "trace", "gate", "gate-idle-poll", "strace"]
-    if halt_poll_ns() == 0:
-        kinds.insert(4, "gate-halt-poll")
+    chosen = set(filter(None, args.modes.split(","))) or set(MODES)
+    kinds = ["bare"] + [m for m in MODES if m in chosen and (m != "gate-halt-poll" or halt_poll_ns() == 0)]
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.rounds):  # interleaved, so drift on a noisy machine hits every kind
         for kind in kinds:
