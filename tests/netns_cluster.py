@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from .netns import Hosts, enter_netns
+from .netns_faults import HostFaults
+from .netns_vip import VipView
 from .procs import LaunchedServer, kill_process, reap
 
 REDIS_PORT = 6379
@@ -73,7 +73,7 @@ class NetnsNode:
         return self.server is not None and self.server.poll() is None
 
 
-class NetnsCluster:
+class NetnsCluster(HostFaults, VipView):
     """Three (or n) hosts with Redis and a supervisor each, and one client host."""
 
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
@@ -270,42 +270,6 @@ class NetnsCluster:
             self.start_supervisor(node)
         return stale
 
-    def pause(self, key: int | str | NetnsNode) -> None:
-        node = self.node(key)
-        if node.supervisor_alive():
-            node.supervisor.send_signal(signal.SIGSTOP)
-            node.paused = True
-
-    def resume(self, key: int | str | NetnsNode) -> None:
-        node = self.node(key)
-        if node.supervisor is not None and node.supervisor.poll() is None:
-            node.supervisor.send_signal(signal.SIGCONT)
-        node.paused = False
-
-    def partition(self, key: int | str | NetnsNode) -> None:
-        node = self.node(key)
-        self.hosts.link_down(node.index)
-        node.partitioned = True
-
-    def heal(self, key: int | str | NetnsNode) -> None:
-        node = self.node(key)
-        self.hosts.link_up(node.index)
-        node.partitioned = False
-
-    def failpoints_file(self, node: NetnsNode) -> Path:
-        return self.workdir / f"{node.name}-failpoints.json"
-
-    def degrade(self, key: int | str | NetnsNode, spec: dict) -> None:
-        """The node's outgoing transport requests are dropped, held and duplicated per ``spec``
-        (supervise's tcp failpoints; its supervisor applies the file within 0.2 s)."""
-        path = self.failpoints_file(self.node(key))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(spec))
-        tmp.replace(path)
-
-    def restore(self, key: int | str | NetnsNode) -> None:
-        self.degrade(key, {})
-
     # ---- status ---------------------------------------------------------------------------------
 
     def status(self, key: int | str | NetnsNode, timeout: float = 1.0) -> dict | None:
@@ -396,54 +360,6 @@ class NetnsCluster:
                 client.close()
 
         return self.in_ns(node.ns, read)
-
-    def vip_holders(self) -> list[str]:
-        """Names of the nodes whose eth0 carries the VIP (``ip -n NS addr``)."""
-        if self.vip is None:
-            return []
-        out = []
-        for node in self.nodes:
-            text = subprocess.run(["ip", "-n", node.ns, "-o", "addr", "show", "dev", "eth0"],
-                                  capture_output=True, text=True, timeout=10).stdout
-            if f" {self.vip}/" in text:
-                out.append(node.name)
-        return out
-
-    def vip_holders_netlink(self) -> list[str]:
-        """The same as ``vip_holders``, asked over netlink from inside each host (cheap)."""
-        if self.vip is None:
-            return []
-
-        def has_vip() -> bool:
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                return any(a.get_attr("IFA_ADDRESS") == self.vip for a in ipr.get_addr(family=socket.AF_INET))
-
-        return [node.name for node in self.nodes if self.in_ns(node.ns, has_vip)]
-
-    def vip_arp_owner(self) -> str | None:
-        """The node whose MAC the client host's neighbour table has for the VIP (None: no entry)."""
-        if self.vip is None:
-            return None
-
-        def mac_of(ns_is_client: bool) -> str | None:
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                if ns_is_client:
-                    for n in ipr.get_neighbours(dst=self.vip):
-                        return n.get_attr("NDA_LLADDR")
-                    return None
-                index = ipr.link_lookup(ifname="eth0")[0]
-                return ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
-
-        mac = self.in_client_ns(mac_of, True)
-        if mac is None:
-            return None
-        if not hasattr(self, "_macs"):
-            self._macs = {self.in_ns(n.ns, mac_of, False): n.name for n in self.nodes}
-        return self._macs.get(mac, mac)
 
     def logs(self, tail: int = 6000) -> str:
         out = []

@@ -1,0 +1,52 @@
+"""Faults of one host of a NetnsCluster (tests/netns_cluster.py), as methods mixed into it: its
+supervisor paused and resumed, its link cut and restored, its transport made flaky."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .netns_cluster import NetnsNode
+
+
+class HostFaults:
+    """Mixed into NetnsCluster; ``key`` is a node's index, name or the node itself."""
+
+    def pause(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        if node.supervisor_alive():
+            node.supervisor.send_signal(signal.SIGSTOP)
+            node.paused = True
+
+    def resume(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        if node.supervisor is not None and node.supervisor.poll() is None:
+            node.supervisor.send_signal(signal.SIGCONT)
+        node.paused = False
+
+    def partition(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        self.hosts.link_down(node.index)
+        node.partitioned = True
+
+    def heal(self, key: int | str | NetnsNode) -> None:
+        node = self.node(key)
+        self.hosts.link_up(node.index)
+        node.partitioned = False
+
+    def failpoints_file(self, node: NetnsNode) -> Path:
+        return self.workdir / f"{node.name}-failpoints.json"
+
+    def degrade(self, key: int | str | NetnsNode, spec: dict) -> None:
+        """The node's outgoing transport requests are dropped, held and duplicated per ``spec``
+        (supervise's tcp failpoints; its supervisor applies the file within 0.2 s)."""
+        path = self.failpoints_file(self.node(key))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(spec))
+        tmp.replace(path)
+
+    def restore(self, key: int | str | NetnsNode) -> None:
+        self.degrade(key, {})
