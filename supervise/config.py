@@ -44,6 +44,7 @@ class ClusterConfig:
     vip_interface: str | None
     log_region_bytes: int
     spin_us: int = 200
+    idle_poll: bool = True
     nodes: list[NodeConfig] = field(default_factory=list)
 
     def node(self, name: str) -> NodeConfig:
@@ -103,7 +104,7 @@ def load(path: str | Path) -> ClusterConfig:
     where = f"{path}: cluster"
     unknown = set(cluster) - {"transport", "durability", "secret_file", "heartbeat_ms",
                               "election_timeout_ms", "vip", "vip_interface", "log_region_mib",
-                              "spin_us"}
+                              "spin_us", "idle_poll"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
     transport = _get(cluster, "transport", where, str, "auto")
@@ -138,6 +139,7 @@ def load(path: str | Path) -> ClusterConfig:
     spin_us = _get(cluster, "spin_us", where, int, 200)
     if spin_us < 0:
         raise ConfigError(f"{where}.spin_us: expected microseconds, 0 or more, got {spin_us}")
+    idle_poll = _get(cluster, "idle_poll", where, bool, True)
     nodes_doc = doc.get("node")
     if not isinstance(nodes_doc, list) or not nodes_doc:
         raise ConfigError(f"{path}: expected [[node]] tables, found none")
@@ -170,5 +172,6 @@ def load(path: str | Path) -> ClusterConfig:
         path=path, transport=transport, durability=durability,
         secret_file=(base / secret) if secret else None, heartbeat_ms=heartbeat,
         election_timeout_ms=election, vip=vip, vip_interface=vip_interface,
-        log_region_bytes=log_mib << 20, spin_us=spin_us, nodes=nodes,
+        log_region_bytes=log_mib << 20, spin_us=spin_us, idle_poll=idle_poll,
+        nodes=nodes,
     )

@@ -77,7 +77,7 @@ class Node(Leadership):
         # the tracer needs to catch the next input early (bench_supervise.py, bench/NOTES.md)
         self.tracer = Tracer(Mode.OBSERVE, self._on_event, snaplen=16384, exitkill=True,
                              on_escape=self._on_escape, on_exit=self._on_server_exit,
-                             resume_spin=0.0)
+                             resume_spin=0.0, idle_poll=self.cluster.idle_poll)
         if pid is not None:
             self.address.check(pid)
             self.tracer.attach(pid)

@@ -1,7 +1,7 @@
 """Runs the tracer in gate mode against a pid, releasing every input at once (for tests that
 need a gating supervisor in its own process, e.g. to kill it, and for the tracer benchmark).
 
-Usage: gate_holder.py [--idle-poll] PID
+Usage: gate_holder.py [--halting] PID   (--halting: idle CPUs halt even while inputs are held)
 """
 
 import sys
@@ -20,9 +20,9 @@ def main() -> None:
             tracer.release(event)
 
     args = sys.argv[1:]
-    idle_poll = "--idle-poll" in args
-    pid = int([a for a in args if a != "--idle-poll"][0])
-    tracer = Tracer(Mode.GATE, on_event, idle_poll=idle_poll)
+    halting = "--halting" in args
+    pid = int([a for a in args if a != "--halting"][0])
+    tracer = Tracer(Mode.GATE, on_event, idle_poll=not halting)
     tracer.attach(pid)
     print("attached", flush=True)
     threading.Event().wait()

@@ -52,6 +52,7 @@ BROKEN = [
      "cluster.vip: expected"),
     ('durability = "fsync"', 'durability = "fsync"\ncolour = "blue"', "cluster.colour: unknown key"),
     ('durability = "fsync"', 'durability = "fsync"\nspin_us = -5', "cluster.spin_us: expected microseconds"),
+    ('durability = "fsync"', 'durability = "fsync"\nidle_poll = "yes"', "cluster.idle_poll: expected bool"),
     ('[cluster]', '[cluster', "not valid TOML"),
 ]
 
@@ -73,6 +74,12 @@ def test_receive_polling_lasts_200_us_unless_configured(tmp_path):
     assert load(_write(tmp_path, GOOD)).spin_us == 200
     text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nspin_us = 150', 1)
     assert load(_write(tmp_path, text)).spin_us == 150
+
+
+def test_idle_cpus_poll_while_inputs_are_held_unless_configured_not_to(tmp_path):
+    assert load(_write(tmp_path, GOOD)).idle_poll is True
+    text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nidle_poll = false', 1)
+    assert load(_write(tmp_path, text)).idle_poll is False
 
 
 @pytest.mark.parametrize("old,new,message", BROKEN)

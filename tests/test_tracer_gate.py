@@ -333,18 +333,37 @@ def _stopped_state(pid: int) -> bool:
     return False
 
 
-def test_idle_cpus_are_kept_polling_only_while_gating_with_idle_poll(redis):
-    unheld = current_limit_us()
-    assert unheld > 0, "another process keeps idle CPUs polling; this test needs them free"
-    with traced(redis.pid, Mode.GATE, idle_poll=True) as (tracer, _rec):
-        assert current_limit_us() == 0
+def _cpus_halt_as_usual() -> int:
+    limit = current_limit_us()
+    assert limit > 0, "another process keeps idle CPUs polling; this test needs them free"
+    return limit
+
+
+def test_idle_cpus_poll_while_held_inputs_flow_and_halt_again_once_they_stop(redis):
+    unheld = _cpus_halt_as_usual()
+    with traced(redis.pid, Mode.GATE) as (tracer, _rec):
+        assert current_limit_us() == unheld, "nothing was held yet"
         assert _ping(redis.port)
+        assert current_limit_us() == 0
+        wait_until(lambda: current_limit_us() == unheld, 5, "idle CPUs to halt again")
+        assert _ping(redis.port)
+        assert current_limit_us() == 0
         tracer.set_mode(Mode.OBSERVE)
         assert current_limit_us() == unheld
-        tracer.set_mode(Mode.GATE)
-        assert current_limit_us() == 0
         assert _ping(redis.port)
+        assert current_limit_us() == unheld
+        tracer.set_mode(Mode.GATE)
+        assert _ping(redis.port)
+        assert current_limit_us() == 0
     assert current_limit_us() == unheld
+
+
+def test_idle_cpus_keep_halting_under_a_gate_told_not_to_poll(redis):
+    unheld = _cpus_halt_as_usual()
+    with traced(redis.pid, Mode.GATE, idle_poll=False):
+        for _ in range(3):
+            assert _ping(redis.port)
+            assert current_limit_us() == unheld
 
 
 def test_a_thread_that_takes_sigchld_is_named_when_a_tracer_starts(redis, caplog):

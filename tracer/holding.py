@@ -55,6 +55,8 @@ class Holding:
                 self._on_wait(tid, status)
 
     def _on_gate_stop(self, thread: Task) -> None:
+        if self._idle_poll is not None:
+            self._idle_poll.busy(time.monotonic())
         pending = thread.pending
         if pending is not None and pending.released:
             thread.pending = None  # released before its stop arrived

@@ -1,10 +1,12 @@
-"""Idle CPUs that poll instead of halting, for as long as a tracer gates.
+"""Idle CPUs that poll instead of halting, while a tracer's held inputs flow.
 
 Each held input costs two cross-CPU wake-ups: the held thread's stop wakes the tracer, its
 continue wakes the thread. On a VM whose idle CPUs halt, waking a halted CPU is an exit to the
 hypervisor and back, tens of microseconds. A PM QoS request of 0 µs on /dev/cpu_dma_latency keeps
 idle CPUs in their polling state while the file stays open; the kernel drops the request when its
-holder exits, however it exits. The price: the machine's idle CPUs spin while it is held.
+holder exits, however it exits. The price: the machine's idle CPUs spin while it is held, so it is
+held only from a held input until LINGER_SECONDS pass without one (each change of the request
+wakes every idle CPU, so it is not dropped between the inputs of a busy spell).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ log = logging.getLogger("tracer.idle_poll")
 DEVICE = "/dev/cpu_dma_latency"
 CPUIDLE_GOVERNOR = "/sys/devices/system/cpu/cpuidle/current_governor"
 HALT_POLL_NS = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+LINGER_SECONDS = 0.05
 
 
 def halt_poll_ns() -> int | None:
@@ -45,33 +48,50 @@ def current_limit_us(device: str = DEVICE) -> int:
 
 
 class IdlePolling:
-    """One PM QoS request of 0 µs: ``hold()`` and ``release()`` may be called any number of times."""
+    """One PM QoS request of 0 µs, held from ``busy()`` until ``expire()`` finds LINGER_SECONDS
+    gone by since the last ``busy()``, or until ``release()``. Each may be called any number of
+    times."""
 
-    def __init__(self, device: str = DEVICE) -> None:
+    def __init__(self, device: str = DEVICE, linger: float = LINGER_SECONDS) -> None:
         self.device = device
+        self.linger = linger
         self._fd: int | None = None
+        self._last_busy = 0.0
+        self._unavailable = False
         self._lock = threading.Lock()  # the tracer thread and the mode setter both call in
 
-    def hold(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                return
-            try:
-                fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                log.warning("cannot keep idle CPUs polling (%s: %s); gating goes on with halting "
-                            "CPUs", self.device, exc.strerror)
-                return
-            try:
-                os.write(fd, struct.pack("i", 0))
-            except OSError:
-                os.close(fd)
-                raise
-            self._fd = fd
-        log.info("idle CPUs poll while gating (PM QoS request of 0 µs on %s)", self.device)
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def busy(self, now: float) -> None:
+        self._last_busy = now
+        if self._fd is None and not self._unavailable:
+            self._hold()
+
+    def expire(self, now: float) -> None:
+        if self._fd is not None and now - self._last_busy > self.linger:
+            self.release()
 
     def release(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+    def _hold(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                return
+            fd = -1
+            try:
+                fd = os.open(self.device, os.O_WRONLY | os.O_CLOEXEC)
+                os.write(fd, struct.pack("i", 0))
+            except OSError as exc:
+                if fd >= 0:
+                    os.close(fd)
+                self._unavailable = True
+                log.warning("cannot keep idle CPUs polling (%s: %s); gating goes on with halting "
+                            "CPUs", self.device, exc.strerror)
+                return
+            self._fd = fd

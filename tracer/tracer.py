@@ -58,11 +58,12 @@ class Tracer(TaskControl, Holding):
         on_escape: Callable[[SocketEvent], None] | None = None,
         exitkill: bool | None = None,
         background: bool = False,
-        idle_poll: bool = False,
+        idle_poll: bool = True,
         resume_spin: float = GATE_SPIN_SECONDS,
     ) -> None:
-        """``idle_poll``: while in gate mode, keep the machine's idle CPUs polling (see
-        tracer/idle_poll.py): faster gating, at the price of busy idle cores. ``resume_spin``:
+        """``idle_poll``: while held inputs flow, keep the machine's idle CPUs polling instead of
+        halting (see tracer/idle_poll.py): faster gating, at the price of idle cores that spin
+        for as long as inputs are held and a moment after. ``resume_spin``:
         seconds the tracer thread polls without sleeping after it resumes a held thread, whose
         next input comes soon; 0 where other processes need the CPU more (a supervisor's
         followers)."""
@@ -151,10 +152,8 @@ class Tracer(TaskControl, Holding):
     def _sync_idle_poll(self) -> None:
         if self._idle_poll is None:
             return
-        if self.mode is Mode.GATE and self.probes is not None and not self._stopping.is_set():
-            self._idle_poll.hold()
-        else:
-            self._idle_poll.release()
+        if self.mode is not Mode.GATE or self.probes is None or self._stopping.is_set():
+            self._idle_poll.release()  # held again by the next held input (holding.py)
 
     def refuse(self, event: SocketEvent, error: int = errno.ECONNRESET) -> None:
         """Let the held thread go on, but with its input taken back: the syscall fails with
@@ -214,7 +213,6 @@ class Tracer(TaskControl, Holding):
             sigchld.close()
             self._ready.set()
             return
-        self._sync_idle_poll()
         self._ready.set()
         poller = select.epoll()
         for fd in (ring_fd, sigchld.fd, self._wake_fd):
@@ -243,6 +241,8 @@ class Tracer(TaskControl, Holding):
                     reaped = now
                     self._reap_all()
                 self._apply_releases()
+                if self._idle_poll is not None:
+                    self._idle_poll.expire(now)
             if self._tgids:
                 self._detach_all()
             else:
