@@ -124,7 +124,9 @@ def check_netns() -> Check:
 
 
 def check_idle_cpus() -> Check:
-    """Advice only: gating is correct either way, and faster with halt-polling (bench/NOTES.md)."""
+    """Advice only: gating is correct either way. It keeps idle CPUs polling while inputs are held
+    (tracer/idle_poll.py, unless cluster.idle_poll is off); every other wake-up of an idle vCPU,
+    a follower's or a client's, is faster with halt-polling (bench/NOTES.md)."""
     from tracer.idle_poll import HALT_POLL_NS, halt_poll_ns
 
     window = halt_poll_ns()
@@ -133,9 +135,10 @@ def check_idle_cpus() -> Check:
     if window > 0:
         return Check("idle CPUs", True, f"poll up to {window // 1000} µs before they halt (haltpoll)",
                      required=False)
-    return Check("idle CPUs", False, "halt at once (haltpoll.guest_halt_poll_ns=0): each held input "
-                 "wakes a halted vCPU, an exit to the hypervisor", required=False, mark="slow",
-                 fix=f"optional, for faster gating: echo 200000 > {HALT_POLL_NS} (the kernel's "
+    return Check("idle CPUs", False, "halt at once (haltpoll.guest_halt_poll_ns=0): waking one is an "
+                 "exit to the hypervisor; gating keeps them polling only while inputs are held",
+                 required=False, mark="slow",
+                 fix=f"optional, for faster wake-ups: echo 200000 > {HALT_POLL_NS} (the kernel's "
                      "default: an idle vCPU polls up to 200 µs before it halts)")
 
 
