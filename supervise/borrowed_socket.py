@@ -22,9 +22,19 @@ _BYTES_RECEIVED = struct.Struct("=Q")
 _BYTES_RECEIVED_OFFSET = 128
 
 
-def borrow_socket(pid: int, fd: int) -> socket.socket | None:
+def socket_inode(pid: int, fd: int) -> int | None:
+    """The inode of the socket that descriptor ``fd`` of process ``pid`` names now: what tells
+    it from a later file or socket under the same number. None when the descriptor is not open."""
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+    except OSError:
+        return None
+
+
+def borrow_socket(pid: int, fd: int, inode: int | None = None) -> socket.socket | None:
     """Descriptor ``fd`` of process ``pid`` as a socket of ours; None (logged) when it cannot be
-    taken (the process is gone, or the descriptor is not open)."""
+    taken: the process is gone, the descriptor is not open or not a socket, or (given ``inode``)
+    it names another file now (the server closed the one it was, and opened another since)."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
@@ -36,9 +46,18 @@ def borrow_socket(pid: int, fd: int) -> socket.socket | None:
             log.warning("cannot take fd %d of the server (pid %d): %s", fd, pid,
                         os.strerror(ctypes.get_errno()))
             return None
-        return socket.socket(fileno=dup)
     finally:
         os.close(pidfd)
+    if inode is not None and os.fstat(dup).st_ino != inode:
+        os.close(dup)
+        log.info("fd %d of the server (pid %d) names another file now: its socket is closed", fd, pid)
+        return None
+    try:
+        return socket.socket(fileno=dup)
+    except OSError as exc:
+        os.close(dup)
+        log.warning("fd %d of the server (pid %d) is not a socket: %s", fd, pid, exc.strerror)
+        return None
 
 
 def bytes_read(sock: socket.socket) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from consensus import CommitFuture, Replica
 from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
 
+from .borrowed_socket import socket_inode
 from .digest import OutputChecker
 from .entries import Entry, Kind
 from .metrics import NodeMetrics
@@ -42,7 +43,8 @@ class LeaderInputs:
             if ev.fd not in self.listen_fds:
                 self._release(ev, None)
                 return
-            own = self.own.accepted((epoch, ev.conn), ev.conn, ev.ret)
+            # the accepting thread is held: ev.ret names the new socket until it goes on
+            own = self.own.accepted((epoch, ev.conn), ev.conn, ev.ret, socket_inode(ev.pid, ev.ret))
             self._propose(own, Entry(Kind.CONNECT, *own.cid), ev)
             return
         assert own is not None

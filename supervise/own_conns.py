@@ -52,6 +52,7 @@ class OwnConn:
     cid: Cid
     conn: int
     fd: int
+    inode: int | None  # of the server's socket: the fd number may name another file later
     closing: bool = False  # its CLOSE is proposed: later events on it are not logged
     server_closed: bool = False
     never_accepted: bool = False  # its accept was refused: the server never knew it
@@ -81,8 +82,8 @@ class OwnConnections:
 
     # ---- while leading (tracer thread) ---------------------------------------------------------
 
-    def accepted(self, cid: Cid, conn: int, fd: int) -> OwnConn:
-        own = OwnConn(cid, conn, fd)
+    def accepted(self, cid: Cid, conn: int, fd: int, inode: int | None) -> OwnConn:
+        own = OwnConn(cid, conn, fd, inode)
         with self._lock:
             self.epochs.add(cid[0])
             self.by_conn[conn] = own
@@ -164,8 +165,9 @@ class OwnConnections:
             log.info("reset %d clients that connected while this node led but were not accepted yet",
                      reset + len(accepts))
         for own in owns:
-            if not own.server_closed:
-                shut_down_socket(server_pid, own.fd)
+            if not own.server_closed and own.inode is not None:
+                # its close may still be on its way: the number may name another file by now
+                shut_down_socket(server_pid, own.fd, own.inode)
         deadline = time.monotonic() + SETTLE_CLOSE_TIMEOUT
         with self._lock:
             while not all(o.server_closed for o in owns) and time.monotonic() < deadline:
@@ -237,10 +239,10 @@ class LostInput(RuntimeError):
     """The log committed an input that this node's copy was not given: the copy is not the log's."""
 
 
-def shut_down_socket(pid: int, fd: int) -> None:
+def shut_down_socket(pid: int, fd: int, inode: int | None = None) -> None:
     """shutdown(SHUT_RDWR) a socket of another process: the server reads EOF and closes it, and
-    the client sees the end."""
-    sock = borrow_socket(pid, fd)
+    the client sees the end. Given ``inode``, only while ``fd`` still names that socket."""
+    sock = borrow_socket(pid, fd, inode)
     if sock is None:
         return
     with sock:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from supervise.borrowed_socket import socket_inode
 from supervise.entries import Entry, Kind
 from supervise.own_conns import SETTLE_CLOSE_TIMEOUT, LostInput, OwnConnections, reset_backlog
 from tracer.events import Call, Direction, SocketEvent
@@ -52,7 +53,7 @@ def rec() -> Recorder:
 
 def test_an_own_input_committed_after_leadership_ended_is_released_then(rec):
     own_conns = OwnConnections(rec.release, rec.refuse)
-    own = own_conns.accepted((EPOCH, 1), 1, 11)
+    own = own_conns.accepted((EPOCH, 1), 1, 11, None)
     connect = _propose(own_conns, own, Entry(Kind.CONNECT, EPOCH, 1), None)
     held = _read(1, b"SET k v\r\n")
     data = _propose(own_conns, own, Entry(Kind.DATA, EPOCH, 1, held.data), held)
@@ -65,7 +66,7 @@ def test_an_own_input_committed_after_leadership_ended_is_released_then(rec):
 
 def test_while_leading_the_commit_future_not_the_delivery_releases(rec):
     own_conns = OwnConnections(rec.release, rec.refuse)
-    own = own_conns.accepted((EPOCH, 1), 1, 11)
+    own = own_conns.accepted((EPOCH, 1), 1, 11, None)
     held = _read(1, b"x")
     data = _propose(own_conns, own, Entry(Kind.DATA, EPOCH, 1, b"x"), held)
     assert own_conns.delivered(data, Entry(Kind.DATA, EPOCH, 1, b"x"))
@@ -74,7 +75,7 @@ def test_while_leading_the_commit_future_not_the_delivery_releases(rec):
 
 def test_identical_payloads_on_one_connection_are_matched_in_log_order(rec):
     own_conns = OwnConnections(rec.release, rec.refuse)
-    own = own_conns.accepted((EPOCH, 1), 1, 11)
+    own = own_conns.accepted((EPOCH, 1), 1, 11, None)
     first, second = _read(1, b"INCR n\r\n"), _read(1, b"INCR n\r\n")
     first.released = True  # its commit was seen while leading
     payload = _propose(own_conns, own, Entry(Kind.DATA, EPOCH, 1, first.data), first)
@@ -88,7 +89,8 @@ def test_settling_refuses_what_never_committed_and_shuts_the_connection_down(rec
     server_side, client_side = socket.socketpair()
     try:
         own_conns = OwnConnections(rec.release, rec.refuse)
-        own = own_conns.accepted((EPOCH, 1), 1, server_side.fileno())
+        own = own_conns.accepted((EPOCH, 1), 1, server_side.fileno(),
+                                   socket_inode(os.getpid(), server_side.fileno()))
         held = _read(1, b"SET k v\r\n")
         _propose(own_conns, own, Entry(Kind.DATA, EPOCH, 1, held.data), held)
         own_conns.depose(EPOCH)
@@ -119,7 +121,7 @@ def test_settling_refuses_what_never_committed_and_shuts_the_connection_down(rec
 def test_settling_refuses_an_accept_whose_connect_never_committed(rec):
     """Letting it through would make the server number one more client than the log holds."""
     own_conns = OwnConnections(rec.release, rec.refuse)
-    own = own_conns.accepted((EPOCH, 1), 1, 11)
+    own = own_conns.accepted((EPOCH, 1), 1, 11, None)
     accept = SocketEvent(0, 0.0, os.getpid(), os.getpid(), Call.ACCEPT4, 3, 11, 1, Direction.CTL,
                          True, True)
     _propose(own_conns, own, Entry(Kind.CONNECT, EPOCH, 1), accept)
@@ -133,7 +135,7 @@ def test_settling_refuses_an_accept_whose_connect_never_committed(rec):
 
 def test_entries_of_other_leaderships_are_not_own(rec):
     own_conns = OwnConnections(rec.release, rec.refuse)
-    own_conns.accepted((EPOCH, 1), 1, 11)
+    own_conns.accepted((EPOCH, 1), 1, 11, None)
     assert not own_conns.delivered(b"", Entry(Kind.CONNECT, EPOCH + 3, 1))
     assert not own_conns.delivered(b"", Entry(Kind.DIGEST, EPOCH + 3, 1, offset=1, crc=2))
     assert own_conns.delivered(b"", Entry(Kind.DIGEST, EPOCH, 1, offset=1, crc=2))
@@ -153,3 +155,29 @@ def test_clients_waiting_in_a_listening_sockets_backlog_are_reset():
     finally:
         for sock in (listener, *clients):
             sock.close()
+
+
+@pytest.mark.parametrize("now_named", ["another connection", "a file"])
+def test_settling_leaves_alone_what_a_closed_connections_fd_names_now(rec, tmp_path, now_named):
+    """The server may close a connection (its held input was refused) and reuse the number
+    before its close event reaches the node: shutting that number down would end a connection
+    that is not the old leadership's, or fail on a file."""
+    old_server, old_client = socket.socketpair()
+    other_server, other_client = socket.socketpair()
+    other_file = open(tmp_path / "data", "w")
+    try:
+        own_conns = OwnConnections(rec.release, rec.refuse)
+        fd = old_server.fileno()
+        own_conns.accepted((EPOCH, 1), 1, fd, socket_inode(os.getpid(), fd))
+        own_conns.depose(EPOCH)
+        old_server.detach()
+        os.dup2(other_server.fileno() if now_named == "another connection" else other_file.fileno(), fd)
+        started = time.monotonic()
+        assert own_conns.settle(os.getpid(), set()) == 0  # no close of its own ever came
+        assert time.monotonic() - started >= SETTLE_CLOSE_TIMEOUT
+        other_client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other_client.recv(10)  # not shut down: nothing to read, no end of connection
+    finally:
+        for s in (old_client, other_server, other_client, other_file):
+            s.close()
