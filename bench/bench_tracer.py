@@ -87,13 +87,14 @@ def _machine_setting(kind: str) -> contextlib.AbstractContextManager:
 def _idle_polling() -> Iterator[None]:
     """Idle CPUs polling for the block, as gate mode keeps them while inputs are held."""
     request = IdlePolling(linger=float("inf"))
+    request.allow()
     request.busy(time.monotonic())
     if not request.held:
         raise RuntimeError(f"bare-polling: cannot open {DEVICE} for writing")
     try:
         yield
     finally:
-        request.release()
+        request.forbid()
 
 
 @contextlib.contextmanager

@@ -49,14 +49,15 @@ def current_limit_us(device: str = DEVICE) -> int:
 
 class IdlePolling:
     """One PM QoS request of 0 µs, held from ``busy()`` until ``expire()`` finds LINGER_SECONDS
-    gone by since the last ``busy()``, or until ``release()``. Each may be called any number of
-    times."""
+    gone by since the last ``busy()``; ``busy()`` holds it only between ``allow()`` and
+    ``forbid()``, which also drops it. Each may be called any number of times."""
 
     def __init__(self, device: str = DEVICE, linger: float = LINGER_SECONDS) -> None:
         self.device = device
         self.linger = linger
         self._fd: int | None = None
         self._last_busy = 0.0
+        self._allowed = False
         self._unavailable = False
         self._lock = threading.Lock()  # the tracer thread and the mode setter both call in
 
@@ -64,24 +65,32 @@ class IdlePolling:
     def held(self) -> bool:
         return self._fd is not None
 
+    def allow(self) -> None:
+        self._allowed = True
+
+    def forbid(self) -> None:
+        with self._lock:
+            self._allowed = False
+            self._release()
+
     def busy(self, now: float) -> None:
         self._last_busy = now
-        if self._fd is None and not self._unavailable:
+        if self._fd is None and self._allowed and not self._unavailable:
             self._hold()
 
     def expire(self, now: float) -> None:
         if self._fd is not None and now - self._last_busy > self.linger:
-            self.release()
+            with self._lock:
+                self._release()
 
-    def release(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+    def _release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _hold(self) -> None:
         with self._lock:
-            if self._fd is not None:
+            if self._fd is not None or not self._allowed:
                 return
             fd = -1
             try:

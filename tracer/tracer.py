@@ -152,8 +152,10 @@ class Tracer(TaskControl, Holding):
     def _sync_idle_poll(self) -> None:
         if self._idle_poll is None:
             return
-        if self.mode is not Mode.GATE or self.probes is None or self._stopping.is_set():
-            self._idle_poll.release()  # held again by the next held input (holding.py)
+        if self.mode is Mode.GATE and self.probes is not None and not self._stopping.is_set():
+            self._idle_poll.allow()  # held from the next held input on (holding.py)
+        else:
+            self._idle_poll.forbid()
 
     def refuse(self, event: SocketEvent, error: int = errno.ECONNRESET) -> None:
         """Let the held thread go on, but with its input taken back: the syscall fails with
@@ -213,6 +215,7 @@ class Tracer(TaskControl, Holding):
             sigchld.close()
             self._ready.set()
             return
+        self._sync_idle_poll()
         self._ready.set()
         poller = select.epoll()
         for fd in (ring_fd, sigchld.fd, self._wake_fd):
