@@ -304,9 +304,9 @@ class Campaign(Faults):
                     if attempt == 2:
                         raise
                     self.say("the nodes have not converged yet; repairing and waiting again")
-            docs = cluster.statuses()
+            snaps = self._snapshots(cluster)
+            docs = cluster.statuses()  # after the reads: they must not make a copy diverge
             convergence["diverged"] = sorted(n for n, d in docs.items() if d and d["diverged"])
-            snaps = {n.name: cluster.snapshot(n, self.key_names) for n in cluster.nodes}
             values = {name: {k: (v.decode() if v is not None else None) for k, v in snap.items()}
                       for name, snap in snaps.items()}
             convergence["values"] = values
@@ -323,6 +323,20 @@ class Campaign(Faults):
                          slice_seconds=min(60.0, self.check_seconds))
         check_seconds = time.monotonic() - t
         return self._summary(verdicts, convergence, check_seconds)
+
+    def _snapshots(self, cluster: NetnsCluster) -> dict[str, dict]:
+        """Every copy's keys, the leader's first. A direct read of a follower's copy is a stray
+        client there: Redis numbers it, so a replicated connection replayed after it would get
+        another client id in its HELLO reply than on the leader, and the follower would rightly
+        report divergence. The leader's read is replicated, so every copy replays it before any
+        follower is read."""
+        leader = cluster.leader()
+        snaps = {}
+        for node in sorted(cluster.nodes, key=lambda n: n is not leader):
+            snaps[node.name] = cluster.snapshot(node, self.key_names)
+            if node is leader:
+                cluster.wait_applied(timeout=60)
+        return snaps
 
     def _summary(self, verdicts: dict[str, Verdict], convergence: dict, check_seconds: float) -> dict:
         out, lines = summarize(self, verdicts, convergence, check_seconds)
