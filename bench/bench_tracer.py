@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RedisServer, print_table, redis_benchmark, round_ratios, write_json  # noqa: E402
 from tests.procs import cpu_seconds  # noqa: E402
-from tracer.idle_poll import DEVICE, HALT_POLL_NS, IdlePolling, halt_poll_ns  # noqa: E402
+from tracer.idle_poll import DEVICE, HALT_POLL_DEFAULT_NS, HALT_POLL_NS, IdlePolling, halt_poll_ns  # noqa: E402
 
 GATE_HOLDER = Path(__file__).resolve().parent.parent / "tests" / "gate_holder.py"
 
@@ -72,7 +72,6 @@ def _under(kind: str, server: RedisServer) -> subprocess.Popen | None:
 # gate-halt-poll runs only where the haltpoll window is 0 (see _halt_polling)
 MODES = ("trace", "gate", "gate-halting", "gate-halt-poll", "bare-polling", "strace")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
-HALT_POLL_WINDOW_NS = 200_000  # the kernel's default for guest_halt_poll_ns
 
 
 def _machine_setting(kind: str) -> contextlib.AbstractContextManager:
@@ -103,7 +102,7 @@ def _halt_polling() -> Iterator[None]:
     was (run_rounds uses it where the window is 0)."""
     window = Path(HALT_POLL_NS)
     was = window.read_text()
-    window.write_text(str(HALT_POLL_WINDOW_NS))
+    window.write_text(str(HALT_POLL_DEFAULT_NS))
     try:
         yield
     finally:

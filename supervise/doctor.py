@@ -127,7 +127,7 @@ def check_idle_cpus() -> Check:
     """Advice only: gating is correct either way. It keeps idle CPUs polling while inputs are held
     (tracer/idle_poll.py, unless cluster.idle_poll is off); every other wake-up of an idle vCPU,
     a follower's or a client's, is faster with halt-polling (bench/NOTES.md)."""
-    from tracer.idle_poll import HALT_POLL_NS, halt_poll_ns
+    from tracer.idle_poll import HALT_POLL_DEFAULT_NS, HALT_POLL_NS, halt_poll_ns
 
     window = halt_poll_ns()
     if window is None:
@@ -138,8 +138,8 @@ def check_idle_cpus() -> Check:
     return Check("idle CPUs", False, "halt at once (haltpoll.guest_halt_poll_ns=0): waking one is an "
                  "exit to the hypervisor; gating keeps them polling only while inputs are held",
                  required=False, mark="slow",
-                 fix=f"optional, for faster wake-ups: echo 200000 > {HALT_POLL_NS} (the kernel's "
-                     "default: an idle vCPU polls up to 200 µs before it halts)")
+                 fix=f"optional, for faster wake-ups: echo {HALT_POLL_DEFAULT_NS} > {HALT_POLL_NS} "
+                     "(the kernel's default: an idle vCPU polls up to 200 µs before it halts)")
 
 
 CHECKS: list[Callable[[], Check]] = [

@@ -20,6 +20,7 @@ log = logging.getLogger("tracer.idle_poll")
 DEVICE = "/dev/cpu_dma_latency"
 CPUIDLE_GOVERNOR = "/sys/devices/system/cpu/cpuidle/current_governor"
 HALT_POLL_NS = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+HALT_POLL_DEFAULT_NS = 200_000  # the kernel's default window for guest_halt_poll_ns
 LINGER_SECONDS = 0.05
 
 
