@@ -146,9 +146,13 @@ def write_memory(pid: int, address: int, data: bytes) -> None:
     buf = ctypes.create_string_buffer(data, len(data))
     local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), len(data))
     remote = _IoVec(address, len(data))
-    if _process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != len(data):
+    wrote = _process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if wrote < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_writev({pid}, {address:#x}, {len(data)}): {os.strerror(err)}")
+    if wrote != len(data):  # the range ends in an unmapped page: the kernel stops there, no errno
+        raise OSError(errno.EFAULT, f"process_vm_writev({pid}, {address:#x}, {len(data)}): "
+                                    f"wrote only {wrote} bytes")
 
 
 def read_iovecs(pid: int, iov_address: int, iov_count: int, total: int) -> bytes:
