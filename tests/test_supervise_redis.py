@@ -55,6 +55,29 @@ def test_twenty_clients_mixed_writes_leave_identical_copies(cluster):
     assert int(digests[leader.name] != b"") and len(snapshots[1]) == len(snapshots[0])
 
 
+def test_values_past_the_snap_length_and_the_socket_buffers_replicate_whole(cluster):
+    """An input longer than the probes copy is read from the held thread, however large."""
+    leader = cluster.wait_leader()
+    # RESP2: redis-py's HELLO 3 reply shows a client id, which the earlier tests' direct reads
+    # of the followers have moved there (README, Limitations)
+    client = redis_py.Redis(port=leader.server_port, socket_timeout=60, protocol=2)
+    values = {f"big:{n}": bytes((i * 7 + n) % 251 for i in range(n))
+              for n in (5_000, 70_000, 300_000, 1 << 20, 8 << 20)}
+    for key, value in values.items():
+        client.set(key, value)
+        client.append(key, b"+tail")
+    leader_digest = client.execute_command("DEBUG", "DIGEST-VALUE", *values)
+    client.close()
+    cluster.wait_applied(timeout=120)
+    for node in cluster.nodes:
+        assert node.status()["diverged"] is False, node.status()["diverged_reason"]
+        if node is not leader:
+            direct = redis_py.Redis(port=node.server_port)
+            assert direct.execute_command("DEBUG", "DIGEST-VALUE", *values) == leader_digest
+            assert direct.get("big:70000") == values["big:70000"] + b"+tail"
+            direct.close()
+
+
 def test_leader_refuses_nothing_and_followers_count_stray_clients(cluster):
     leader = cluster.wait_leader()
     follower = next(n for n in cluster.nodes if n is not leader)
