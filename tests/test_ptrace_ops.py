@@ -1,6 +1,7 @@
 """Reading and writing another process's memory, on a real process."""
 
 import errno
+import itertools
 import subprocess
 import time
 
@@ -28,7 +29,7 @@ def _writable_end_before_a_gap(pid: int) -> int:
             span, perms = line.split()[:2]
             start, end = (int(x, 16) for x in span.split("-"))
             regions.append((start, end, perms))
-    for (_, end, perms), (next_start, _, _) in zip(regions, regions[1:]):
+    for (_, end, perms), (next_start, _, _) in itertools.pairwise(regions):
         if perms.startswith("rw") and next_start > end:
             return end
     raise AssertionError(f"no writable mapping before a gap in /proc/{pid}/maps")
