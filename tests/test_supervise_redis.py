@@ -78,6 +78,40 @@ def test_values_past_the_snap_length_and_the_socket_buffers_replicate_whole(clus
             direct.close()
 
 
+def _resp(*args: str) -> bytes:
+    return f"*{len(args)}\r\n".encode() + b"".join(f"${len(a)}\r\n{a}\r\n".encode() for a in args)
+
+
+def test_pipelined_clients_and_commands_split_across_reads_leave_identical_copies(cluster):
+    leader = cluster.wait_leader()
+    run_clients(leader.server_port, clients=8, ops_per_client=2000, seed=2, pipeline=250,
+                protocol=2)  # RESP2: see the test above
+    commands = [_resp("RPUSH", "split", str(i)) if i % 2 else _resp("INCRBY", "split:n", str(i))
+                for i in range(200)]
+    stream = b"".join(commands)
+    with socket.create_connection(("127.0.0.1", leader.server_port), timeout=30) as raw:
+        for at in range(0, len(stream), 97):  # 97 bytes: most reads end inside a command
+            raw.sendall(stream[at:at + 97])
+            time.sleep(0.002)
+        replies = b""
+        while replies.count(b"\r\n") < len(commands):
+            chunk = raw.recv(65536)
+            assert chunk, "the leader closed the connection"
+            replies += chunk
+    expected = [f":{i // 2 + 1}" if i % 2 else f":{(i // 2) * (i // 2 + 1)}" for i in range(200)]
+    assert replies.decode().split("\r\n")[:-1] == expected
+    leader_client = redis_py.Redis(port=leader.server_port, protocol=2)
+    leader_digest = leader_client.execute_command("DEBUG", "DIGEST")
+    leader_client.close()
+    cluster.wait_applied(timeout=120)
+    for node in cluster.nodes:
+        assert node.status()["diverged"] is False, node.status()["diverged_reason"]
+        if node is not leader:
+            direct = redis_py.Redis(port=node.server_port)
+            assert direct.execute_command("DEBUG", "DIGEST") == leader_digest
+            direct.close()
+
+
 def test_leader_refuses_nothing_and_followers_count_stray_clients(cluster):
     leader = cluster.wait_leader()
     follower = next(n for n in cluster.nodes if n is not leader)

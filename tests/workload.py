@@ -29,15 +29,21 @@ def redis_op(client: redis_py.Redis, rng: random.Random) -> None:
         client.expire(f"{rng.choice(['str', 'ctr', 'list'])}:{n}", 3600)
 
 
-def run_clients(port: int, clients: int, ops_per_client: int, seed: int = 1) -> None:
+def run_clients(port: int, clients: int, ops_per_client: int, seed: int = 1, pipeline: int = 1,
+                protocol: int | None = None) -> None:
+    """``pipeline``: commands each client sends before it reads their replies."""
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
-        client = redis_py.Redis(port=port, socket_timeout=30)
+        client = redis_py.Redis(port=port, socket_timeout=30, protocol=protocol)
         try:
-            for _ in range(ops_per_client):
-                redis_op(client, rng)
+            for done in range(0, ops_per_client, pipeline):
+                batch = client.pipeline(transaction=False) if pipeline > 1 else client
+                for _ in range(min(pipeline, ops_per_client - done)):
+                    redis_op(batch, rng)
+                if pipeline > 1:
+                    batch.execute()
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
         finally:
