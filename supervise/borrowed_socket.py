@@ -22,19 +22,11 @@ _BYTES_RECEIVED = struct.Struct("=Q")
 _BYTES_RECEIVED_OFFSET = 128
 
 
-def socket_inode(pid: int, fd: int) -> int | None:
-    """The inode of the socket that descriptor ``fd`` of process ``pid`` names now: what tells
-    it from a later file or socket under the same number. None when the descriptor is not open."""
-    try:
-        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
-    except OSError:
-        return None
-
-
 def borrow_socket(pid: int, fd: int, inode: int | None = None) -> socket.socket | None:
     """Descriptor ``fd`` of process ``pid`` as a socket of ours; None (logged) when it cannot be
-    taken: the process is gone, the descriptor is not open or not a socket, or (given ``inode``)
-    it names another file now (the server closed the one it was, and opened another since)."""
+    taken: the process is gone, the descriptor is not open or not a socket, or (given ``inode``,
+    from tracer.procfs.socket_inode) it names another file now (the server closed the one it was,
+    and opened another since)."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from consensus import CommitFuture, Replica
 from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
+from tracer.procfs import socket_inode
 
-from .borrowed_socket import socket_inode
 from .digest import OutputChecker
 from .entries import Entry, Kind
 from .metrics import NodeMetrics

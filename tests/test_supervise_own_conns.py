@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from supervise.borrowed_socket import socket_inode
 from supervise.entries import Entry, Kind
 from supervise.own_conns import SETTLE_CLOSE_TIMEOUT, LostInput, OwnConnections, reset_backlog
 from tracer.events import Call, Direction, SocketEvent
+from tracer.procfs import socket_inode
 
 EPOCH = 7
 

@@ -146,12 +146,19 @@ def listening_addresses(pid: int) -> list[str]:
     return sorted({s.local for s in tcp_fds(pid).values() if s.state == TCP_LISTEN})
 
 
-def peer_of(pid: int, fd: int) -> str | None:
+def socket_inode(pid: int, fd: int) -> int | None:
+    """The inode of the socket that descriptor ``fd`` names now: what tells it from a later file
+    or socket under the same number. None when the descriptor is not open or not a socket."""
     try:
         target = os.readlink(f"/proc/{pid}/fd/{fd}")
     except OSError:
         return None
-    if not target.startswith("socket:["):
+    return int(target[8:-1]) if target.startswith("socket:[") else None
+
+
+def peer_of(pid: int, fd: int) -> str | None:
+    inode = socket_inode(pid, fd)
+    if inode is None:
         return None
-    sock = tcp_sockets(pid).get(int(target[8:-1]))
+    sock = tcp_sockets(pid).get(inode)
     return sock.remote if sock else None
