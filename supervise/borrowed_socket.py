@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -35,8 +36,10 @@ def borrow_socket(pid: int, fd: int, inode: int | None = None) -> socket.socket 
     try:
         dup = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
         if dup < 0:
-            log.warning("cannot take fd %d of the server (pid %d): %s", fd, pid,
-                        os.strerror(ctypes.get_errno()))
+            error = ctypes.get_errno()
+            # EBADF: the server closed it already (a forking server's parent, say)
+            (log.debug if error == errno.EBADF else log.warning)(
+                "cannot take fd %d of the server (pid %d): %s", fd, pid, os.strerror(error))
             return None
     finally:
         os.close(pidfd)

@@ -62,7 +62,7 @@ class LeaderInputs:
             else:
                 self._close(own)
                 self._propose(own, Entry(Kind.CLOSE, *cid), ev)
-        elif ev.call is Call.CLOSE:
+        elif ev.call is Call.CLOSE and ev.last:
             self._close(own)
             self._propose(own, Entry(Kind.CLOSE, *cid), None)
 

@@ -200,7 +200,7 @@ class OwnConnections:
                     self._held_accepts.append(ev)
                     return True
                 return False
-            if ev.call is Call.CLOSE:
+            if ev.call is Call.CLOSE and ev.last:
                 own.server_closed = True
                 self._closed.notify_all()
             if not ev.gated:

@@ -291,7 +291,7 @@ class Replayer:
                 else:
                     conn.eof_seen = True
                 conn.cond.notify_all()
-        elif event.call is Call.CLOSE:
+        elif event.call is Call.CLOSE and event.last:
             with conn.cond:
                 conn.server_closed = True
                 conn.cond.notify_all()

@@ -31,6 +31,8 @@ def format_line(event: SocketEvent) -> str:
         parts.append(f"peer={event.peer}")
     if event.escaped:
         parts.append("ESCAPED")
+    if not event.last:
+        parts.append("(the connection stays open in another descriptor)")
     if event.data:
         preview = event.data[:64]
         parts.append(repr(preview)[1:] + ("..." if len(event.data) > 64 else ""))
@@ -64,6 +66,8 @@ def json_line(event: SocketEvent) -> str:
         line += ', "gated": true'
     if event.escaped:
         line += ', "escaped": true'
+    if not event.last:
+        line += ', "last": false'
     return line + "}"
 
 

@@ -208,9 +208,77 @@ def test_forked_children_are_followed_and_their_inputs_seen(tgid_slots):
             client.sendall(b"abc")
             assert client.recv(100) == b"cba"
             client.close()
+            wait_until(lambda: any(e.call is Call.CLOSE and e.last and e.conn for e in rec.seen), 10,
+                       "the connection's end")
             inputs = [e for e in rec.drain() if e.dir is Direction.IN and e.ret > 0]
         assert [e.data for e in inputs] == [b"abc"]
         assert inputs[0].pid != server.pid and inputs[0].gated
+        # the parent's close of its copy does not end the connection; the child's exit does
+        closes = [e for e in rec.seen if e.call is Call.CLOSE and e.conn == inputs[0].conn]
+        assert [(e.pid, e.last) for e in closes] == [(server.pid, False), (inputs[0].pid, True)]
+        assert closes[-1].tid == 0
+    finally:
+        server.stop()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"the server closed after {got!r}"
+        got += chunk
+    return got
+
+
+def test_a_connection_ends_with_its_last_descriptor_across_fork_dup2_and_exec():
+    """inetd style: the parent closes its copy of the socket after fork, the child dup2s it onto
+    its standard input and output and execs cat, which closes the accepted descriptor; the
+    connection ends only when cat exits, with no close call."""
+    server = python_server("inetd_cat.py")
+    try:
+        with traced(server.pid, Mode.GATE) as (_tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(b"hello\n")
+            assert _recv_exactly(client, 6) == b"hello\n"
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(100) == b""
+            client.close()
+            wait_until(lambda: any(e.call is Call.CLOSE and e.last and e.conn for e in rec.seen), 10,
+                       "the connection's end")
+            events = list(rec.seen)
+        conn = next(e.conn for e in events if e.call in ACCEPTS)
+        closes = [e for e in events if e.call is Call.CLOSE and e.conn == conn]
+        assert [e.last for e in closes] == [False] * (len(closes) - 1) + [True]
+        child = closes[-1].pid
+        assert child != server.pid  # cat ended it
+        assert any(e.pid == server.pid for e in closes)  # the parent's close did not
+        # exec closed the accepted descriptor in the child, with no close call
+        assert any(e.pid == child and e.tid == 0 and e.fd not in (0, 1) for e in closes)
+        assert {e.fd for e in events if e.call is Call.DUP2 and e.conn == conn} == {0, 1}
+        inputs = [e for e in events if e.conn == conn and e.dir is Direction.IN]
+        assert [e.data for e in inputs] == [b"hello\n", b""]
+        assert all(e.gated and e.pid != server.pid for e in inputs)
+    finally:
+        server.stop()
+
+
+def test_a_socket_replaced_by_dup2_ends_there_and_its_fd_number_is_no_longer_taken_for_it():
+    server = python_server("dup2_closer.py")
+    try:
+        with traced(server.pid, Mode.OBSERVE) as (_tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(b"ping")
+            assert _recv_exactly(client, 4) == b"ping"
+            assert client.recv(100) == b""  # dup2 closed the server's socket
+            client.close()
+            wait_until(lambda: any(e.call is Call.CLOSE for e in rec.seen), 10, "the close")
+            time.sleep(0.2)  # the server's read of /dev/null and its close come right after
+            events = list(rec.seen)
+        conn = next(e.conn for e in events if e.call in ACCEPTS)
+        mine = [e for e in events if e.conn == conn and e.call not in ACCEPTS]
+        assert [(e.call, e.dir) for e in mine] == [
+            (Call.READ, Direction.IN), (Call.WRITE, Direction.OUT), (Call.CLOSE, Direction.CTL)]
+        assert mine[-1].last and mine[-1].tid == server.pid and mine[-1].fd == mine[0].fd
     finally:
         server.stop()
 

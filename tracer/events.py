@@ -37,6 +37,7 @@ class Call(IntEnum):
 
 ACCEPTS = frozenset({Call.ACCEPT, Call.ACCEPT4})
 READS = frozenset({Call.READ, Call.READV, Call.RECVFROM, Call.RECVMSG})
+DUPS = frozenset({Call.DUP, Call.DUP2, Call.DUP3})
 VECTORED = frozenset({Call.READV, Call.WRITEV})
 MSGHDR = frozenset({Call.RECVMSG, Call.SENDMSG})
 
@@ -58,6 +59,8 @@ class SocketEvent:
     ``input`` events (accept, read with data, EOF or reset) are the ones that replication must
     agree on; in gate mode their thread is held until ``Tracer.release`` is called.
     ``data`` holds the payload: whole for held inputs, up to the snap length otherwise.
+    A close with ``tid`` 0 was made by no thread: its process exited, or exec closed the
+    descriptor, without a close call.
     """
 
     seq: int
@@ -78,6 +81,9 @@ class SocketEvent:
     refused: int = field(default=0, repr=False)  # the errno a refused syscall fails with
     buf: int = field(default=0, repr=False)
     count: int = field(default=0, repr=False)
+    # a close: whether it ended the connection, or another descriptor (a dup, or a forked
+    # process's copy) still holds it
+    last: bool = field(default=True, repr=False)
 
     @property
     def is_eof(self) -> bool:

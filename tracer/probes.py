@@ -162,10 +162,15 @@ class Probes:
         existing = self.socks.get(key)
         return existing.conn if existing is not None else 0
 
-    def copy_sockets(self, from_tgid: int, to_tgid: int) -> None:
-        """A forked child holds its parent's sockets under the same conn ids."""
+    def copy_sockets(self, from_tgid: int, to_tgid: int) -> list[tuple[int, int]]:
+        """A forked child holds its parent's sockets under the same conn ids; returns the
+        (fd, conn) of each connection's descriptor it copied."""
+        copied = []
         for fd, (conn, kind) in self.sockets_of(from_tgid).items():
             self.socks[self.socks.Key(to_tgid, fd)] = self.socks.Leaf(conn, kind, 0)
+            if kind == SOCK_CONN:
+                copied.append((fd, conn))
+        return copied
 
     def drop_socket(self, tgid: int, fd: int) -> None:
         self.socks.pop(self.socks.Key(tgid, fd), None)

@@ -110,6 +110,23 @@ class TaskControl:
             elif sock.state == procfs.TCP_ESTABLISHED:
                 conn = self.probes.add_socket(tgid, fd, SOCK_CONN)
                 self._peers[conn] = sock.remote
+                self._descriptors.opened(tgid, fd, conn)
+
+    def _after_exec(self, tgid: int) -> None:
+        """exec closed the descriptors marked close-on-exec, with no close call for the probes
+        to see: drop them, so that a file the new program opens under one of their numbers is
+        not taken for the socket."""
+        assert self.probes is not None
+        self._pump_events()  # first: what the process did before exec (a dup2 of a socket, say)
+        still_open = procfs.tcp_fds(tgid)
+        gone = []
+        for fd, (conn, _kind) in self.probes.sockets_of(tgid).items():
+            if fd not in still_open:
+                self.probes.drop_socket(tgid, fd)
+                if conn:
+                    gone.append((fd, conn))
+        self._descriptors_gone(tgid, gone)
+        self._prefill_sockets(tgid)
 
     def _seize_threads(self, pid: int) -> None:
         quiet_passes = 0
@@ -170,7 +187,7 @@ class TaskControl:
             self._on_new_task(thread, event)
             self._cont(tid, 0)
         elif event == pt.EVENT_EXEC:
-            self._prefill_sockets(thread.tgid)
+            self._after_exec(thread.tgid)
             self._cont(tid, 0)
         else:
             self._cont(tid, 0)
@@ -214,7 +231,8 @@ class TaskControl:
         assert self.probes is not None
         self.probes.supervise_tgid(pid, self._bpf_mode())
         self._tgids.add(pid)
-        self.probes.copy_sockets(parent_tgid, pid)
+        for fd, conn in self.probes.copy_sockets(parent_tgid, pid):
+            self._descriptors.opened(pid, fd, conn)
         self._adopt(pid, pid)
 
     def _adopt_unknown(self, tid: int) -> Task | None:
@@ -238,7 +256,9 @@ class TaskControl:
             self._exit_status = os.waitstatus_to_exitcode(status)
             self._tgids.discard(tid)
             if self.probes is not None:
+                self._pump_events()  # first: what the process did before it exited
                 self.probes.forget_tgid(tid)
+            self._descriptors_gone(tid, self._descriptors.held_by(tid))
 
     def _forget_thread(self, tid: int) -> None:
         thread = self._threads.pop(tid, None)

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from . import procfs
 from . import ptrace_ops as pt
 from .cpu_follow import CpuFollower
-from .events import ACCEPTS, Call, Direction, SocketEvent, format_sockaddr
+from .descriptors import Descriptors
+from .events import ACCEPTS, DUPS, Call, Direction, SocketEvent, format_sockaddr
 from .holding import Holding
 from .idle_poll import IdlePolling
 from .probes import Probes
@@ -38,7 +39,7 @@ _DIRECTIONS = tuple(Direction)
 # _on_raw_event builds events positionally (keywords cost a fifth of an event's construction)
 assert [f.name for f in dataclasses.fields(SocketEvent)] == [
     "seq", "t", "pid", "tid", "call", "fd", "ret", "conn", "dir", "input", "gated", "data", "peer",
-    "escaped", "released", "refused", "buf", "count"], "update Tracer._on_raw_event"
+    "escaped", "released", "refused", "buf", "count", "last"], "update Tracer._on_raw_event"
 
 
 class Tracer(TaskControl, Holding):
@@ -79,6 +80,7 @@ class Tracer(TaskControl, Holding):
         self._threads: dict[int, Task] = {}
         self._tgids: set[int] = set()
         self._peers: dict[int, str] = {}
+        self._descriptors = Descriptors()
         self._releases: list[SocketEvent] = []
         self._releases_lock = threading.Lock()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -333,12 +335,26 @@ class Tracer(TaskControl, Holding):
                 event.peer = procfs.peer_of(event.pid, event.fd)
             if event.peer:
                 self._peers[event.conn] = event.peer
+            self._descriptors.opened(event.pid, event.ret, event.conn)
         elif event.call is Call.LISTEN:
             self._check_listener(event)
         else:
             event.peer = self._peers.get(event.conn)
-            if event.call is Call.CLOSE:
-                self._peers.pop(event.conn, None)
+            if not event.conn:
+                return  # a listening socket
+            if event.call in DUPS:
+                self._descriptors.opened(event.pid, event.fd, event.conn)
+            elif event.call is Call.CLOSE:
+                event.last = self._descriptors.closed(event.pid, event.fd, event.conn)
+                if event.last:
+                    self._peers.pop(event.conn, None)
+
+    def _descriptors_gone(self, tgid: int, fds: list[tuple[int, int]]) -> None:
+        """Descriptors that went without a close (the process exited, or exec closed them):
+        each is reported as a close by no thread (tid 0), which may end its connection."""
+        for fd, conn in fds:
+            self._handle(SocketEvent(0, time.time(), tgid, 0, Call.CLOSE, fd, 0, conn,
+                                     Direction.CTL, False, False))
 
     def _check_listener(self, event: SocketEvent) -> None:
         """listen() marks any socket; keep only TCP listeners."""

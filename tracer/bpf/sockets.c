@@ -358,9 +358,19 @@ static __always_inline int finish(u32 call, s64 ret) {
             return 0;
         break;
     case C_DUP: case C_DUP2: case C_DUP3: {
-        if (!sv || ret < 0 || ret == a->fd)
+        if (ret < 0 || ret == a->fd)
             return 0;
         struct sock_key dk = {.tgid = tgid, .fd = (s32)ret};
+        // dup2 and dup3 close what their new fd named: a tracked socket's descriptor ends here
+        struct sock_val *replaced = call == C_DUP ? 0 : socks.lookup(&dk);
+        if (replaced) {
+            u64 gone = replaced->conn;
+            socks.delete(&dk);
+            struct call_args c = {.call = C_CLOSE, .fd = (s32)ret};
+            emit(mode, tgid, tid, gone, 0, &c, DIR_CTL, 0, (s32)ret);
+        }
+        if (!sv)
+            return 0;
         struct sock_val dv = *sv;
         socks.update(&dk, &dv);
         fd = (s32)ret;

@@ -1,0 +1,60 @@
+"""A server that runs a process for each connection, inetd style, replicated: its parent closes
+its copy of each client's socket at once, and the connection goes on in the child (cat, by
+exec) on every copy until the client ends it."""
+
+import socket
+import sys
+from pathlib import Path
+
+from supervise.localcluster import SERVERS, LocalCluster
+
+from .procs import SERVERS as SERVER_SCRIPTS
+from .procs import wait_until
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"the server closed after {got!r}"
+        got += chunk
+    return got
+
+
+def test_connections_of_a_process_per_connection_server_outlive_its_close_and_end_on_every_copy(
+        monkeypatch):
+    monkeypatch.setitem(SERVERS, "inetd-cat", lambda port, _workdir: [
+        sys.executable, str(SERVER_SCRIPTS / "inetd_cat.py"), str(port)])
+    with LocalCluster(n=3, server="inetd-cat", transport="shm") as cluster:
+        cluster.start()
+        leader = cluster.wait_leader()
+        clients = [socket.create_connection(("127.0.0.1", leader.server_port), timeout=10)
+                   for _ in range(4)]
+        for line_no in range(25):
+            for i, client in enumerate(clients):
+                line = f"client {i} line {line_no}\n".encode()
+                client.sendall(line)
+                assert _recv_exactly(client, len(line)) == line
+        for client in clients[:2]:
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(100) == b""
+            client.close()
+        cluster.wait_applied()
+        for node in cluster.nodes:
+            wait_until(lambda pid=node.server.pid: len(_children(pid)) == 2, 20,
+                       f"{node.name}'s copy to end the two connections its clients ended")
+        for client in clients[2:]:
+            client.close()
+        committed = cluster.wait_applied()
+        for node in cluster.nodes:
+            wait_until(lambda pid=node.server.pid: not _children(pid), 20,
+                       f"{node.name}'s copy to end every connection")
+        docs = [node.status() for node in cluster.nodes]
+        assert all(d["applied"] >= committed for d in docs)
+        assert [(d["diverged"], d["stray_connections"]) for d in docs] == [(False, 0)] * 3
+        logs = cluster.logs()
+        assert "dropped" not in logs and "not in the log" not in logs, logs
