@@ -117,14 +117,11 @@ class TaskControl:
         to see: drop them, so that a file the new program opens under one of their numbers is
         not taken for the socket."""
         assert self.probes is not None
-        self._pump_events()  # first: what the process did before exec (a dup2 of a socket, say)
         still_open = procfs.tcp_fds(tgid)
-        gone = []
-        for fd, (conn, _kind) in self.probes.sockets_of(tgid).items():
-            if fd not in still_open:
-                self.probes.drop_socket(tgid, fd)
-                if conn:
-                    gone.append((fd, conn))
+        gone = [(fd, conn) for fd, (conn, _kind) in self.probes.sockets_of(tgid).items()
+                if fd not in still_open]
+        for fd, _conn in gone:
+            self.probes.drop_socket(tgid, fd)
         self._descriptors_gone(tgid, gone)
         self._prefill_sockets(tgid)
 
@@ -256,9 +253,8 @@ class TaskControl:
             self._exit_status = os.waitstatus_to_exitcode(status)
             self._tgids.discard(tid)
             if self.probes is not None:
-                self._pump_events()  # first: what the process did before it exited
                 self.probes.forget_tgid(tid)
-            self._descriptors_gone(tid, self._descriptors.held_by(tid))
+            self._descriptors_gone(tid, None)
 
     def _forget_thread(self, tid: int) -> None:
         thread = self._threads.pop(tid, None)

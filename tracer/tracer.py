@@ -81,6 +81,7 @@ class Tracer(TaskControl, Holding):
         self._tgids: set[int] = set()
         self._peers: dict[int, str] = {}
         self._descriptors = Descriptors()
+        self._gone: list[tuple[int, list[tuple[int, int]] | None]] = []  # see _descriptors_gone
         self._releases: list[SocketEvent] = []
         self._releases_lock = threading.Lock()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -251,6 +252,7 @@ class Tracer(TaskControl, Holding):
             if self._tgids:
                 self._detach_all()
             else:
+                self._pump_events()  # the process's last events, and the ends of its connections
                 exit_status = self._exit_status
         except Exception:
             log.exception("tracer thread failed; detaching")
@@ -305,10 +307,13 @@ class Tracer(TaskControl, Holding):
         assert self.probes is not None
         if self._follower is not None:  # first: it lets go of a CPU that leaves it too little time
             self._follower.update(self._batch_before, self.probes.backlog())
+        gone, self._gone = self._gone, []  # their processes' events are all in the ring now
         self.probes.consume()
         batch, self._batch = self._batch, []
         for event in batch:
             self._handle(event)
+        if gone:
+            self._report_gone(gone)
         if self._follower is not None:
             self._batch_before = batch
 
@@ -349,12 +354,20 @@ class Tracer(TaskControl, Holding):
                 if event.last:
                     self._peers.pop(event.conn, None)
 
-    def _descriptors_gone(self, tgid: int, fds: list[tuple[int, int]]) -> None:
-        """Descriptors that went without a close (the process exited, or exec closed them):
-        each is reported as a close by no thread (tid 0), which may end its connection."""
-        for fd, conn in fds:
-            self._handle(SocketEvent(0, time.time(), tgid, 0, Call.CLOSE, fd, 0, conn,
-                                     Direction.CTL, False, False))
+    def _descriptors_gone(self, tgid: int, fds: list[tuple[int, int]] | None) -> None:
+        """Descriptors that went without a close call: ``fds`` (fd, conn) closed by exec, or
+        (None) all that the exited process ``tgid`` held. Each is reported as a close by no thread (tid 0),
+        which may end its connection, after the events read from the ring next: the process's
+        events from before are among them (a dup2 before exec, say), and handling them from
+        here, between two events of a batch, would reorder events."""
+        self._gone.append((tgid, fds))
+
+    def _report_gone(self, gone: list[tuple[int, list[tuple[int, int]] | None]]) -> None:
+        for tgid, fds in gone:
+            for fd, conn in self._descriptors.held_by(tgid):
+                if fds is None or (fd, conn) in fds:
+                    self._handle(SocketEvent(0, time.time(), tgid, 0, Call.CLOSE, fd, 0, conn,
+                                             Direction.CTL, False, False))
 
     def _check_listener(self, event: SocketEvent) -> None:
         """listen() marks any socket; keep only TCP listeners."""
