@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from tracer import procfs
 from tracer.events import ACCEPTS, READS, Call, SocketEvent
 
 from .borrowed_socket import borrow_socket
@@ -241,8 +242,12 @@ class LostInput(RuntimeError):
 
 def shut_down_socket(pid: int, fd: int, inode: int | None = None) -> None:
     """shutdown(SHUT_RDWR) a socket of another process: the server reads EOF and closes it, and
-    the client sees the end. Given ``inode``, only while ``fd`` still names that socket."""
+    the client sees the end. Given ``inode``, only while ``fd`` still names that socket, or else
+    where a process the server forked holds it (a forking server's parent closes its copy)."""
     sock = borrow_socket(pid, fd, inode)
+    if sock is None and inode is not None:
+        sock = next((borrow_socket(child, child_fd, inode)
+                     for child, child_fd in procfs.socket_holders(pid, inode)), None)
     if sock is None:
         return
     with sock:

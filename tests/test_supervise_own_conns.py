@@ -9,9 +9,18 @@ import time
 import pytest
 
 from supervise.entries import Entry, Kind
-from supervise.own_conns import SETTLE_CLOSE_TIMEOUT, LostInput, OwnConnections, reset_backlog
+from supervise.own_conns import (
+    SETTLE_CLOSE_TIMEOUT,
+    LostInput,
+    OwnConnections,
+    reset_backlog,
+    shut_down_socket,
+)
+from tracer import procfs
 from tracer.events import Call, Direction, SocketEvent
 from tracer.procfs import socket_inode
+
+from .procs import python_server
 
 EPOCH = 7
 
@@ -181,3 +190,20 @@ def test_settling_leaves_alone_what_a_closed_connections_fd_names_now(rec, tmp_p
     finally:
         for s in (old_client, other_server, other_client, other_file):
             s.close()
+
+
+def test_a_connection_a_forked_child_serves_is_shut_down_though_the_parent_closed_its_copy():
+    server = python_server("inetd_cat.py")
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        client.sendall(b"x\n")
+        assert client.recv(10) == b"x\n"  # cat serves it, on its standard input and output
+        (cat,) = [p for p in procfs.descendants(server.pid) if procfs.socket_fds(p)]
+        inode = procfs.socket_fds(cat)[0]
+        assert inode not in procfs.socket_fds(server.pid).values()
+        assert procfs.socket_holders(server.pid, inode) == [(cat, 0), (cat, 1)]
+        shut_down_socket(server.pid, 1000, inode)  # the number the parent had is closed
+        assert client.recv(10) == b""
+    finally:
+        client.close()
+        server.stop()

@@ -82,6 +82,35 @@ def threads(pid: int) -> list[int]:
         return []
 
 
+def descendants(pid: int) -> list[int]:
+    """The process's children, their children and so on (empty if it is gone)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for tid in threads(parent):
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except GONE:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def socket_holders(pid: int, inode: int) -> list[tuple[int, int]]:
+    """(pid, fd) of each descriptor of socket ``inode`` in the processes ``pid`` forked, and
+    theirs."""
+    found: list[tuple[int, int]] = []
+    for child in descendants(pid):
+        try:
+            found += [(child, fd) for fd, held in socket_fds(child).items() if held == inode]
+        except GONE:
+            continue
+    return found
+
+
 def pending_signals(tid: int) -> int:
     """The thread's private pending-signal mask (SigPnd)."""
     try:
