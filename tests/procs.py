@@ -36,6 +36,16 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None
             time.sleep(0.02)
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock``; fails the test if the other end closes first."""
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"the other end closed after {got!r}"
+        got += chunk
+    return got
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -9,20 +9,11 @@ from pathlib import Path
 from supervise.localcluster import SERVERS, LocalCluster
 
 from .procs import SERVERS as SERVER_SCRIPTS
-from .procs import wait_until
+from .procs import recv_exactly, wait_until
 
 
 def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    got = b""
-    while len(got) < n:
-        chunk = sock.recv(n - len(got))
-        assert chunk, f"the server closed after {got!r}"
-        got += chunk
-    return got
 
 
 def test_connections_of_a_process_per_connection_server_outlive_its_close_and_end_on_every_copy(
@@ -38,7 +29,7 @@ def test_connections_of_a_process_per_connection_server_outlive_its_close_and_en
             for i, client in enumerate(clients):
                 line = f"client {i} line {line_no}\n".encode()
                 client.sendall(line)
-                assert _recv_exactly(client, len(line)) == line
+                assert recv_exactly(client, len(line)) == line
         for client in clients[:2]:
             client.shutdown(socket.SHUT_WR)
             assert client.recv(100) == b""

@@ -16,7 +16,7 @@ from tracer import probes
 from tracer.events import ACCEPTS, Call, Direction
 from tracer.tracer import Mode
 
-from .procs import free_port, memcached_server, python_server, wait_port, wait_until
+from .procs import free_port, memcached_server, python_server, recv_exactly, wait_port, wait_until
 from .tracing import start_trace_cli, stop_trace_cli, traced
 
 
@@ -221,15 +221,6 @@ def test_forked_children_are_followed_and_their_inputs_seen(tgid_slots):
         server.stop()
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    got = b""
-    while len(got) < n:
-        chunk = sock.recv(n - len(got))
-        assert chunk, f"the server closed after {got!r}"
-        got += chunk
-    return got
-
-
 def test_a_connection_ends_with_its_last_descriptor_across_fork_dup2_and_exec():
     """inetd style: the parent closes its copy of the socket after fork, the child dup2s it onto
     its standard input and output and execs cat, which closes the accepted descriptor; the
@@ -239,7 +230,7 @@ def test_a_connection_ends_with_its_last_descriptor_across_fork_dup2_and_exec():
         with traced(server.pid, Mode.GATE) as (_tracer, rec):
             client = socket.create_connection(("127.0.0.1", server.port))
             client.sendall(b"hello\n")
-            assert _recv_exactly(client, 6) == b"hello\n"
+            assert recv_exactly(client, 6) == b"hello\n"
             client.shutdown(socket.SHUT_WR)
             assert client.recv(100) == b""
             client.close()
@@ -268,7 +259,7 @@ def test_a_socket_replaced_by_dup2_ends_there_and_its_fd_number_is_no_longer_tak
         with traced(server.pid, Mode.OBSERVE) as (_tracer, rec):
             client = socket.create_connection(("127.0.0.1", server.port))
             client.sendall(b"ping")
-            assert _recv_exactly(client, 4) == b"ping"
+            assert recv_exactly(client, 4) == b"ping"
             assert client.recv(100) == b""  # dup2 closed the server's socket
             client.close()
             wait_until(lambda: any(e.call is Call.CLOSE for e in rec.seen), 10, "the close")
