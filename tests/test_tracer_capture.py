@@ -12,7 +12,7 @@ import time
 import pytest
 import redis as redis_py
 
-from tracer import probes
+from tracer import probes, procfs
 from tracer.events import ACCEPTS, Call, Direction
 from tracer.tracer import Mode
 
@@ -249,6 +249,29 @@ def test_a_connection_ends_with_its_last_descriptor_across_fork_dup2_and_exec():
         inputs = [e for e in events if e.conn == conn and e.dir is Direction.IN]
         assert [e.data for e in inputs] == [b"hello\n", b""]
         assert all(e.gated and e.pid != server.pid for e in inputs)
+    finally:
+        server.stop()
+
+
+def test_workers_a_preforking_server_forked_before_attach_are_traced_and_gated():
+    server = python_server("prefork_echo.py")
+    try:
+        wait_until(lambda: len(procfs.children(server.pid)) == 3, 10, "the workers")
+        workers = procfs.children(server.pid)
+        with traced(server.pid, Mode.GATE) as (_tracer, rec):
+            clients = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                       for _ in range(3)]
+            for i, client in enumerate(clients):
+                client.sendall(f"w{i}".encode())
+                assert recv_exactly(client, 2) == f"W{i}".encode()
+            for client in clients:
+                client.close()
+            events = list(rec.seen)
+        inputs = [e for e in events if e.dir is Direction.IN and e.ret > 0]
+        assert sorted(e.data for e in inputs) == [b"w0", b"w1", b"w2"]
+        accepts = [e for e in events if e.call in ACCEPTS]
+        assert len(accepts) == 3
+        assert all(e.gated and e.pid in workers for e in inputs + accepts)
     finally:
         server.stop()
 

@@ -144,19 +144,24 @@ class Probes:
     def untrace_tid(self, tid: int) -> None:
         self.tids.pop(ctypes.c_uint32(tid), None)
 
-    def add_socket(self, tgid: int, fd: int, kind: int) -> int:
+    def add_socket(self, tgid: int, fd: int, kind: int, conn: int | None = None) -> int:
         """Track an fd found at attach time unless the probes already track it; returns its
-        conn id (0 for listeners)."""
+        conn id (0 for listeners): ``conn`` if given (the socket's id in another process that
+        holds it too), else a new one."""
         from bcc import libbcc
 
         key = self.socks.Key(tgid, fd)
-        conn = 0 if kind == SOCK_LISTEN else self._prefill_next
+        new = kind == SOCK_CONN and conn is None
+        if kind == SOCK_LISTEN:
+            conn = 0
+        elif conn is None:
+            conn = self._prefill_next
         leaf = self.socks.Leaf(conn, kind, 0)
         rc = libbcc.lib.bpf_update_elem(
             self.socks.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_NOEXIST
         )
         if rc == 0:
-            if kind == SOCK_CONN:
+            if new:
                 self._prefill_next += 1
             return conn
         existing = self.socks.get(key)

@@ -82,20 +82,26 @@ def threads(pid: int) -> list[int]:
         return []
 
 
+def children(pid: int) -> list[int]:
+    """The processes that ``pid``'s threads forked and that have not exited (empty if it is gone)."""
+    found: list[int] = []
+    for tid in threads(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(k) for k in f.read().split()]
+        except GONE:
+            continue
+    return found
+
+
 def descendants(pid: int) -> list[int]:
     """The process's children, their children and so on (empty if it is gone)."""
     found: list[int] = []
     todo = [pid]
     while todo:
-        parent = todo.pop()
-        for tid in threads(parent):
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except GONE:
-                continue
-            found += kids
-            todo += kids
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
     return found
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -73,6 +74,19 @@ class TaskControl:
 
     def _attach(self, pid: int) -> None:
         self.pid = pid
+        self._attach_process(pid)
+        # The processes it forked before now (a pre-forking server's workers) hold its sockets
+        # too. Its later forks are followed as they happen: a child the tracer already traces
+        # that way is adopted when its first stop is read.
+        me = threading.get_native_id()  # TracerPid names the tracing thread
+        todo = procfs.children(pid)
+        while todo:
+            child = todo.pop()
+            if child not in self._tgids and procfs.tracer_pid(child) != me:
+                self._attach_process(child)
+                todo += procfs.children(child)
+
+    def _attach_process(self, pid: int) -> None:
         self._supervise(pid)
         self._prefill_sockets(pid)
         self._seize_threads(pid)
@@ -108,7 +122,8 @@ class TaskControl:
             if sock.state == procfs.TCP_LISTEN:
                 self.probes.add_socket(tgid, fd, SOCK_LISTEN)
             elif sock.state == procfs.TCP_ESTABLISHED:
-                conn = self.probes.add_socket(tgid, fd, SOCK_CONN)
+                conn = self.probes.add_socket(tgid, fd, SOCK_CONN, self._prefilled.get(sock.inode))
+                self._prefilled[sock.inode] = conn  # one id for the socket in every process
                 self._peers[conn] = sock.remote
                 self._descriptors.opened(tgid, fd, conn)
 
