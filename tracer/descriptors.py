@@ -38,9 +38,6 @@ class Descriptors:
         """(fd, conn) of each descriptor ``tgid`` holds."""
         return [(fd, conn) for (t, fd), conn in self._conn_of.items() if t == tgid]
 
-    def __len__(self) -> int:
-        return len(self._holders)
-
     def _forget(self, key: Holder) -> None:
         conn = self._conn_of.pop(key, None)
         if conn is None:

@@ -74,7 +74,8 @@ class TaskControl:
 
     def _attach(self, pid: int) -> None:
         self.pid = pid
-        self._attach_process(pid)
+        conns: dict[int, int] = {}  # socket inode -> conn: one id for a socket in every process
+        self._attach_process(pid, conns)
         # The processes it forked before now (a pre-forking server's workers) hold its sockets
         # too. Its later forks are followed as they happen: a child the tracer already traces
         # that way is adopted when its first stop is read.
@@ -83,12 +84,12 @@ class TaskControl:
         while todo:
             child = todo.pop()
             if child not in self._tgids and procfs.tracer_pid(child) != me:
-                self._attach_process(child)
+                self._attach_process(child, conns)
                 todo += procfs.children(child)
 
-    def _attach_process(self, pid: int) -> None:
+    def _attach_process(self, pid: int, conns: dict[int, int]) -> None:
         self._supervise(pid)
-        self._prefill_sockets(pid)
+        self._prefill_sockets(pid, conns)
         self._seize_threads(pid)
 
     def _launch(self, argv: list[str]) -> None:
@@ -116,14 +117,16 @@ class TaskControl:
         self.probes.supervise_tgid(tgid, self._bpf_mode())
         self._tgids.add(tgid)
 
-    def _prefill_sockets(self, tgid: int) -> None:
+    def _prefill_sockets(self, tgid: int, conns: dict[int, int]) -> None:
+        """Track the TCP sockets ``tgid`` holds; ``conns`` (inode -> conn) names the connections
+        already found in other processes, and takes the new ones."""
         assert self.probes is not None
         for fd, sock in procfs.tcp_fds(tgid).items():
             if sock.state == procfs.TCP_LISTEN:
                 self.probes.add_socket(tgid, fd, SOCK_LISTEN)
             elif sock.state == procfs.TCP_ESTABLISHED:
-                conn = self.probes.add_socket(tgid, fd, SOCK_CONN, self._prefilled.get(sock.inode))
-                self._prefilled[sock.inode] = conn  # one id for the socket in every process
+                conn = conns[sock.inode] = self.probes.add_socket(tgid, fd, SOCK_CONN,
+                                                                  conns.get(sock.inode))
                 self._peers[conn] = sock.remote
                 self._descriptors.opened(tgid, fd, conn)
 
@@ -138,7 +141,7 @@ class TaskControl:
         for fd, _conn in gone:
             self.probes.drop_socket(tgid, fd)
         self._descriptors_gone(tgid, gone)
-        self._prefill_sockets(tgid)
+        self._prefill_sockets(tgid, {})
 
     def _seize_threads(self, pid: int) -> None:
         quiet_passes = 0

@@ -81,7 +81,6 @@ class Tracer(TaskControl, Holding):
         self._tgids: set[int] = set()
         self._peers: dict[int, str] = {}
         self._descriptors = Descriptors()
-        self._prefilled: dict[int, int] = {}  # socket inode -> conn, for sockets found in /proc
         self._gone: list[tuple[int, list[tuple[int, int]] | None]] = []  # see _descriptors_gone
         self._releases: list[SocketEvent] = []
         self._releases_lock = threading.Lock()
