@@ -149,3 +149,24 @@ def test_a_leader_paused_past_its_leadership_keeps_its_copy_and_follows():
         except BaseException:
             print(cluster.logs())
             raise
+
+
+def test_a_followers_server_killed_mid_workload_takes_only_its_supervisor_out_with_one_line():
+    """The supervisor learns that its server died and leaves: one line for it, not one for each
+    entry it then had no server to replay into. The others go on."""
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        cluster.start()
+        killed = []
+
+        def kill_a_followers_server(leader):
+            follower = next(n for n in cluster.nodes if n is not leader)
+            follower.server.send_signal(signal.SIGKILL)
+            follower.supervisor.wait(30)
+            killed.append(follower)
+            return leader
+
+        _fault_the_leader_under_writers(cluster, kill_a_followers_server)
+        (node,) = killed
+        assert node.supervisor.returncode == 1
+        log = node.log_path.read_text()
+        assert log.count("exited with status") == 1 and "dropped" not in log, log

@@ -252,7 +252,10 @@ class Tracer(TaskControl, Holding):
             if self._tgids:
                 self._detach_all()
             else:
-                self._pump_events()  # the process's last events, and the ends of its connections
+                # its last events; not the ends of its connections, which on_exit implies (reported
+                # one by one, each would look to a caller like the server closing a connection)
+                self._gone.clear()
+                self._pump_events()
                 exit_status = self._exit_status
         except Exception:
             log.exception("tracer thread failed; detaching")
