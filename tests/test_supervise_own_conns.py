@@ -198,8 +198,11 @@ def test_a_connection_a_forked_child_serves_is_shut_down_though_the_parent_close
     try:
         client.sendall(b"x\n")
         assert client.recv(10) == b"x\n"  # cat serves it, on its standard input and output
-        (cat,) = [p for p in procfs.descendants(server.pid) if procfs.socket_fds(p)]
-        inode = procfs.socket_fds(cat)[0]
+        # this client's socket in the server, by its peer address (the cat of the server's
+        # start-up probe may still be there)
+        host, port = client.getsockname()
+        (inode,) = [i for i, s in procfs.tcp_sockets(server.pid).items() if s.remote == f"{host}:{port}"]
+        cat = procfs.socket_holders(server.pid, inode)[0][0]
         assert inode not in procfs.socket_fds(server.pid).values()
         assert procfs.socket_holders(server.pid, inode) == [(cat, 0), (cat, 1)]
         shut_down_socket(server.pid, 1000, inode)  # the number the parent had is closed
