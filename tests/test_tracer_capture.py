@@ -200,6 +200,10 @@ def tgid_slots(request, monkeypatch) -> int:
     return request.param
 
 
+def _a_connection_ended(events) -> bool:
+    return any(e.call is Call.CLOSE and e.last and e.conn for e in events)
+
+
 def test_forked_children_are_followed_and_their_inputs_seen(tgid_slots):
     server = python_server("forking_echo.py")
     try:
@@ -208,8 +212,7 @@ def test_forked_children_are_followed_and_their_inputs_seen(tgid_slots):
             client.sendall(b"abc")
             assert client.recv(100) == b"cba"
             client.close()
-            wait_until(lambda: any(e.call is Call.CLOSE and e.last and e.conn for e in rec.seen), 10,
-                       "the connection's end")
+            wait_until(lambda: _a_connection_ended(rec.seen), 10, "the connection's end")
             inputs = [e for e in rec.drain() if e.dir is Direction.IN and e.ret > 0]
         assert [e.data for e in inputs] == [b"abc"]
         assert inputs[0].pid != server.pid and inputs[0].gated
@@ -234,8 +237,7 @@ def test_a_connection_ends_with_its_last_descriptor_across_fork_dup2_and_exec():
             client.shutdown(socket.SHUT_WR)
             assert client.recv(100) == b""
             client.close()
-            wait_until(lambda: any(e.call is Call.CLOSE and e.last and e.conn for e in rec.seen), 10,
-                       "the connection's end")
+            wait_until(lambda: _a_connection_ended(rec.seen), 10, "the connection's end")
             events = list(rec.seen)
         conn = next(e.conn for e in events if e.call in ACCEPTS)
         closes = [e for e in events if e.call is Call.CLOSE and e.conn == conn]

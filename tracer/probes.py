@@ -152,10 +152,10 @@ class Probes:
         from bcc import libbcc
 
         key = self.socks.Key(tgid, fd)
-        new = kind == SOCK_CONN and conn is None
         if kind == SOCK_LISTEN:
             conn = 0
-        elif conn is None:
+        new = conn is None
+        if new:
             conn = self._prefill_next
         leaf = self.socks.Leaf(conn, kind, 0)
         rc = libbcc.lib.bpf_update_elem(

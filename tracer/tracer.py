@@ -310,7 +310,9 @@ class Tracer(TaskControl, Holding):
         assert self.probes is not None
         if self._follower is not None:  # first: it lets go of a CPU that leaves it too little time
             self._follower.update(self._batch_before, self.probes.backlog())
-        gone, self._gone = self._gone, []  # their processes' events are all in the ring now
+        gone = self._gone  # their processes' events are all in the ring now
+        if gone:
+            self._gone = []
         self.probes.consume()
         batch, self._batch = self._batch, []
         for event in batch:
@@ -359,16 +361,17 @@ class Tracer(TaskControl, Holding):
 
     def _descriptors_gone(self, tgid: int, fds: list[tuple[int, int]] | None) -> None:
         """Descriptors that went without a close call: ``fds`` (fd, conn) closed by exec, or
-        (None) all that the exited process ``tgid`` held. Each is reported as a close by no thread (tid 0),
-        which may end its connection, after the events read from the ring next: the process's
-        events from before are among them (a dup2 before exec, say), and handling them from
-        here, between two events of a batch, would reorder events."""
+        (None) all that the exited process ``tgid`` held. Each is reported as a close by no
+        thread (tid 0), which may end its connection, after the events read from the ring next:
+        the process's events from before are among them (a dup2 before exec, say), and handling
+        them from here, between two events of a batch, would reorder events."""
         self._gone.append((tgid, fds))
 
     def _report_gone(self, gone: list[tuple[int, list[tuple[int, int]] | None]]) -> None:
         for tgid, fds in gone:
+            closed = None if fds is None else set(fds)
             for fd, conn in self._descriptors.held_by(tgid):
-                if fds is None or (fd, conn) in fds:
+                if closed is None or (fd, conn) in closed:
                     self._handle(SocketEvent(0, time.time(), tgid, 0, Call.CLOSE, fd, 0, conn,
                                              Direction.CTL, False, False))
 
