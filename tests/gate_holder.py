@@ -1,7 +1,8 @@
 """Runs the tracer in gate mode against a pid, releasing every input at once (for tests that
 need a gating supervisor in its own process, e.g. to kill it, and for the tracer benchmark).
 
-Usage: gate_holder.py [--halting] PID   (--halting: idle CPUs halt even while inputs are held)
+Usage: gate_holder.py [--halting] [--hold-output] PID
+(--halting: idle CPUs halt even while inputs are held; --hold-output: hold outputs instead)
 """
 
 import sys
@@ -21,9 +22,11 @@ def main() -> None:
 
     args = sys.argv[1:]
     halting = "--halting" in args
-    pid = int([a for a in args if a != "--halting"][0])
+    pid = int([a for a in args if not a.startswith("--")][0])
     tracer = Tracer(Mode.GATE, on_event, idle_poll=not halting)
     tracer.attach(pid)
+    if "--hold-output" in args:
+        tracer.set_mode(Mode.HOLD_OUTPUT)
     print("attached", flush=True)
     threading.Event().wait()
 

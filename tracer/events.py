@@ -52,12 +52,24 @@ class Direction(IntEnum):
         return ("in", "out", "ctl")[self]
 
 
+class Hold(IntEnum):
+    """How the probe held an event (its ``gated`` byte in bpf/sockets.c)."""
+
+    NONE = 0
+    THREAD = 1  # an input whose thread is stopped until it is released
+    OUTPUTS = 2  # an input whose thread runs on; its outputs wait until it is released
+    OUTPUTS_STOP = 3  # as OUTPUTS, the thread stopped only to be armed, or its input read whole
+    MISSED = 4  # an output an armed thread wrote past its breakpoints
+    CROSSED = 5  # an output a disarmed thread wrote after another thread's later input
+
+
 @dataclass(eq=False, slots=True)
 class SocketEvent:
     """One socket syscall of a supervised process, as it returned in the kernel.
 
     ``input`` events (accept, read with data, EOF or reset) are the ones that replication must
-    agree on; in gate mode their thread is held until ``Tracer.release`` is called.
+    agree on; in gate mode their thread is held until ``Tracer.release`` is called, and in
+    hold-output mode their thread's outputs are (``gated`` says which events wait for it).
     ``data`` holds the payload: whole for held inputs, up to the snap length otherwise.
     A close with ``tid`` 0 was made by no thread: its process exited, or exec closed the
     descriptor, without a close call.
@@ -84,6 +96,16 @@ class SocketEvent:
     # a close: whether it ended the connection, or another descriptor (a dup, or a forked
     # process's copy) still holds it
     last: bool = field(default=True, repr=False)
+    hold: Hold = field(default=Hold.NONE, repr=False)
+
+    @property
+    def stopped(self) -> bool:
+        """The probe stopped the thread for this event."""
+        return self.hold is Hold.THREAD or self.hold is Hold.OUTPUTS_STOP
+
+    @property
+    def holds_outputs(self) -> bool:
+        return self.hold is Hold.OUTPUTS or self.hold is Hold.OUTPUTS_STOP
 
     @property
     def is_eof(self) -> bool:

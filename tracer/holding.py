@@ -40,7 +40,7 @@ class Holding:
         assert thread.pending is not None
         lost = thread.pending
         thread.pending = None
-        if not lost.released:
+        if not lost.released and not lost.holds_outputs:
             self.stats.held -= 1
         self._report_escape(lost, f"thread {thread.tid} of pid {lost.pid} ran on past held "
                                   f"{lost.call.syscall} on fd {lost.fd} without stopping (was it "
@@ -58,9 +58,9 @@ class Holding:
         if self._idle_poll is not None:
             self._idle_poll.busy(time.monotonic())
         pending = thread.pending
-        if pending is not None and pending.released:
-            thread.pending = None  # released before its stop arrived
-            self._resume_held(thread.tid, pending)
+        if pending is not None and (pending.released or pending.holds_outputs):
+            thread.pending = None  # released before its stop arrived, or stopped only to be armed
+            self._resume_held(thread, pending)
             return
         thread.gate_stopped = True  # its event may still be in the ring buffer
 
@@ -75,6 +75,9 @@ class Holding:
             self._release_now(event)
 
     def _release_now(self, event: SocketEvent) -> None:
+        if event.holds_outputs:
+            self._outputs_released(event)
+            return
         thread = self._threads.get(event.tid)
         if thread is None or thread.pending is not event:
             return
@@ -86,9 +89,13 @@ class Holding:
         if thread.gate_stopped:
             thread.pending = None
             thread.gate_stopped = False
-            self._resume_held(thread.tid, event)
+            self._resume_held(thread, event)
 
-    def _resume_held(self, tid: int, event: SocketEvent) -> None:
+    def _resume_held(self, thread: Task, event: SocketEvent) -> None:
+        if event.holds_outputs:
+            self._arm_and_go(thread)
+            return
+        tid = thread.tid
         if event.refused and not self._take_back(tid, event):
             return
         self._cont(tid, 0)

@@ -15,9 +15,12 @@ BPF_SOURCE = Path(__file__).with_name("bpf") / "sockets.c"
 MODE_OBSERVE = 1
 MODE_GATE = 2
 MODE_TRACE = 3  # observe; the reader is woken per batch, not per event
+MODE_HOLD_OUTPUT = 4  # inputs run on; outputs wait at breakpoints (output_hold.py)
+ARMED = 1 << 63
 SOCK_LISTEN = 1
 SOCK_CONN = 2
 BPF_NOEXIST = 1
+BPF_EXIST = 2
 PREFILL_CONN_BASE = 1 << 40
 MAX_SNAPLEN = 16384  # an event is built in a per-CPU map value (at most 32 KiB)
 RINGBUF_PAGES = 8192  # 32 MiB; records take their real size, not the snap length
@@ -62,6 +65,7 @@ class Probes:
         self.tids = self.bpf[b"tids"]
         self.socks = self.bpf[b"socks"]
         self.counters = self.bpf[b"counters"]
+        self.armed = self.bpf[b"armed"]
         self._prefill_next = PREFILL_CONN_BASE + 1
         self._slots_held: set[int] = set()
         self._reader: ringbuf.RingReader | None = None
@@ -144,6 +148,26 @@ class Probes:
 
     def untrace_tid(self, tid: int) -> None:
         self.tids.pop(ctypes.c_uint32(tid), None)
+        self.armed.pop(ctypes.c_uint32(tid), None)
+
+    def set_armed(self, tid: int, armed: bool, committed_seq: int = 0) -> None:
+        """Record whether ``tid``'s output breakpoints are on; when off, the seq of the last
+        input known committed as they went off (a later input of another thread makes the
+        thread's next output suspect)."""
+        self.armed[ctypes.c_uint32(tid)] = ctypes.c_uint64(ARMED if armed else committed_seq)
+
+    def end_outputs_held(self) -> None:
+        """No connection accepted so far has its outputs held any more: inputs on them hold
+        their threads from now on (after a leadership, its connections are not the log's). And
+        no input so far makes a thread's output suspect."""
+        from bcc import libbcc
+
+        for key, leaf in self._socket_entries():
+            if leaf.outputs_held:
+                plain = self.socks.Leaf(leaf.conn, leaf.kind, 0)
+                libbcc.lib.bpf_update_elem(self.socks.map_fd, ctypes.byref(key), ctypes.byref(plain),
+                                           BPF_EXIST)  # never for a socket closed meanwhile
+        self.bpf[b"last_input"].clear()
 
     def add_socket(self, tgid: int, fd: int, kind: int, conn: int | None = None) -> int:
         """Track an fd found at attach time unless the probes already track it; returns its
@@ -172,10 +196,12 @@ class Probes:
         """A forked child holds its parent's sockets under the same conn ids; returns the
         (fd, conn) of each connection's descriptor it copied."""
         copied = []
-        for fd, (conn, kind) in self.sockets_of(from_tgid).items():
-            self.socks[self.socks.Key(to_tgid, fd)] = self.socks.Leaf(conn, kind, 0)
-            if kind == SOCK_CONN:
-                copied.append((fd, conn))
+        for key, leaf in self._socket_entries():
+            if key.tgid == from_tgid:
+                self.socks[self.socks.Key(to_tgid, key.fd)] = self.socks.Leaf(
+                    leaf.conn, leaf.kind, leaf.outputs_held)
+                if leaf.kind == SOCK_CONN:
+                    copied.append((key.fd, leaf.conn))
         return copied
 
     def drop_socket(self, tgid: int, fd: int) -> None:

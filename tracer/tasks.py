@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from . import procfs
+from . import breakpoints, procfs
 from . import ptrace_ops as pt
 from .events import SocketEvent
-from .probes import MODE_GATE, MODE_OBSERVE, MODE_TRACE, SOCK_CONN, SOCK_LISTEN
+from .probes import MODE_GATE, MODE_HOLD_OUTPUT, MODE_OBSERVE, MODE_TRACE, SOCK_CONN, SOCK_LISTEN
 
 log = logging.getLogger("tracer")
 
@@ -27,7 +27,12 @@ STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal
 
 class Mode(Enum):
     OBSERVE = "observe"
-    GATE = "gate"
+    GATE = "gate"  # each input's thread is held until the input is released
+    HOLD_OUTPUT = "hold-output"  # inputs run on; outputs wait until the inputs are (output_hold.py)
+
+    @property
+    def holds(self) -> bool:
+        return self is not Mode.OBSERVE
 
 
 class AttachError(Exception):
@@ -70,6 +75,8 @@ class TaskControl:
     def _bpf_mode(self) -> int:
         if self.mode is Mode.GATE:
             return MODE_GATE
+        if self.mode is Mode.HOLD_OUTPUT:
+            return MODE_HOLD_OUTPUT
         return MODE_TRACE if self.background or self.batched_wakeups else MODE_OBSERVE
 
     def _attach(self, pid: int) -> None:
@@ -202,6 +209,7 @@ class TaskControl:
             self._on_new_task(thread, event)
             self._cont(tid, 0)
         elif event == pt.EVENT_EXEC:
+            self._breakpoints_dropped_by_exec(thread.tgid)
             self._after_exec(thread.tgid)
             self._cont(tid, 0)
         else:
@@ -216,6 +224,15 @@ class TaskControl:
                 return
             if code == pt.SI_KERNEL:
                 self._on_gate_stop(thread)
+                return
+        elif sig == signal.SIGTRAP and thread.tid in self._loaded:
+            try:
+                _, code = pt.siginfo_code(thread.tid)
+            except pt.ThreadGone:
+                self._forget_thread(thread.tid)
+                return
+            if code == breakpoints.TRAP_HWBKPT:
+                self._on_trap(thread)
                 return
         self._cont(thread.tid, sig)
 
@@ -278,8 +295,9 @@ class TaskControl:
         thread = self._threads.pop(tid, None)
         if thread is None:
             return
-        if thread.pending is not None and not thread.pending.released:
+        if thread.pending is not None and not thread.pending.released and not thread.pending.holds_outputs:
             self.stats.held -= 1
+        self._forget_breakpoints(tid)
         if self.probes is not None:
             self.probes.untrace_tid(tid)
         self.stats.threads = len(self._threads)
@@ -293,7 +311,7 @@ class TaskControl:
             self.probes.unsupervise_tgid(tgid)
         self._pump_events()
         for thread in list(self._threads.values()):
-            if thread.gate_stopped:
+            if thread.gate_stopped or thread.tid in self._trapped:
                 self._detach_one(thread.tid, 0)
             else:
                 try:
@@ -324,6 +342,9 @@ class TaskControl:
         if event == 0:
             if sig == signal.SIGSTOP and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
                 self._detach_one(tid, 0)
+            elif (sig == signal.SIGTRAP and tid in self._loaded
+                  and pt.siginfo_code(tid)[1] == breakpoints.TRAP_HWBKPT):
+                self._detach_one(tid, 0)
             else:
                 self._detach_one(tid, sig)
             return
@@ -333,6 +354,7 @@ class TaskControl:
         self._detach_one(tid, 0)
 
     def _detach_one(self, tid: int, sig: int) -> None:
+        self._clear_breakpoints(tid)
         try:
             pt.detach(tid, sig)
         except pt.ThreadGone:

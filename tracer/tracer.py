@@ -20,9 +20,10 @@ from . import procfs
 from . import ptrace_ops as pt
 from .cpu_follow import CpuFollower
 from .descriptors import Descriptors
-from .events import ACCEPTS, DUPS, Call, Direction, SocketEvent, format_sockaddr
+from .events import ACCEPTS, DUPS, Call, Direction, Hold, SocketEvent, format_sockaddr
 from .holding import Holding
 from .idle_poll import IdlePolling
+from .output_hold import OutputHolding
 from .probes import Probes
 from .signalfd import SigchldFd
 from .tasks import AttachError, Mode, Task, TaskControl, TracerStats, check_attachable
@@ -39,15 +40,18 @@ _DIRECTIONS = tuple(Direction)
 # _on_raw_event builds events positionally (keywords cost a fifth of an event's construction)
 assert [f.name for f in dataclasses.fields(SocketEvent)] == [
     "seq", "t", "pid", "tid", "call", "fd", "ret", "conn", "dir", "input", "gated", "data", "peer",
-    "escaped", "released", "refused", "buf", "count", "last"], "update Tracer._on_raw_event"
+    "escaped", "released", "refused", "buf", "count", "last", "hold"], "update Tracer._on_raw_event"
+_HOLDS = tuple(Hold)
 
 
-class Tracer(TaskControl, Holding):
+class Tracer(TaskControl, Holding, OutputHolding):
     """Attach to (or launch) a process and report its socket events.
 
     ``on_event`` is called on the tracer thread for every event; it must not block. In gate
     mode each input event's thread stays stopped until ``release(event)``, which any thread may
-    call. ``on_exit(status)`` is called when the traced process is gone.
+    call; in hold-output mode the thread runs on, and its outputs wait until then. Either way
+    such events have ``gated`` set. ``on_exit(status)`` is called when the traced process is
+    gone.
     """
 
     def __init__(
@@ -69,7 +73,7 @@ class Tracer(TaskControl, Holding):
         next input comes soon; 0 where other processes need the CPU more (a supervisor's
         followers)."""
         self.mode = mode
-        self.exitkill = (mode is Mode.GATE) if exitkill is None else exitkill
+        self.exitkill = mode.holds if exitkill is None else exitkill
         self.background = background
         self.on_event = on_event
         self.on_exit = on_exit
@@ -96,6 +100,7 @@ class Tracer(TaskControl, Holding):
         self.probes: Probes | None = None
         self._idle_poll = IdlePolling() if idle_poll else None
         self._resume_spin = resume_spin
+        self._init_output_hold()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -125,9 +130,18 @@ class Tracer(TaskControl, Holding):
 
     def set_mode(self, mode: Mode) -> None:
         """Start or stop gating. A supervisor that may gate later attaches with exitkill=True,
-        since PTRACE_O_EXITKILL can only be set while every thread is stopped."""
-        if mode is Mode.GATE and not self.exitkill:
+        since PTRACE_O_EXITKILL can only be set while every thread is stopped. Hold-output mode
+        holds only connections accepted from now on, and falls back to gate mode (with a
+        warning) for a process whose output calls cannot be found."""
+        if mode.holds and not self.exitkill:
             raise ValueError("gating needs a tracer attached with exitkill")
+        if mode is Mode.HOLD_OUTPUT and self.probes is not None:
+            why = self._can_hold_outputs()
+            if why is not None:
+                log.warning("cannot hold outputs (%s): holding inputs instead", why)
+                mode = Mode.GATE
+            else:
+                self.probes.end_outputs_held()
         self.mode = mode
         self._apply_bpf_mode()
         if self.probes is not None:
@@ -155,7 +169,7 @@ class Tracer(TaskControl, Holding):
     def _sync_idle_poll(self) -> None:
         if self._idle_poll is None:
             return
-        if self.mode is Mode.GATE and self.probes is not None and not self._stopping.is_set():
+        if self.mode.holds and self.probes is not None and not self._stopping.is_set():
             self._idle_poll.allow()  # held from the next held input on (holding.py)
         else:
             self._idle_poll.forbid()
@@ -247,6 +261,7 @@ class Tracer(TaskControl, Holding):
                     reaped = now
                     self._reap_all()
                 self._apply_releases()
+                self._resolve_traps()
                 if self._idle_poll is not None:
                     self._idle_poll.expire(now)
             if self._tgids:
@@ -304,7 +319,8 @@ class Tracer(TaskControl, Holding):
         peer = format_sockaddr(peer_raw[:peer_len]) if peer_len and call in ACCEPTS else None
         self._batch.append(SocketEvent(
             seq, ts_ns / 1e9 + self._clock_offset, tgid, tid, call, fd, ret, conn,
-            _DIRECTIONS[dir_nr], is_input == 1, gated == 1, data, peer, False, False, 0, buf, count))
+            _DIRECTIONS[dir_nr], is_input == 1, 0 < gated < Hold.MISSED, data, peer, False, False, 0,
+            buf, count, True, _HOLDS[gated]))
 
     def _pump_events(self) -> None:
         assert self.probes is not None
@@ -325,18 +341,30 @@ class Tracer(TaskControl, Holding):
     def _handle(self, event: SocketEvent) -> None:
         self.stats.events += 1
         self._track_connection(event)
+        if event.seq > self._last_seq:
+            self._last_seq = event.seq
         if event.input:
             self.stats.inputs += 1
-            if event.gated and event.dir is Direction.IN and event.ret > len(event.data):
+            if event.stopped and event.dir is Direction.IN and event.ret > len(event.data):
                 self._read_held_input(event)
+        elif event.hold:
+            self._hold_violated(event)
         thread = self._threads.get(event.tid)
         if thread is not None and thread.pending is not None and not thread.gate_stopped:
             self._escaped(thread)
-        if event.gated and thread is not None:
+        if event.holds_outputs:
+            self._hold_outputs_of(event)
+        if event.stopped and thread is not None:
             thread.pending = event
-            self.stats.held += 1
-            self._spin_until = 0.0  # the input came: from here the thread waits for its release
-            self._await_gate_stop(thread)
+            if event.holds_outputs and thread.gate_stopped:  # its stop came first
+                thread.pending = None
+                thread.gate_stopped = False
+                self._arm_and_go(thread)
+            else:
+                if not event.holds_outputs:
+                    self.stats.held += 1
+                    self._spin_until = 0.0  # the input came: from here the thread waits for its release
+                self._await_gate_stop(thread)
         self.on_event(event)
 
     def _track_connection(self, event: SocketEvent) -> None:

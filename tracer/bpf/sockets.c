@@ -14,6 +14,7 @@
 #define MODE_OBSERVE 1
 #define MODE_GATE 2
 #define MODE_TRACE 3        // observe; wake the reader per WAKE_EVERY events a CPU, and per connection event
+#define MODE_HOLD_OUTPUT 4  // inputs run on; a thread's outputs wait at its breakpoints (output_hold.py)
 #define WAKE_EVERY 4096
 #define RB_NO_WAKEUP 1
 #define RB_FORCE_WAKEUP 2
@@ -44,8 +45,15 @@ struct sock_key {
 struct sock_val {
     u64 conn;
     u32 kind;
-    u32 pad;
+    u32 outputs_held;   // accepted in MODE_HOLD_OUTPUT: its inputs need not stop their thread
 };
+
+// What an event's `gated` byte says (tracer/events.py: Hold)
+#define HOLD_THREAD 1        // input: its thread is stopped until the tracer's caller releases it
+#define HOLD_OUTPUTS 2       // input: its thread's outputs wait until the caller releases it
+#define HOLD_OUTPUTS_STOP 3  // as HOLD_OUTPUTS, and the thread is stopped to be armed or read whole
+#define HOLD_MISSED 4        // output: written by an armed thread, past its breakpoints
+#define HOLD_CROSSED 5       // output: by a disarmed thread, after another thread's later input
 
 // The arguments of the syscall that is returning, read from the registers the kernel saved at
 // its entry (x86_64: fd, buffer, count and flags stay in rdi, rsi, rdx and r10 until the return).
@@ -106,6 +114,11 @@ BPF_ARRAY(counters, u64, 4);                     // 0: event seq, 1: conn ids, 2
 BPF_PERCPU_ARRAY(scratch, struct event, 1);      // an event is built here, then copied out at its size
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(unwoken, u32, 1);               // MODE_TRACE: events since this CPU last woke the reader
+// MODE_HOLD_OUTPUT: tid -> ARMED when its breakpoints are on, else the seq of the last input the
+// tracer knew committed when it disarmed them; tgid -> the seq of its latest input
+#define ARMED (1ULL << 63)
+BPF_HASH(armed, u32, u64, 65536);
+BPF_HASH(last_input, u32, u64, 1024);
 
 // The tgid's mode, 0 when it is not supervised.
 static __always_inline u32 mode_of(u32 tgid) {
@@ -216,10 +229,40 @@ static __always_inline u32 copy_payload(struct call_args *a, s64 ret, u8 *data) 
     return got;
 }
 
+// MODE_HOLD_OUTPUT: how an event of a traced thread is held. An input on a connection accepted
+// in this mode runs on, unless its thread must first be armed (its breakpoints off) or the probe
+// could not copy the input whole; an input on any other connection holds its thread as in
+// MODE_GATE. An output must come from a disarmed thread, with no input of another thread since
+// the tracer disarmed it.
+static __always_inline u8 hold_output(u32 tgid, u32 tid, struct event *e, u8 input, u32 outputs_held) {
+    u64 *state = armed.lookup(&tid);
+    u64 st = state ? *state : 0;
+    if (input) {
+        u64 seq = e->seq;
+        last_input.update(&tgid, &seq);
+        u8 hold = HOLD_OUTPUTS;
+        if (!outputs_held)
+            hold = HOLD_THREAD;
+        else if (!(st & ARMED) || (e->dir == DIR_IN && e->ret > 0 && e->data_len < e->ret))
+            hold = HOLD_OUTPUTS_STOP;
+        if (hold != HOLD_OUTPUTS)
+            bpf_send_signal_thread(SIGSTOP_NR);
+        return hold;
+    }
+    if (e->dir != DIR_OUT)
+        return 0;
+    if (st & ARMED)
+        return HOLD_MISSED;
+    u64 *latest = last_input.lookup(&tgid);
+    if (latest && *latest > st)
+        return HOLD_CROSSED;
+    return 0;
+}
+
 // Builds the event in this CPU's scratch space and writes it to the ring at its real size,
 // stopping the thread first when it is a held input.
 static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
-                                struct call_args *a, u8 dir, u8 input, s32 fd) {
+                                struct call_args *a, u8 dir, u8 input, s32 fd, u32 outputs_held) {
     u32 call = a->call;
 
     u32 zero = 0;
@@ -250,9 +293,11 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
         e->data_len = copy_payload(a, ret, e->data);
 
     if (input && mode == MODE_GATE && tids.lookup(&tid)) {
-        e->gated = 1;
+        e->gated = HOLD_THREAD;
         bpf_send_signal_thread(SIGSTOP_NR);
     }
+    if (mode == MODE_HOLD_OUTPUT && tids.lookup(&tid))
+        e->gated = hold_output(tgid, tid, e, input, outputs_held);
     // A wake-up per event costs the traced thread more than the event itself (on a VM, an exit
     // to the hypervisor). A gating tracer is woken by a held thread's stop and reads the ring
     // then, so only inputs that are not held wake it; the rest wait for that or its 20 ms poll.
@@ -267,6 +312,11 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     u64 wake = 0;
     if (mode == MODE_GATE && (e->gated || !input))
         wake = RB_NO_WAKEUP;
+    // a thread's inputs are read when it stops at its output (or on the poll); its end of input
+    // and the connection events wake the reader at once
+    if (mode == MODE_HOLD_OUTPUT)
+        wake = (dir == DIR_CTL || (dir == DIR_IN && ret <= 0) || e->gated >= HOLD_MISSED)
+            ? RB_FORCE_WAKEUP : RB_NO_WAKEUP;
     if (mode == MODE_TRACE) {
         u32 *n = unwoken.lookup(&zero);
         wake = RB_NO_WAKEUP;
@@ -302,7 +352,7 @@ static __always_inline int on_close(s32 fd) {
     u64 conn = sv->conn;
     socks.delete(&key);
     struct call_args a = {.call = C_CLOSE, .fd = fd};
-    return emit(mode, tgid, (u32)id, conn, 0, &a, DIR_CTL, 0, fd);
+    return emit(mode, tgid, (u32)id, conn, 0, &a, DIR_CTL, 0, fd, 0);
 }
 
 static __always_inline int finish(u32 call, s64 ret) {
@@ -318,6 +368,7 @@ static __always_inline int finish(u32 call, s64 ret) {
     struct sock_key key = {.tgid = tgid, .fd = a->fd};
     struct sock_val *sv = socks.lookup(&key);
     u64 conn = sv ? sv->conn : 0;
+    u32 outputs_held = sv ? sv->outputs_held : 0;
     u8 dir = DIR_CTL;
     u8 input = 0;
     s32 fd = a->fd;
@@ -327,9 +378,11 @@ static __always_inline int finish(u32 call, s64 ret) {
         if (ret < 0 || !sv || sv->kind != SOCK_LISTEN)
             return 0;
         struct sock_key nk = {.tgid = tgid, .fd = (s32)ret};
-        struct sock_val nv = {.conn = next_counter(1), .kind = SOCK_CONN};
+        struct sock_val nv = {.conn = next_counter(1), .kind = SOCK_CONN,
+                              .outputs_held = mode == MODE_HOLD_OUTPUT};
         socks.update(&nk, &nv);
         conn = nv.conn;
+        outputs_held = 1;  // the accepting thread's next output waits for its CONNECT
         input = 1;
         break;
     }
@@ -367,7 +420,7 @@ static __always_inline int finish(u32 call, s64 ret) {
             u64 gone = replaced->conn;
             socks.delete(&dk);
             struct call_args c = {.call = C_CLOSE, .fd = (s32)ret};
-            emit(mode, tgid, tid, gone, 0, &c, DIR_CTL, 0, (s32)ret);
+            emit(mode, tgid, tid, gone, 0, &c, DIR_CTL, 0, (s32)ret, 0);
         }
         if (!sv)
             return 0;
@@ -379,7 +432,7 @@ static __always_inline int finish(u32 call, s64 ret) {
     default:
         return 0;
     }
-    return emit(mode, tgid, tid, conn, ret, a, dir, input, fd);
+    return emit(mode, tgid, tid, conn, ret, a, dir, input, fd, outputs_held);
 }
 
 #define EXIT_PROBE(name, call) \
