@@ -9,6 +9,7 @@ from pathlib import Path
 
 TRANSPORTS = ("shm", "tcp", "verbs", "auto")
 DURABILITIES = ("fsync", "memory")
+HOLDS = ("inputs", "outputs")
 
 
 class ConfigError(Exception):
@@ -45,6 +46,7 @@ class ClusterConfig:
     log_region_bytes: int
     spin_us: int = 200
     idle_poll: bool = True
+    hold: str = "inputs"  # what a leader holds until its commit: the input, or outputs after it
     nodes: list[NodeConfig] = field(default_factory=list)
 
     def node(self, name: str) -> NodeConfig:
@@ -104,7 +106,7 @@ def load(path: str | Path) -> ClusterConfig:
     where = f"{path}: cluster"
     unknown = set(cluster) - {"transport", "durability", "secret_file", "heartbeat_ms",
                               "election_timeout_ms", "vip", "vip_interface", "log_region_mib",
-                              "spin_us", "idle_poll"}
+                              "spin_us", "idle_poll", "hold"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
     transport = _get(cluster, "transport", where, str, "auto")
@@ -140,6 +142,9 @@ def load(path: str | Path) -> ClusterConfig:
     if spin_us < 0:
         raise ConfigError(f"{where}.spin_us: expected microseconds, 0 or more, got {spin_us}")
     idle_poll = _get(cluster, "idle_poll", where, bool, True)
+    hold = _get(cluster, "hold", where, str, "inputs")
+    if hold not in HOLDS:
+        raise ConfigError(f"{where}.hold: expected inputs or outputs, got {hold!r}")
     nodes_doc = doc.get("node")
     if not isinstance(nodes_doc, list) or not nodes_doc:
         raise ConfigError(f"{path}: expected [[node]] tables, found none")
@@ -173,5 +178,5 @@ def load(path: str | Path) -> ClusterConfig:
         secret_file=(base / secret) if secret else None, heartbeat_ms=heartbeat,
         election_timeout_ms=election, vip=vip, vip_interface=vip_interface,
         log_region_bytes=log_mib << 20, spin_us=spin_us, idle_poll=idle_poll,
-        nodes=nodes,
+        hold=hold, nodes=nodes,
     )

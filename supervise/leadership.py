@@ -40,6 +40,7 @@ class Leadership:
                 self.fatal.set()
                 return
             held = self.own.depose(self.epoch)  # first: the tracer thread then holds what comes
+            self.tracer.set_mode(Mode.GATE)  # inputs that come now can be refused; outputs' can't
             self.leading = False
             self.metrics.leader.set(0)
             self.vip.drop()
@@ -133,11 +134,12 @@ class Leadership:
         # gating first: an input seen while leading must never have been let through ungated;
         # what is gated before `leading` is set is already this leadership's
         self._opening = True
-        self.tracer.set_mode(Mode.GATE)
+        self.tracer.set_mode(Mode.HOLD_OUTPUT if self.cluster.hold == "outputs" else Mode.GATE)
         self._escapes_before = self.tracer.stats.escapes
         self.leading = True
         self._opening = False
         self.metrics.leader.set(1)
-        log.info("leading with ballot %d: closed %d connections of the old leadership, gating "
-                 "clients of %s", ballot, len(stale), self.me.server)
+        log.info("leading with ballot %d: closed %d connections of the old leadership, holding %s "
+                 "of clients of %s", ballot, len(stale),
+                 "outputs" if self.tracer.mode is Mode.HOLD_OUTPUT else "inputs", self.me.server)
         self.vip.take(lambda: self.leading and self.replica is not None and self.replica.role == "leader")

@@ -90,7 +90,7 @@ class LocalCluster:
     def __init__(self, n: int = 3, server: str = "redis", transport: str = "shm",
                  durability: str = "fsync", workdir: str | None = None,
                  heartbeat_ms: int = 20, election_timeout_ms: int = 300,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, hold: str = "inputs") -> None:
         self.server_kind = server
         self.env = {**os.environ, **(env or {})}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supervise-cluster-"))
@@ -104,7 +104,7 @@ class LocalCluster:
         secret.chmod(0o600)
         lines = ["[cluster]", f'transport = "{transport}"', f'durability = "{durability}"',
                  'secret_file = "cluster.key"', f"heartbeat_ms = {heartbeat_ms}",
-                 f"election_timeout_ms = {election_timeout_ms}", ""]
+                 f"election_timeout_ms = {election_timeout_ms}", f'hold = "{hold}"', ""]
         for node in self.nodes:
             lines += ["[[node]]", f'name = "{node.name}"',
                       f'replication = "127.0.0.1:{node.replication_port}"',

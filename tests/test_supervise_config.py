@@ -53,6 +53,8 @@ BROKEN = [
     ('durability = "fsync"', 'durability = "fsync"\ncolour = "blue"', "cluster.colour: unknown key"),
     ('durability = "fsync"', 'durability = "fsync"\nspin_us = -5', "cluster.spin_us: expected microseconds"),
     ('durability = "fsync"', 'durability = "fsync"\nidle_poll = "yes"', "cluster.idle_poll: expected bool"),
+    ('durability = "fsync"', 'durability = "fsync"\nhold = "both"',
+     "cluster.hold: expected inputs or outputs"),
     ('[cluster]', '[cluster', "not valid TOML"),
 ]
 
@@ -80,6 +82,12 @@ def test_idle_cpus_poll_while_inputs_are_held_unless_configured_not_to(tmp_path)
     assert load(_write(tmp_path, GOOD)).idle_poll is True
     text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nidle_poll = false', 1)
     assert load(_write(tmp_path, text)).idle_poll is False
+
+
+def test_a_leader_holds_inputs_unless_configured_to_hold_outputs(tmp_path):
+    assert load(_write(tmp_path, GOOD)).hold == "inputs"
+    text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nhold = "outputs"', 1)
+    assert load(_write(tmp_path, text)).hold == "outputs"
 
 
 @pytest.mark.parametrize("old,new,message", BROKEN)

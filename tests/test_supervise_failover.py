@@ -1,74 +1,13 @@
 """kill -9 of the leader mid-workload: a follower takes over with nothing acknowledged lost."""
 
 import signal
-import threading
-import time
 
 import redis as redis_py
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from supervise.localcluster import LocalCluster
 
 from .procs import alive
-from .workload import redis_snapshot
-
-
-def _writer(cluster, index, acked, stop, errors):
-    """Writes unique keys; on any connection error finds the current leader and goes on."""
-    seq = 0
-    client = None
-    while not stop.is_set():
-        try:
-            if client is None:
-                leader = cluster.wait_leader(timeout=30)
-                # no reconnecting of its own (retries, or the pool's silent reconnect of a
-                # connection the server closed between commands): it would reconnect to the same
-                # copy, even one that no longer leads (a stray client there)
-                client = redis_py.Redis(port=leader.server_port, socket_timeout=5,
-                                        socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
-                                        single_connection_client=True)
-            key = f"w{index}:{seq}"
-            client.set(key, seq)
-            acked.append(key)
-            seq += 1
-        except (redis_py.ConnectionError, redis_py.TimeoutError, ConnectionError, OSError):
-            client = None
-            seq += 1  # the outcome of that write is unknown: never reuse its key
-            time.sleep(0.05)
-        except TimeoutError as exc:
-            errors.append(exc)
-            return
-
-
-def _fault_the_leader_under_writers(cluster, fault) -> tuple:
-    """8 writers through the leader; after 300 acknowledged writes ``fault(old)`` returns the new
-    leader; the writers go on for 300 more. Returns (old, new, acked, seconds to the new leader)."""
-    old = cluster.wait_leader()
-    acked: list[str] = []
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop, errors))
-               for i in range(8)]
-    for w in writers:
-        w.start()
-    try:
-        while len(acked) < 300:
-            time.sleep(0.05)
-        faulted_at = time.monotonic()
-        new = fault(old)
-        took = time.monotonic() - faulted_at
-        before = len(acked)
-        deadline = time.monotonic() + 60
-        while len(acked) < before + 300 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for w in writers:
-            w.join(30)
-    assert not errors
-    assert len(acked) >= before + 300, "clients went on with the new leader"
-    return old, new, acked, took
+from .workload import fault_the_leader_under_writers, redis_snapshot
 
 
 def test_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
@@ -79,7 +18,7 @@ def test_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
             cluster.kill(old)
             return cluster.wait_leader(timeout=30, exclude=old.name)
 
-        old, new, acked, takeover = _fault_the_leader_under_writers(cluster, kill)
+        old, new, acked, takeover = fault_the_leader_under_writers(cluster, kill)
         print(f"new leader {new.name} gating {takeover:.2f}s after the kill")
         client = redis_py.Redis(port=new.server_port)
         values = client.mget(acked)
@@ -133,7 +72,7 @@ def test_a_leader_paused_past_its_leadership_keeps_its_copy_and_follows():
                 finally:
                     old.supervisor.send_signal(signal.SIGCONT)
 
-            old, new, acked, _ = _fault_the_leader_under_writers(cluster, pause)
+            old, new, acked, _ = fault_the_leader_under_writers(cluster, pause)
             cluster.wait_applied(timeout=60)
             assert old.supervisor.poll() is None, old.log_path.read_text()[-3000:]
             log_text = old.log_path.read_text()
@@ -165,7 +104,7 @@ def test_a_followers_server_killed_mid_workload_takes_only_its_supervisor_out_wi
             killed.append(follower)
             return leader
 
-        _fault_the_leader_under_writers(cluster, kill_a_followers_server)
+        fault_the_leader_under_writers(cluster, kill_a_followers_server)
         (node,) = killed
         assert node.supervisor.returncode == 1
         log = node.log_path.read_text()

@@ -11,7 +11,7 @@ import redis as redis_py
 
 from supervise.localcluster import LocalCluster
 
-from .workload import redis_snapshot, run_clients
+from .workload import assert_mixed_writes_leave_identical_copies, run_clients
 
 
 @pytest.fixture(scope="module")
@@ -26,33 +26,7 @@ def cluster():
 
 
 def test_twenty_clients_mixed_writes_leave_identical_copies(cluster):
-    leader = cluster.wait_leader()
-    run_clients(leader.server_port, clients=20, ops_per_client=1000)
-    cluster.wait_applied(timeout=120)
-    for node in cluster.nodes:
-        doc = node.status()
-        assert doc["diverged"] is False, doc["diverged_reason"]
-        assert doc["escapes"] == 0
-    # DEBUG DIGEST covers every key, type, value and list order, and its output is deterministic.
-    # The leader's is read through the gate first; the followers' directly once that is applied
-    # (a direct client changes a follower: its connection numbers show in later HELLO replies).
-    leader_client = redis_py.Redis(port=leader.server_port)
-    digests = {leader.name: leader_client.execute_command("DEBUG", "DIGEST")}
-    leader_client.close()
-    cluster.wait_applied()
-    time.sleep(1.0)
-    for node in cluster.nodes:
-        if node is not leader:
-            direct = redis_py.Redis(port=node.server_port)
-            digests[node.name] = direct.execute_command("DEBUG", "DIGEST")
-            direct.close()
-    assert len(set(digests.values())) == 1, digests
-    # key by key on the followers, read directly (SCAN order and TTLs are no replicated output)
-    followers = [n for n in cluster.nodes if n is not leader]
-    snapshots = [redis_snapshot(n.server_port) for n in followers]
-    assert len(snapshots[0]) > 500
-    assert snapshots[0] == snapshots[1]
-    assert int(digests[leader.name] != b"") and len(snapshots[1]) == len(snapshots[0])
+    assert_mixed_writes_leave_identical_copies(cluster)
 
 
 def _assert_copies_answer_alike(cluster, leader, *command: str) -> None:
