@@ -65,6 +65,7 @@ class Campaign(Faults):
     check_seconds: float = 120.0
     clear_stale_vip: bool = False
     logs_dir: str | None = None
+    hold: str = "inputs"
     log: Any = None
     history: list[Op] = field(default_factory=list)
     failed: Counter = field(default_factory=Counter)
@@ -221,7 +222,7 @@ class Campaign(Faults):
 
     def run(self) -> dict:
         with NetnsCluster(vip=True, election_timeout_ms=self.election_timeout_ms,
-                          launch_restarts=True) as cluster:
+                          launch_restarts=True, hold=self.hold) as cluster:
             try:
                 return self._run(cluster)
             except BaseException:
@@ -232,7 +233,8 @@ class Campaign(Faults):
                     cluster.save_logs(self.logs_dir)
 
     def _run(self, cluster: NetnsCluster) -> dict:
-        self.say(f"seed {self.seed}, {self.duration:.0f}s, {self.clients} clients, keys {self.key_names}")
+        self.say(f"seed {self.seed}, {self.duration:.0f}s, {self.clients} clients, keys {self.key_names}, "
+                 f"leaders hold {self.hold}")
         leader = cluster.start(timeout=90)
         self.say(f"cluster up, leader {leader.name}; workdir {cluster.workdir}")
         for key in self.key_names:
@@ -371,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         "workaround for supervise versions that do not do it themselves)")
     p.add_argument("--logs", help="copy the supervisors' logs to this directory")
     p.add_argument("--history", help="write every operation here (JSON Lines, times from the start)")
+    p.add_argument("--hold", choices=("inputs", "outputs"), default="inputs",
+                   help="what leaders hold until its commit (cluster.hold)")
     args = p.parse_args(argv)
     from tracer.signalfd import block_sigchld
 
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
     campaign = Campaign(seed=args.seed, duration=args.duration, clients=args.clients, keys=args.keys,
                         timeout=args.timeout, check_seconds=args.check_seconds,
-                        clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs)
+                        clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs, hold=args.hold)
     summary = campaign.run()
     if args.history:
         with open(args.history, "w") as f:

@@ -78,7 +78,7 @@ class NetnsCluster(HostFaults, VipView):
 
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
                  election_timeout_ms: int = 300, durability: str = "fsync",
-                 subnet: str = "10.77.0", launch_restarts: bool = False) -> None:
+                 subnet: str = "10.77.0", launch_restarts: bool = False, hold: str = "inputs") -> None:
         """``launch_restarts``: restart nodes as an operator should, with the launch form
         (`supervise ... -- redis-server ...`): the supervisor removes a VIP left on the host by a
         killed leader before the fresh server exists, so no client reaches a copy nobody holds."""
@@ -104,7 +104,7 @@ class NetnsCluster(HostFaults, VipView):
             secret.chmod(0o600)
             lines = ["[cluster]", 'transport = "tcp"', f'durability = "{durability}"',
                      'secret_file = "cluster.key"', f"heartbeat_ms = {heartbeat_ms}",
-                     f"election_timeout_ms = {election_timeout_ms}"]
+                     f"election_timeout_ms = {election_timeout_ms}", f'hold = "{hold}"']
             if self.vip:
                 lines += [f'vip = "{self.vip}/24"', 'vip_interface = "eth0"']
             lines.append("")
