@@ -2,8 +2,10 @@
 Redis, under `supervise --trace`, under gate mode with an immediate release (as it runs by
 default, keeping idle CPUs polling while inputs are held: tracer/idle_poll.py; with that off,
 "gate-halting"; and, on a KVM guest whose haltpoll governor does not poll, with that off and the
-kernel's default halt-polling window set for that run), and under strace -f. "bare-polling" is
-bare Redis while idle CPUs poll: how much of gate's gain from polling is the machine's own.
+kernel's default halt-polling window set for that run), under hold-output mode with an immediate
+release (tracer/output_hold.py: inputs run on, each output waits for the inputs before it), and
+under strace -f. "bare-polling" is bare Redis while idle CPUs poll: how much of gate's gain from
+polling is the machine's own.
 
 Usage: .venv/bin/python bench/bench_tracer.py [--requests N] [--rounds N] [--bpf-stats] [--modes M,...]
 Prints a table of throughput as ratios to bare: each round runs every mode once, and each ratio
@@ -60,6 +62,8 @@ def _under(kind: str, server: RedisServer) -> subprocess.Popen | None:
                        "tracing")
     if kind == "gate":
         return _attach([py, str(GATE_HOLDER), str(server.pid)], "attached")
+    if kind == "hold-output":
+        return _attach([py, str(GATE_HOLDER), "--hold-output", str(server.pid)], "attached")
     if kind in ("gate-halting", "gate-halt-poll"):
         return _attach([py, str(GATE_HOLDER), "--halting", str(server.pid)], "attached")
     if kind == "strace":
@@ -70,7 +74,7 @@ def _under(kind: str, server: RedisServer) -> subprocess.Popen | None:
 
 
 # gate-halt-poll runs only where the haltpoll window is 0 (see _halt_polling)
-MODES = ("trace", "gate", "gate-halting", "gate-halt-poll", "bare-polling", "strace")
+MODES = ("trace", "gate", "hold-output", "gate-halting", "gate-halt-poll", "bare-polling", "strace")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 

@@ -120,8 +120,10 @@ class Tracer(TaskControl, Holding, OutputHolding):
             self._release_now(event)
             return
         with self._releases_lock:
+            wake = not self._releases  # else a wake-up is on its way for those before
             self._releases.append(event)
-        os.eventfd_write(self._wake_fd, 1)
+        if wake:
+            os.eventfd_write(self._wake_fd, 1)
 
     @property
     def lost_events(self) -> int:
