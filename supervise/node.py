@@ -156,9 +156,18 @@ class Node(Leadership):
             "stray_input_bytes": self.stray_input,
             "escapes": self.tracer.stats.escapes if self.tracer else 0,
             "held": self.tracer.stats.held if self.tracer else 0,
+            "holding": self._holding(),
+            "inputs": self.tracer.stats.inputs if self.tracer else 0,
+            "output_stops": self.tracer.stats.output_stops if self.tracer else 0,
             "lost_events": self._lost_events(),
             "peers": r.peer_status() if r else {},
         }
+
+    def _holding(self) -> str | None:
+        """What a gating leader holds until commit: "inputs" or "outputs"; None otherwise."""
+        if self.tracer is None or not self.leading:
+            return None
+        return "outputs" if self.tracer.mode is Mode.HOLD_OUTPUT else "inputs"
 
     # ---- consensus callbacks (delivery thread) ------------------------------------------------
 

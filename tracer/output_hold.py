@@ -75,6 +75,7 @@ class OutputHolding:
         """A thread stopped for an input of hold-output mode: arm it and let it go."""
         try:
             if thread.tid not in self._armed:
+                self.stats.arming_stops += 1
                 entries = self._entries.get(thread.tgid)
                 if entries is None:
                     entries = self._entries[thread.tgid] = breakpoints.output_entries(thread.tgid)
@@ -99,6 +100,7 @@ class OutputHolding:
         the ring is read past its trap (_resolve_traps)."""
         if self._idle_poll is not None:
             self._idle_poll.busy(time.monotonic())
+        self.stats.output_stops += 1
         self._trapped[thread.tid] = None
 
     def _resolve_traps(self) -> None:
