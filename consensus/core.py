@@ -164,7 +164,9 @@ class Core(Elections, LeadershipTransfer):
                 with self.mu:
                     self._advance_commit()
 
-    def submit(self, payload: bytes) -> CommitFuture:
+    def submit(self, payload: bytes, defer: bool = False) -> CommitFuture:
+        """Queue a proposal; with ``defer``, leave it queued for the next proposal, ``flush`` or
+        tick to append, so that a caller with several at hand appends (and syncs) them as one."""
         fut: CommitFuture = CommitFuture()
         if len(payload) > self.max_payload:
             fut.set_exception(ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}"))
@@ -173,9 +175,14 @@ class Core(Elections, LeadershipTransfer):
             fut.set_exception(NotLeader(None if self.transferring else self.leader))
             return fut
         self._queue.append((payload, fut, time.perf_counter()))
-        if self.mu.acquire(False):
-            self._release()
+        if not defer:
+            self.flush()
         return fut
+
+    def flush(self) -> None:
+        """Append what is queued, unless the lock's holder will."""
+        if self._queue and self.mu.acquire(False):
+            self._release()
 
     def _drain(self) -> bool:
         q = self._queue

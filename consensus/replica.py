@@ -193,18 +193,25 @@ class Replica:
         return out
 
     # ---- proposals ----------------------------------------------------------------------------
-    def propose(self, payload: bytes) -> CommitFuture:
+    def propose(self, payload: bytes, defer: bool = False) -> CommitFuture:
         """Future of the committed index; fails with NotLeader(leader) when not leading,
         LeadershipLost when leadership ends before it commits (outcome unknown: it may still
         commit under the next leader), ValueError when larger than a quarter of the log region
-        share of one peer (log_region_bytes / (n - 1) / 4)."""
+        share of one peer (log_region_bytes / (n - 1) / 4). With ``defer``, the proposal waits
+        for the next one without it, or ``flush()``, or at most the leader's next tick: a caller
+        with many proposals at hand gets them appended, sent and (with fsync) synced as one."""
         if self._closed or not self._started:
             fut: CommitFuture = CommitFuture()
             fut.set_exception(ReplicaClosed("replica not running"))
             return fut
-        fut = self.core.submit(bytes(payload))
+        fut = self.core.submit(bytes(payload), defer)
         self.metrics.proposals.inc()
         return fut
+
+    def flush(self) -> None:
+        """Append the proposals made with ``defer``."""
+        if not self._closed and self._started:
+            self.core.flush()
 
     def withdraw(self, timeout: float) -> None:
         """Never lead again in this replica's lifetime, and hand leadership on if this replica

@@ -88,7 +88,7 @@ class LeaderInputs:
         held = ev if ev is not None and ev.gated else None
         payload = entry.encode()
         self.own.proposed(own, payload, held)  # first: the commit may be delivered before propose returns
-        future = self.replica.propose(payload)
+        future = self.replica.propose(payload, defer=True)  # appended with its batch (node.py)
         if held is not None:
             future.add_done_callback(lambda f, ev=held: self._release(ev, f))
 

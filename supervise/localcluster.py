@@ -90,7 +90,8 @@ class LocalCluster:
     def __init__(self, n: int = 3, server: str = "redis", transport: str = "shm",
                  durability: str = "fsync", workdir: str | None = None,
                  heartbeat_ms: int = 20, election_timeout_ms: int = 300,
-                 env: dict[str, str] | None = None, hold: str = "inputs") -> None:
+                 env: dict[str, str] | None = None, hold: str = "inputs",
+                 spin_us: int | None = None) -> None:
         self.server_kind = server
         self.env = {**os.environ, **(env or {})}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supervise-cluster-"))
@@ -105,6 +106,8 @@ class LocalCluster:
         lines = ["[cluster]", f'transport = "{transport}"', f'durability = "{durability}"',
                  'secret_file = "cluster.key"', f"heartbeat_ms = {heartbeat_ms}",
                  f"election_timeout_ms = {election_timeout_ms}", f'hold = "{hold}"', ""]
+        if spin_us is not None:
+            lines.insert(-1, f"spin_us = {spin_us}")
         for node in self.nodes:
             lines += ["[[node]]", f'name = "{node.name}"',
                       f'replication = "127.0.0.1:{node.replication_port}"',

@@ -77,6 +77,7 @@ class Node(Leadership):
         # the tracer needs to catch the next input early (bench_supervise.py, bench/NOTES.md)
         self.tracer = Tracer(Mode.OBSERVE, self._on_event, snaplen=16384, exitkill=True,
                              on_escape=self._on_escape, on_exit=self._on_server_exit,
+                             on_batch=self._on_event_batch,
                              resume_spin=0.0, idle_poll=self.cluster.idle_poll)
         if pid is not None:
             self.address.check(pid)
@@ -229,6 +230,11 @@ class Node(Leadership):
                 self._refuse_held(ev, errno.EAGAIN)  # gating, not leading: the log has no CONNECT
             else:
                 self.tracer.release(ev)
+
+    def _on_event_batch(self) -> None:
+        """The inputs of a batch were proposed one by one, deferred: append them as one."""
+        if self.replica is not None:
+            self.replica.flush()
 
     def _release_held(self, ev: SocketEvent) -> None:
         assert self.tracer is not None

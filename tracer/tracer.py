@@ -61,12 +61,15 @@ class Tracer(TaskControl, Holding, OutputHolding):
         snaplen: int = 4096,
         on_exit: Callable[[int | None], None] | None = None,
         on_escape: Callable[[SocketEvent], None] | None = None,
+        on_batch: Callable[[], None] | None = None,
         exitkill: bool | None = None,
         background: bool = False,
         idle_poll: bool = True,
         resume_spin: float = GATE_SPIN_SECONDS,
     ) -> None:
-        """``idle_poll``: while held inputs flow, keep the machine's idle CPUs polling instead of
+        """``on_batch``: called on the tracer thread after each batch of events read at once
+        (one for each trap in hold-output mode), for a caller that acts on them together.
+        ``idle_poll``: while held inputs flow, keep the machine's idle CPUs polling instead of
         halting (see tracer/idle_poll.py): faster gating, at the price of idle cores that spin
         for as long as inputs are held and a moment after. ``resume_spin``:
         seconds the tracer thread polls without sleeping after it resumes a held thread, whose
@@ -78,6 +81,7 @@ class Tracer(TaskControl, Holding, OutputHolding):
         self.on_event = on_event
         self.on_exit = on_exit
         self.on_escape = on_escape
+        self.on_batch = on_batch
         self.snaplen = snaplen
         self.stats = TracerStats()
         self.pid = 0
@@ -337,6 +341,8 @@ class Tracer(TaskControl, Holding, OutputHolding):
             self._handle(event)
         if gone:
             self._report_gone(gone)
+        if (batch or gone) and self.on_batch is not None:
+            self.on_batch()
         if self._follower is not None:
             self._batch_before = batch
 
