@@ -9,6 +9,7 @@ import random
 import threading
 import time
 
+import pytest
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError
 
@@ -68,8 +69,11 @@ def _items_once_settled(port: int, reference: dict, timeout: float = 10.0) -> di
     return items
 
 
-def test_memcached_copies_hold_the_same_items_after_concurrent_writes():
-    with LocalCluster(n=3, server="memcached", transport="shm") as cluster:
+@pytest.mark.parametrize("hold", ["inputs", "outputs"])
+def test_memcached_copies_hold_the_same_items_after_concurrent_writes(hold):
+    """With outputs held, memcached's worker threads answer while another's input may not be
+    committed: the leader reports that and holds inputs from then on."""
+    with LocalCluster(n=3, server="memcached", transport="shm", hold=hold) as cluster:
         cluster.start(timeout=120)
         leader = cluster.wait_leader()
         errors: list = []
@@ -89,3 +93,9 @@ def test_memcached_copies_hold_the_same_items_after_concurrent_writes():
                     f"{node.name} differs from the leader"
         for node in cluster.nodes:
             assert node.status()["diverged"] is False, node.status()["diverged_reason"]
+        status = leader.status()
+        if hold == "outputs" and status["holding"] == "inputs":
+            assert status["escapes"] > 0
+            assert "holding inputs from now on" in leader.log_path.read_text()
+        else:
+            assert (status["holding"], status["escapes"]) == (hold, 0)
