@@ -7,7 +7,7 @@ import redis as redis_py
 from supervise.localcluster import LocalCluster
 
 from .procs import alive
-from .workload import fault_the_leader_under_writers, redis_snapshot
+from .workload import fault_the_leader_under_writers, pause_the_leader, redis_snapshot
 
 
 def test_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
@@ -64,15 +64,7 @@ def test_a_leader_paused_past_its_leadership_keeps_its_copy_and_follows():
     with LocalCluster(n=3, server="redis", transport="shm") as cluster:
         try:
             cluster.start(timeout=120)
-
-            def pause(old):
-                old.supervisor.send_signal(signal.SIGSTOP)
-                try:
-                    return cluster.wait_leader(timeout=30, exclude=old.name)
-                finally:
-                    old.supervisor.send_signal(signal.SIGCONT)
-
-            old, new, acked, _ = fault_the_leader_under_writers(cluster, pause)
+            old, new, acked, _ = fault_the_leader_under_writers(cluster, pause_the_leader(cluster))
             cluster.wait_applied(timeout=60)
             assert old.supervisor.poll() is None, old.log_path.read_text()[-3000:]
             log_text = old.log_path.read_text()

@@ -1,14 +1,17 @@
 """A group whose leader holds its server's outputs instead of its inputs (cluster.hold =
 "outputs"): the same copies, and nothing a client saw acknowledged is lost."""
 
-import signal
 
 import redis as redis_py
 
 from supervise.leadership import LOST_LEADERSHIP_EXIT
 from supervise.localcluster import LocalCluster
 
-from .workload import assert_mixed_writes_leave_identical_copies, fault_the_leader_under_writers
+from .workload import (
+    assert_mixed_writes_leave_identical_copies,
+    fault_the_leader_under_writers,
+    pause_the_leader,
+)
 
 
 def _acked_on(node, acked: list[str]) -> None:
@@ -46,15 +49,7 @@ def test_a_leader_paused_past_its_leadership_follows_or_leaves_and_rejoins_fresh
     with LocalCluster(n=3, server="redis", transport="shm", hold="outputs") as cluster:
         try:
             cluster.start(timeout=120)
-
-            def pause(old):
-                old.supervisor.send_signal(signal.SIGSTOP)
-                try:
-                    return cluster.wait_leader(timeout=30, exclude=old.name)
-                finally:
-                    old.supervisor.send_signal(signal.SIGCONT)
-
-            old, new, acked, _ = fault_the_leader_under_writers(cluster, pause)
+            old, new, acked, _ = fault_the_leader_under_writers(cluster, pause_the_leader(cluster))
             _acked_on(new, acked)
             cluster.wait_applied(timeout=60)
             if old.supervisor.poll() is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 
@@ -178,3 +179,17 @@ def fault_the_leader_under_writers(cluster, fault) -> tuple:
     assert not errors
     assert len(acked) >= before + 300, "clients went on with the new leader"
     return old, new, acked, took
+
+
+def pause_the_leader(cluster):
+    """A fault for fault_the_leader_under_writers: SIGSTOP the leader's supervisor until another
+    node leads, then SIGCONT it; returns the new leader."""
+
+    def pause(old):
+        old.supervisor.send_signal(signal.SIGSTOP)
+        try:
+            return cluster.wait_leader(timeout=30, exclude=old.name)
+        finally:
+            old.supervisor.send_signal(signal.SIGCONT)
+
+    return pause

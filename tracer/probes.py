@@ -139,6 +139,7 @@ class Probes:
 
     def forget_tgid(self, tgid: int) -> None:
         self.unsupervise_tgid(tgid)
+        self.bpf[b"last_input"].pop(ctypes.c_uint32(tgid), None)
         for key, _ in self._socket_entries():
             if key.tgid == tgid:
                 self.socks.pop(key, None)

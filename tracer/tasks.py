@@ -218,22 +218,18 @@ class TaskControl:
             self._cont(tid, 0)
 
     def _on_signal_stop(self, thread: Task, sig: int) -> None:
-        if sig == signal.SIGSTOP:
+        """A probe's SIGSTOP (sent by the kernel) or a trap at an output breakpoint is the
+        tracer's; any other signal goes on to the thread."""
+        if sig == signal.SIGSTOP or (sig == signal.SIGTRAP and thread.tid in self._loaded):
             try:
                 _, code = pt.siginfo_code(thread.tid)
             except pt.ThreadGone:
                 self._forget_thread(thread.tid)
                 return
-            if code == pt.SI_KERNEL:
+            if sig == signal.SIGSTOP and code == pt.SI_KERNEL:
                 self._on_gate_stop(thread)
                 return
-        elif sig == signal.SIGTRAP and thread.tid in self._loaded:
-            try:
-                _, code = pt.siginfo_code(thread.tid)
-            except pt.ThreadGone:
-                self._forget_thread(thread.tid)
-                return
-            if code == breakpoints.TRAP_HWBKPT:
+            if sig == signal.SIGTRAP and code == breakpoints.TRAP_HWBKPT:
                 self._on_trap(thread)
                 return
         self._cont(thread.tid, sig)
