@@ -19,6 +19,10 @@ meanwhile, or one whose CONNECT was proposed but never committed) is refused wit
 server never learns of that connection (the tracer has the held thread close the descriptor
 before it goes on). Letting such an accept through would change the copy as surely as input
 would.
+
+With cluster.hold = "outputs" the server consumed the inputs in flight already, and only its
+outputs wait: if the log does not take one of them, refusing it is an escape, and the node leaves
+the service.
 """
 
 from __future__ import annotations
