@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,9 +143,45 @@ def check_idle_cpus() -> Check:
                      "(the kernel's default: an idle vCPU polls up to 200 µs before it halts)")
 
 
+def check_breakpoints() -> Check:
+    """Optional: cluster.hold = "outputs" sets hardware breakpoints on libc's output functions
+    through ptrace (tracer/breakpoints.py). Tried on a child process of this one."""
+    from ptrace.error import PtraceError
+
+    from tracer import breakpoints
+    from tracer import ptrace_ops as pt
+
+    name, needed = "output breakpoints", 'needed only for cluster.hold = "outputs"'
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        while True:  # the dynamic loader maps libc just after exec
+            try:
+                entries = breakpoints.output_entries(child.pid)
+                break
+            except breakpoints.NoOutputCalls:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        pt.seize(child.pid, 0)
+        pt.interrupt(child.pid)
+        os.waitpid(child.pid, pt.WALL)
+        breakpoints.load(child.pid, entries)
+        breakpoints.switch(child.pid, True)
+        breakpoints.switch(child.pid, False)
+        pt.detach(child.pid)
+    except (OSError, PtraceError, pt.ThreadGone, breakpoints.NoOutputCalls) as exc:
+        return Check(name, False, str(exc)[:100], needed, required=False)
+    finally:
+        child.kill()
+        child.wait()
+    return Check(name, True, "set and cleared a thread's debug registers at libc's write, writev, "
+                 "send and sendmsg", required=False)
+
+
 CHECKS: list[Callable[[], Check]] = [
     check_root, check_kernel, check_tracefs, check_btf, check_bcc, check_headers, check_compile,
-    check_send_signal, check_yama, check_rdma, check_netns, check_idle_cpus,
+    check_send_signal, check_yama, check_rdma, check_netns, check_idle_cpus, check_breakpoints,
 ]
 
 

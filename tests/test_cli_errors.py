@@ -89,6 +89,7 @@ def test_doctor_reports_a_ready_machine():
                  "bpf_send_signal_thread", "Yama ptrace_scope", "RDMA devices", "network namespaces",
                  "idle CPUs"):
         assert item in result.stdout
+    assert any(line.split()[:3] == ["output", "breakpoints", "ok"] for line in result.stdout.splitlines())
 
 
 def test_doctor_says_whether_idle_cpus_poll_before_they_halt():
