@@ -67,7 +67,7 @@ class Node(Leadership):
         self._opening = False
         metrics.track(len(cluster.nodes),
                       lambda: self.own.open_count() if self.leading else len(self.replayer.conns),
-                      lambda: self.tracer.stats.held if self.tracer else 0,
+                      lambda: self.tracer.threads_held if self.tracer else 0,
                       self._lost_events)
 
     # ---- start and stop -----------------------------------------------------------------------
@@ -156,7 +156,7 @@ class Node(Leadership):
             "stray_connections": self.stray,
             "stray_input_bytes": self.stray_input,
             "escapes": self.tracer.stats.escapes if self.tracer else 0,
-            "held": self.tracer.stats.held if self.tracer else 0,
+            "held": self.tracer.threads_held if self.tracer else 0,
             "holding": self._holding(),
             "inputs": self.tracer.stats.inputs if self.tracer else 0,
             "output_stops": self.tracer.stats.output_stops if self.tracer else 0,

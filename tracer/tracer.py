@@ -130,6 +130,11 @@ class Tracer(TaskControl, Holding, OutputHolding):
             os.eventfd_write(self._wake_fd, 1)
 
     @property
+    def threads_held(self) -> int:
+        """Threads stopped until a release: at a held input, or at an output (hold-output mode)."""
+        return self.stats.held + len(self._trapped)
+
+    @property
     def lost_events(self) -> int:
         """Events the probes could not queue because this tracer fell behind."""
         return self.probes.lost_events() if self.probes is not None else self.stats.bpf_lost
