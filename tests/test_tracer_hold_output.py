@@ -112,6 +112,29 @@ def test_an_output_made_past_the_breakpoints_is_an_escape_and_inputs_are_held_fr
         server.stop()
 
 
+def test_an_output_by_a_thread_after_another_threads_newer_input_is_an_escape():
+    server = python_server("ticker_echo.py")
+    escapes = []
+    try:
+        with traced(server.pid, Mode.HOLD_OUTPUT, on_escape=escapes.append) as (tracer, _rec):
+            ticker = socket.create_connection(("127.0.0.1", server.port))
+            ticker.sendall(b"tick")
+            ticker.settimeout(5)
+            assert ticker.recv(4) == b"tock"
+            assert not escapes
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(b"hello")
+            client.settimeout(5)
+            assert client.recv(100) == b"HELLO"
+            wait_until(lambda: escapes, 5, "the ticking thread's next output to be reported")
+            assert escapes[0].hold is Hold.CROSSED
+            assert tracer.mode is Mode.GATE
+            ticker.close()
+            client.close()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("script, reply", [("threaded_echo.py", b"HELLO"),
                                            ("forking_echo.py", b"olleh")])
 def test_threads_and_forked_children_have_their_outputs_held(script, reply):

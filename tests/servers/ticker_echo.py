@@ -1,0 +1,31 @@
+"""A TCP server with a thread per connection: a client that sends "tick" gets "tock" every
+50 ms from then on, written without reading anything more; any other input is echoed in upper
+case. A thread that writes what no input of its own asked for, as a server whose threads share
+what they serve may."""
+
+import socket
+import sys
+import threading
+import time
+
+
+def serve(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(65536):
+            if data == b"tick":
+                while True:
+                    conn.sendall(b"tock")
+                    time.sleep(0.05)
+            conn.sendall(data.upper())
+
+
+def main() -> None:
+    listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()
