@@ -152,6 +152,11 @@ class OutputHolding:
         self._loaded.discard(tid)
         self._trapped.pop(tid, None)
 
+    def _forget_process_outputs(self, tgid: int) -> None:
+        """The process exited: nothing of it waits any more (a late release finds nothing)."""
+        self._unreleased.pop(tgid, None)
+        self._entries.pop(tgid, None)
+
     def _breakpoints_dropped_by_exec(self, tgid: int) -> None:
         """exec cleared the process's breakpoints and may have mapped another libc."""
         self._entries.pop(tgid, None)

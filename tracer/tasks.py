@@ -287,6 +287,7 @@ class TaskControl:
             self._tgids.discard(tid)
             if self.probes is not None:
                 self.probes.forget_tgid(tid)
+            self._forget_process_outputs(tid)
             self._descriptors_gone(tid, None)
 
     def _forget_thread(self, tid: int) -> None:
