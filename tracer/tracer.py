@@ -137,7 +137,13 @@ class Tracer(TaskControl, Holding, OutputHolding):
     @property
     def lost_events(self) -> int:
         """Events the probes could not queue because this tracer fell behind."""
-        return self.probes.lost_events() if self.probes is not None else self.stats.bpf_lost
+        probes = self.probes
+        if probes is not None:
+            try:
+                return probes.lost_events()
+            except (KeyError, OSError, ValueError):  # the tracer thread is closing them right now
+                pass
+        return self.stats.bpf_lost
 
     def set_mode(self, mode: Mode) -> None:
         """Start or stop gating. A supervisor that may gate later attaches with exitkill=True,
@@ -309,10 +315,11 @@ class Tracer(TaskControl, Holding, OutputHolding):
                     self._forget_thread(tid)
 
     def _teardown_probes(self) -> None:
-        if self.probes is not None:
-            self.stats.bpf_lost = self.probes.lost_events()
-            self.probes.close()
-            self.probes = None
+        probes = self.probes
+        if probes is not None:
+            self.stats.bpf_lost = probes.lost_events()
+            self.probes = None  # before closing: other threads read lost_events meanwhile
+            probes.close()
         self._sync_idle_poll()
 
     def _drain_wake(self) -> None:
