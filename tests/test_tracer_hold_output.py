@@ -1,8 +1,10 @@
 """Hold-output mode: the server reads its inputs at once, and what it writes waits until every
 input it read before is released."""
 
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis as redis_py
@@ -90,49 +92,53 @@ def test_a_thread_stopped_at_its_output_is_let_go_by_detach(redis):
     assert redis_py.Redis(port=redis.port, socket_timeout=5).ping()
 
 
-def test_an_output_made_past_the_breakpoints_is_an_escape_and_inputs_are_held_from_then_on():
-    server = python_server("raw_write_echo.py")
-    escapes = []
+@contextlib.contextmanager
+def _holding_outputs_of(script: str) -> Iterator[tuple]:
+    """A test server traced in hold-output mode: (port, tracer, recorder, escapes reported)."""
+    server = python_server(script)
+    escapes: list = []
     try:
         with traced(server.pid, Mode.HOLD_OUTPUT, on_escape=escapes.append) as (tracer, rec):
-            client = socket.create_connection(("127.0.0.1", server.port))
-            client.sendall(b"hello")
-            client.settimeout(5)
-            assert client.recv(100) == b"HELLO"
-            wait_until(lambda: escapes, 5, "the escape to be reported")
-            assert [ev.hold for ev in escapes] == [Hold.MISSED], escapes
-            assert tracer.mode is Mode.GATE
-            rec.drain()
-            client.sendall(b"again")
-            again = rec.next_input()
-            assert (again.data, again.hold) == (b"again", Hold.THREAD)
-            assert client.recv(100) == b"AGAIN"
-            client.close()
+            yield server.port, tracer, rec, escapes
     finally:
         server.stop()
+
+
+def _echoed(port: int, data: bytes) -> socket.socket:
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(data)
+    client.settimeout(5)
+    assert client.recv(100) == data.upper()
+    return client
+
+
+def test_an_output_made_past_the_breakpoints_is_an_escape_and_inputs_are_held_from_then_on():
+    with _holding_outputs_of("raw_write_echo.py") as (port, tracer, rec, escapes):
+        client = _echoed(port, b"hello")
+        wait_until(lambda: escapes, 5, "the escape to be reported")
+        assert [ev.hold for ev in escapes] == [Hold.MISSED], escapes
+        assert tracer.mode is Mode.GATE
+        rec.drain()
+        client.sendall(b"again")
+        again = rec.next_input()
+        assert (again.data, again.hold) == (b"again", Hold.THREAD)
+        assert client.recv(100) == b"AGAIN"
+        client.close()
 
 
 def test_an_output_by_a_thread_after_another_threads_newer_input_is_an_escape():
-    server = python_server("ticker_echo.py")
-    escapes = []
-    try:
-        with traced(server.pid, Mode.HOLD_OUTPUT, on_escape=escapes.append) as (tracer, _rec):
-            ticker = socket.create_connection(("127.0.0.1", server.port))
-            ticker.sendall(b"tick")
-            ticker.settimeout(5)
-            assert ticker.recv(4) == b"tock"
-            assert not escapes
-            client = socket.create_connection(("127.0.0.1", server.port))
-            client.sendall(b"hello")
-            client.settimeout(5)
-            assert client.recv(100) == b"HELLO"
-            wait_until(lambda: escapes, 5, "the ticking thread's next output to be reported")
-            assert escapes[0].hold is Hold.CROSSED
-            assert tracer.mode is Mode.GATE
-            ticker.close()
-            client.close()
-    finally:
-        server.stop()
+    with _holding_outputs_of("ticker_echo.py") as (port, tracer, _rec, escapes):
+        ticker = socket.create_connection(("127.0.0.1", port))
+        ticker.sendall(b"tick")
+        ticker.settimeout(5)
+        assert ticker.recv(4) == b"tock"
+        assert not escapes
+        client = _echoed(port, b"hello")
+        wait_until(lambda: escapes, 5, "the ticking thread's next output to be reported")
+        assert escapes[0].hold is Hold.CROSSED
+        assert tracer.mode is Mode.GATE
+        ticker.close()
+        client.close()
 
 
 @pytest.mark.parametrize("script, reply", [("threaded_echo.py", b"HELLO"),
