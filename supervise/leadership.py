@@ -140,6 +140,5 @@ class Leadership:
         self._opening = False
         self.metrics.leader.set(1)
         log.info("leading with ballot %d: closed %d connections of the old leadership, holding %s "
-                 "of clients of %s", ballot, len(stale),
-                 "outputs" if self.tracer.mode is Mode.HOLD_OUTPUT else "inputs", self.me.server)
+                 "of clients of %s", ballot, len(stale), self._holding(), self.me.server)
         self.vip.take(lambda: self.leading and self.replica is not None and self.replica.role == "leader")

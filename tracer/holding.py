@@ -13,7 +13,7 @@ import time
 
 from . import ptrace_ops as pt
 from . import refusal
-from .events import ACCEPTS, MSGHDR, VECTORED, SocketEvent
+from .events import ACCEPTS, MSGHDR, VECTORED, Direction, SocketEvent
 from .tasks import Task
 
 log = logging.getLogger("tracer")
@@ -21,6 +21,28 @@ log = logging.getLogger("tracer")
 
 class Holding:
     """Pairing, reading, releasing and refusing held inputs."""
+
+    def _held_by_probe(self, event: SocketEvent, thread: Task | None) -> None:
+        """An event the probe held: an input whose thread it stopped or whose outputs wait, or an
+        output that got past hold-output mode (output_hold.py)."""
+        if not event.input:
+            self._hold_violated(event)
+            return
+        if event.stopped and event.dir is Direction.IN and event.ret > len(event.data):
+            self._read_held_input(event)
+        if event.holds_outputs:
+            self._hold_outputs_of(event)
+        if not event.stopped or thread is None:
+            return
+        if event.holds_outputs and thread.gate_stopped:  # its stop came first: arm it and go
+            thread.gate_stopped = False
+            self._arm_and_go(thread)
+            return
+        thread.pending = event
+        if not event.holds_outputs:
+            self.stats.held += 1
+            self._spin_until = 0.0  # the input came: from here the thread waits for its release
+        self._await_gate_stop(thread)
 
     def _read_held_input(self, event: SocketEvent) -> None:
         """Read the whole input from the process: a held thread has not run user code since.

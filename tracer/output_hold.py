@@ -75,7 +75,6 @@ class OutputHolding:
         """A thread stopped for an input of hold-output mode: arm it and let it go."""
         try:
             if thread.tid not in self._armed:
-                self.stats.arming_stops += 1
                 entries = self._entries.get(thread.tgid)
                 if entries is None:
                     entries = self._entries[thread.tgid] = breakpoints.output_entries(thread.tgid)

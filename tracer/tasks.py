@@ -49,7 +49,6 @@ class TracerStats:
     threads: int = 0
     bpf_lost: int = 0
     output_stops: int = 0  # hold-output mode: threads stopped at an output (one per batch)
-    arming_stops: int = 0  # hold-output mode: threads stopped at an input to be armed
 
 
 class Task:

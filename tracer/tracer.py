@@ -365,26 +365,11 @@ class Tracer(TaskControl, Holding, OutputHolding):
             self._last_seq = event.seq
         if event.input:
             self.stats.inputs += 1
-            if event.stopped and event.dir is Direction.IN and event.ret > len(event.data):
-                self._read_held_input(event)
-        elif event.hold:
-            self._hold_violated(event)
         thread = self._threads.get(event.tid)
         if thread is not None and thread.pending is not None and not thread.gate_stopped:
             self._escaped(thread)
-        if event.holds_outputs:
-            self._hold_outputs_of(event)
-        if event.stopped and thread is not None:
-            thread.pending = event
-            if event.holds_outputs and thread.gate_stopped:  # its stop came first
-                thread.pending = None
-                thread.gate_stopped = False
-                self._arm_and_go(thread)
-            else:
-                if not event.holds_outputs:
-                    self.stats.held += 1
-                    self._spin_until = 0.0  # the input came: from here the thread waits for its release
-                self._await_gate_stop(thread)
+        if event.hold:
+            self._held_by_probe(event, thread)
         self.on_event(event)
 
     def _track_connection(self, event: SocketEvent) -> None:

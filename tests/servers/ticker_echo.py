@@ -4,9 +4,9 @@ case. A thread that writes what no input of its own asked for, as a server whose
 what they serve may."""
 
 import socket
-import sys
-import threading
 import time
+
+import threaded_echo  # beside this file
 
 
 def serve(conn: socket.socket) -> None:
@@ -19,13 +19,5 @@ def serve(conn: socket.socket) -> None:
             conn.sendall(data.upper())
 
 
-def main() -> None:
-    listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-    print("ready", flush=True)
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-
 if __name__ == "__main__":
-    main()
+    threaded_echo.main(serve)

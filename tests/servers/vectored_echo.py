@@ -3,8 +3,8 @@ that an input's bytes must be gathered from both."""
 
 import os
 import socket
-import sys
-import threading
+
+import threaded_echo  # beside this file
 
 
 def serve(conn: socket.socket) -> None:
@@ -22,13 +22,5 @@ def serve(conn: socket.socket) -> None:
             conn.sendall(bytes(head + tail)[:n])
 
 
-def main() -> None:
-    listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-    print("ready", flush=True)
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-
 if __name__ == "__main__":
-    main()
+    threaded_echo.main(serve)
