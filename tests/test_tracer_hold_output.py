@@ -67,6 +67,22 @@ def test_inputs_that_arrive_while_an_output_waits_are_all_read_before_any_is_rel
             client.close()
 
 
+def test_a_refused_input_the_server_consumed_is_an_escape_and_its_reply_never_goes_out(redis):
+    with traced(redis.pid, Mode.HOLD_OUTPUT, auto_release=False) as (tracer, rec):
+        client = socket.create_connection(("127.0.0.1", redis.port))
+        tracer.release(rec.next_input())
+        client.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+        tracer.refuse(rec.next_input())
+        wait_until(lambda: tracer.stats.escapes == 1, 5, "the refusal to be reported as an escape")
+        assert _no_reply(client, 1.0), "a reply to a refused input went out"
+        redis.proc.kill()  # what a supervisor does with such a copy (it exits without detaching)
+        assert tracer.wait(10)
+    client.settimeout(5)
+    with contextlib.suppress(ConnectionResetError):
+        assert client.recv(100) == b""
+    client.close()
+
+
 def test_detach_clears_the_breakpoints_and_the_server_runs_on(redis):
     client = redis_py.Redis(port=redis.port, socket_timeout=5)
     with traced(redis.pid, Mode.HOLD_OUTPUT) as (tracer, _rec):

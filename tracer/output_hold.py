@@ -63,13 +63,14 @@ class OutputHolding:
             return
         event.released = True
         self.stats.released += 1
+        if event.refused:  # it stays unreleased: no output its process makes from now on goes out
+            self._report_escape(event, f"{event.call.syscall} on connection {event.conn} cannot be "
+                                       "refused: the server consumed it at once (outputs were "
+                                       "held, not inputs); its process's outputs stay held")
+            return
         waiting = self._unreleased.get(event.pid)
         if waiting is not None:
             waiting.pop(event.seq, None)
-        if event.refused:
-            self._report_escape(event, f"{event.call.syscall} on connection {event.conn} cannot be "
-                                       "refused: the server consumed it at once (outputs were "
-                                       "held, not inputs)")
 
     def _arm_and_go(self, thread: Task) -> None:
         """A thread stopped for an input of hold-output mode: arm it and let it go."""

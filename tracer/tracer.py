@@ -196,7 +196,12 @@ class Tracer(TaskControl, Holding, OutputHolding):
         ``error`` instead, so the server drops that connection without having seen the bytes.
         A refused accept also has its new descriptor closed in the server (the thread runs a
         close before it goes on), so the server never learns of the connection; no close event
-        is reported for it. See tracer/refusal.py."""
+        is reported for it. See tracer/refusal.py.
+
+        In hold-output mode the server has consumed the input already: the refusal is reported
+        as an escape, and its process's outputs stay held from then on, until it exits or is
+        detached (which lets them go: a caller should kill it, or exit without detaching and
+        let PTRACE_O_EXITKILL kill it)."""
         event.refused = error
         self.release(event)
 
