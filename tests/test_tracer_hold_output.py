@@ -176,3 +176,21 @@ def test_threads_and_forked_children_have_their_outputs_held(script, reply):
         assert tracer.stats.escapes == 0
     finally:
         server.stop()
+
+
+def test_a_child_forked_after_an_unreleased_input_writes_nothing_until_it_is_released():
+    """The child's greeting comes of its parent's accept: it waits for the accept's release."""
+    server = python_server("forking_greeter.py")
+    try:
+        with traced(server.pid, Mode.HOLD_OUTPUT, auto_release=False) as (tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            accept = rec.next_input()
+            assert accept.holds_outputs
+            assert _no_reply(client), "the child greeted before the accept was released"
+            tracer.release(accept)
+            client.settimeout(5)
+            assert client.recv(100) == b"hi\n"
+            client.close()
+        assert tracer.stats.escapes == 0
+    finally:
+        server.stop()

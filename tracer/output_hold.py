@@ -12,7 +12,9 @@ it (the probe sends SIGSTOP, as in gate mode) and the tracer arms it and lets it
 of an armed thread does not stop it, unless the probe could not copy the input whole. At its
 next output the armed thread traps; once every input of its process read so far is released,
 the tracer disarms it and lets it go, and its outputs then run free until its next input. So a
-thread stops twice for a whole batch of inputs.
+thread stops twice for a whole batch of inputs. A thread or process created while outputs are
+held starts armed, and an output waits for every traced process's inputs, since a child may
+write what its parent read.
 
 The probes report what this cannot hold (``Hold.MISSED``, ``Hold.CROSSED``): an output that
 bypassed libc's functions, or one by a disarmed thread after another thread's later input (a
@@ -95,6 +97,20 @@ class OutputHolding:
             self.set_mode(Mode.GATE)
         self._cont(thread.tid, 0)
 
+    def _on_first_stop(self, thread: Task) -> None:
+        """A thread or process created while traced, stopped before it runs: armed from the
+        start, since what it writes may come of inputs its creator read that are not released
+        yet (a forked child's greeting, say)."""
+        if self.mode is Mode.HOLD_OUTPUT:
+            self._arm_and_go(thread)
+        else:
+            self._cont(thread.tid, 0)
+
+    def _inherit_output_entries(self, child: int, parent: int) -> None:
+        """A forked child has its parent's libc where its parent had it."""
+        if parent in self._entries:
+            self._entries[child] = self._entries[parent]
+
     def _on_trap(self, thread: Task) -> None:
         """The thread reached an output function while armed; what it waits for is known once
         the ring is read past its trap (_resolve_traps)."""
@@ -104,7 +120,8 @@ class OutputHolding:
         self._trapped[thread.tid] = None
 
     def _resolve_traps(self) -> None:
-        """Let go each trapped thread whose process has no input waiting from before its trap."""
+        """Let go each trapped thread when no input read before its trap waits for release. Any
+        traced process's input counts: a process may have been forked after its parent read one."""
         if not self._trapped:
             return
         if None in self._trapped.values():
@@ -112,13 +129,13 @@ class OutputHolding:
             for tid, upto in self._trapped.items():
                 if upto is None:
                     self._trapped[tid] = self._last_seq
+        oldest = min((min(waiting) for waiting in self._unreleased.values() if waiting),
+                     default=None)
         for tid, upto in list(self._trapped.items()):
-            thread = self._threads.get(tid)
-            if thread is None:
+            if tid not in self._threads:
                 del self._trapped[tid]
                 continue
-            waiting = self._unreleased.get(thread.tgid)
-            if waiting and min(waiting) <= upto:
+            if oldest is not None and oldest <= upto:
                 continue
             del self._trapped[tid]
             if self._disarm(tid, upto):

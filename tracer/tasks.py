@@ -54,13 +54,14 @@ class TracerStats:
 class Task:
     """What the tracer knows about one seized thread."""
 
-    __slots__ = ("tid", "tgid", "gate_stopped", "pending")
+    __slots__ = ("tid", "tgid", "gate_stopped", "pending", "unborn")
 
-    def __init__(self, tid: int, tgid: int) -> None:
+    def __init__(self, tid: int, tgid: int, unborn: bool = False) -> None:
         self.tid = tid
         self.tgid = tgid
         self.gate_stopped = False
         self.pending: SocketEvent | None = None
+        self.unborn = unborn  # created while traced, and not yet at its first stop
 
 
 class TaskControl:
@@ -170,10 +171,10 @@ class TaskControl:
         if not self._threads:
             raise AttachError(f"pid {pid} exited while attaching")
 
-    def _adopt(self, tid: int, tgid: int) -> None:
+    def _adopt(self, tid: int, tgid: int, unborn: bool = False) -> None:
         """Record a seized thread; only now may the probe gate it."""
         assert self.probes is not None
-        self._threads[tid] = Task(tid, tgid)
+        self._threads[tid] = Task(tid, tgid, unborn)
         self.probes.trace_tid(tid)
         self.stats.threads = len(self._threads)
 
@@ -199,6 +200,11 @@ class TaskControl:
                 return
         sig = os.WSTOPSIG(status)
         event = status >> 16
+        if thread.unborn:
+            thread.unborn = False
+            if event == pt.EVENT_STOP and sig == signal.SIGTRAP:  # its first stop, before it runs
+                self._on_first_stop(thread)
+                return
         if event == 0:
             self._on_signal_stop(thread, sig)
         elif event == pt.EVENT_STOP:
@@ -250,7 +256,7 @@ class TaskControl:
         if new_tid in self._threads:
             return
         if event == pt.EVENT_CLONE:
-            self._adopt(new_tid, parent.tgid)
+            self._adopt(new_tid, parent.tgid, unborn=True)
         else:
             self._adopt_process(new_tid, parent.tgid)
 
@@ -262,7 +268,8 @@ class TaskControl:
         self._tgids.add(pid)
         for fd, conn in self.probes.copy_sockets(parent_tgid, pid):
             self._descriptors.opened(pid, fd, conn)
-        self._adopt(pid, pid)
+        self._inherit_output_entries(pid, parent_tgid)
+        self._adopt(pid, pid, unborn=True)
 
     def _adopt_unknown(self, tid: int) -> Task | None:
         """A stop from a task whose creation event has not been seen yet."""
@@ -272,7 +279,7 @@ class TaskControl:
         except procfs.GONE:
             return None
         if tgid in self._tgids:
-            self._adopt(tid, tgid)
+            self._adopt(tid, tgid, unborn=True)
         elif tgid == tid and parent in self._tgids:
             self._adopt_process(tid, parent)
         else:
