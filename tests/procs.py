@@ -108,9 +108,9 @@ def memcached_server(threads: int = 4, port: int | None = None) -> Server:
                    "-u", "root"], port)
 
 
-def python_server(script: str, port: int | None = None) -> Server:
+def python_server(script: str, *args: str, port: int | None = None) -> Server:
     port = port or free_port()
-    return Server([sys.executable, str(SERVERS / script), str(port)], port)
+    return Server([sys.executable, str(SERVERS / script), str(port), *args], port)
 
 
 def wait_until(pred: Callable[[], object], timeout: float, what: str) -> None:

@@ -178,9 +178,12 @@ def test_threads_and_forked_children_have_their_outputs_held(script, reply):
         server.stop()
 
 
-def test_a_child_forked_after_an_unreleased_input_writes_nothing_until_it_is_released():
-    """The child's greeting comes of its parent's accept: it waits for the accept's release."""
-    server = python_server("forking_greeter.py")
+@pytest.mark.parametrize("script, args", [("forking_greeter.py", ()),
+                                         ("inetd_cat.py", ("echo", "hi"))])
+def test_a_child_forked_after_an_unreleased_input_writes_nothing_until_it_is_released(script, args):
+    """The child's greeting comes of its parent's accept: it waits for the accept's release,
+    also when the child runs another program first."""
+    server = python_server(script, *args)
     try:
         with traced(server.pid, Mode.HOLD_OUTPUT, auto_release=False) as (tracer, rec):
             client = socket.create_connection(("127.0.0.1", server.port))

@@ -106,6 +106,15 @@ class OutputHolding:
         else:
             self._cont(thread.tid, 0)
 
+    def _on_exec_done(self, thread: Task) -> None:
+        """A process that exec'd has no breakpoints, and its new libc is not mapped yet: it
+        waits, as at an output, until every input read so far is released. It is armed again at
+        its next input."""
+        if self.mode is Mode.HOLD_OUTPUT:
+            self._trapped[thread.tid] = None
+        else:
+            self._cont(thread.tid, 0)
+
     def _inherit_output_entries(self, child: int, parent: int) -> None:
         """A forked child has its parent's libc where its parent had it."""
         if parent in self._entries:

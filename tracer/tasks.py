@@ -218,7 +218,7 @@ class TaskControl:
         elif event == pt.EVENT_EXEC:
             self._breakpoints_dropped_by_exec(thread.tgid)
             self._after_exec(thread.tgid)
-            self._cont(tid, 0)
+            self._on_exec_done(thread)
         else:
             self._cont(tid, 0)
 

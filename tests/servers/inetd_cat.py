@@ -1,6 +1,7 @@
 """An inetd-style server: for every connection a child process takes the socket as its standard
-input and output and runs `cat` in its place, so the descriptor it accepted closes at exec, and
-the connection ends when `cat` exits, without a close call."""
+input and output and runs `cat` (or the command given after the port) in its place, so the
+descriptor it accepted closes at exec, and the connection ends when the command exits, without a
+close call."""
 
 import os
 import signal
@@ -16,7 +17,8 @@ def main() -> None:
         if os.fork() == 0:
             os.dup2(conn.fileno(), 0)
             os.dup2(conn.fileno(), 1)
-            os.execvp("cat", ["cat"])
+            command = sys.argv[2:] or ["cat"]
+            os.execvp(command[0], command)
         conn.close()
 
 
