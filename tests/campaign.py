@@ -17,11 +17,13 @@ restarted with a fresh server. A node's transport can be made flaky for a while 
 dropped, delayed and duplicated, through the failpoints file that ``SUPERVISE_FAILPOINTS`` names:
 supervise/failpoints.py); this kernel has no netem.
 
-At the end every fault is healed, the clients stop, each key is read once more through the VIP,
-every node must have applied everything without diverging and hold the same values, and the
-history is checked for linearizability per key (tests/linearizability.py). That check also
-covers "no acknowledged write lost": an acknowledged write whose value is later replaced by an
-older one, or never seen where it must be, has no linearization.
+A tenth of the operations instead add an element unique to the campaign to one set (SADD). At
+the end every fault is healed, the clients stop, each key and the set are read once more through
+the VIP, every node must have applied everything without diverging and hold the same values, and
+the history is checked for linearizability per key (tests/linearizability.py). An acknowledged
+write lost on a key is caught there only if a later read can tell, which on keys that every
+client writes is rare; the set tells directly: every acknowledged add must be in it, and nothing
+that was never sent (Jepsen's set workload).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from .netns_cluster import REDIS_PORT, NetnsCluster
 CAS_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
            "return 1 else return 0 end")
 INIT = "init"
+ADDED = "added"  # the set workload's key
+ADD_SHARE = 0.1
 
 
 @dataclass
@@ -75,6 +79,8 @@ class Campaign(Faults):
     exits: list[dict] = field(default_factory=list)
     stale_vips: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    adds: dict[str, str] = field(default_factory=dict)  # element -> OK or INFO
+    final_set: set[str] | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)  # the schedule: kinds, gaps, holds, what to kill
@@ -124,6 +130,20 @@ class Campaign(Faults):
         self.history.append(op)
         return True, op
 
+    def _add(self, conn: redis_py.Connection, element: str) -> bool:
+        """One SADD of the set workload; False when the connection is no longer usable."""
+        try:
+            conn.send_command("SADD", ADDED, element)
+            conn.read_response()
+        except redis_py.ResponseError as exc:
+            self.failed[f"add: {str(exc)[:40]}"] += 1
+            return True
+        except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+            self.adds[element] = INFO
+            return False
+        self.adds[element] = OK
+        return True
+
     def _client(self, index: int, cluster: NetnsCluster) -> None:
         enter_netns(cluster.client_ns)
         rng = random.Random(self.seed * 1000 + index)
@@ -143,7 +163,10 @@ class Campaign(Faults):
             key = rng.choice(self.key_names)
             r = rng.random()
             value = f"c{index}.{seq}"
-            if r < 0.4:
+            if rng.random() < ADD_SHARE:
+                alive = self._add(conn, value)
+                last = None
+            elif r < 0.4:
                 alive, last = self._invoke(conn, index, key, READ, None, ("GET", key))
             elif r < 0.7:
                 alive, last = self._invoke(conn, index, key, WRITE, value, ("SET", key, value))
@@ -290,9 +313,39 @@ class Campaign(Faults):
                 time.sleep(1)
             if not ok:
                 self.anomalies.append(f"final read of {key} through the VIP failed")
+        self._check_adds(cluster)
         self._stop_monitor.set()
         monitor.join(10)
         return self._finish(cluster)
+
+    def _check_adds(self, cluster: NetnsCluster) -> None:
+        """Read the set through the VIP: every acknowledged add must be in it, and nothing else
+        but adds whose outcome is unknown."""
+
+        def members() -> set[str]:
+            conn = self._connect(cluster.service_addr)
+            try:
+                conn.send_command("SMEMBERS", ADDED)
+                return {m.decode() for m in conn.read_response()}
+            finally:
+                conn.disconnect()
+
+        for _ in range(10):
+            try:
+                self.final_set = cluster.in_client_ns(members)
+                break
+            except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+                time.sleep(1)
+        else:
+            self.anomalies.append("final read of the set through the VIP failed")
+            return
+        lost = sorted(e for e, status in self.adds.items() if status == OK and e not in self.final_set)
+        unknown = sorted(self.final_set - self.adds.keys())
+        if lost:
+            self.anomalies.append(f"{len(lost)} acknowledged adds missing from the set, e.g. {lost[:5]}")
+        if unknown:
+            self.anomalies.append(f"{len(unknown)} elements in the set that no client added, "
+                                  f"e.g. {unknown[:5]}")
 
     def _finish(self, cluster: NetnsCluster) -> dict:
         convergence: dict[str, Any] = {}

@@ -34,6 +34,7 @@ def summarize(c: Campaign, verdicts: dict[str, Verdict], convergence: dict,
             outcomes[f"{op.kind} {op.status}"] += 1
     acked_writes = sum(1 for op in c.history if op.client >= 0 and op.status == OK
                        and (op.kind == WRITE or op.kind == CAS and op.result))
+    acked_adds = sum(1 for status in c.adds.values() if status == OK)
     fault_counts = Counter(f["fault"] + (f" ({f['what']})" if "what" in f else "") for f in c.faults)
     passed = (all(v.result == "ok" for v in verdicts.values()) and convergence.get("same")
               and not convergence.get("diverged") and not c.anomalies)
@@ -45,6 +46,8 @@ def summarize(c: Campaign, verdicts: dict[str, Verdict], convergence: dict,
         "fault_timeline": c.faults,
         "leader_changes": max(0, sum(1 for x in c.leaders if x["leader"]) - 1),
         "leaders": c.leaders, "leaderless": leaderless_stretches(c.leaders),
+        "set": {"acknowledged_adds": acked_adds, "indeterminate_adds": len(c.adds) - acked_adds,
+                "final_size": None if c.final_set is None else len(c.final_set)},
         "supervisor_exits": c.exits, "anomalies": c.anomalies,
         "stale_vips_removed_by_harness": c.stale_vips, "warnings": c.warnings,
         "convergence": {k: v for k, v in convergence.items() if k != "values"},
@@ -63,6 +66,8 @@ def summarize(c: Campaign, verdicts: dict[str, Verdict], convergence: dict,
     lines.append(f"  not executed (refused connection or error reply): {sum(c.failed.values())} "
                  f"{dict(c.failed)}")
     lines.append(f"acknowledged writes (SET, successful CAS): {acked_writes}")
+    lines.append(f"set: {acked_adds} acknowledged adds, {len(c.adds) - acked_adds} indeterminate; "
+                 f"{out['set']['final_size']} elements at the end")
     lines.append(f"faults injected: {len(c.faults)}")
     lines += [f"  {k:30s} {v}" for k, v in out["fault_kinds"].items()]
     chain = " -> ".join(f"{x['leader']}@{x['ballot']}" if x["leader"] else "none" for x in c.leaders)
@@ -71,7 +76,7 @@ def summarize(c: Campaign, verdicts: dict[str, Verdict], convergence: dict,
     lines.append(f"without a gating leader: {gaps['count']} stretches, {gaps['total_s']} s in all, "
                  f"the longest {gaps['longest_s']} s, {gaps['over_30s']} of 30 s or more")
     lines.append(f"supervisor exits: {c.exits}")
-    lines.append(f"anomalies (safety: divergence, final reads): {c.anomalies or 'none'}")
+    lines.append(f"anomalies (safety: divergence, final reads, the set): {c.anomalies or 'none'}")
     lines.append(f"warnings (availability, VIP): {c.warnings or 'none'}")
     if c.clear_stale_vip:
         lines.append(f"stale VIPs (left by a supervisor killed with -9) removed by the harness before "
