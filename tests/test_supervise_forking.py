@@ -7,6 +7,8 @@ import socket
 import sys
 from collections.abc import Callable
 
+import pytest
+
 from supervise.localcluster import SERVERS, LocalCluster
 from tracer import procfs
 
@@ -14,10 +16,10 @@ from .procs import SERVERS as SERVER_SCRIPTS
 from .procs import recv_exactly, wait_until
 
 
-def _cluster_of(script: str, monkeypatch) -> LocalCluster:
+def _cluster_of(script: str, monkeypatch, hold: str = "inputs") -> LocalCluster:
     monkeypatch.setitem(SERVERS, script, lambda port, _workdir: [
         sys.executable, str(SERVER_SCRIPTS / script), str(port)])
-    return LocalCluster(n=3, server=script, transport="shm")
+    return LocalCluster(n=3, server=script, transport="shm", hold=hold)
 
 
 def _exchange(clients: list[socket.socket], lines: int, tag: str,
@@ -39,9 +41,10 @@ def _assert_every_copy_took_the_log(cluster: LocalCluster, entries: int) -> None
     assert "dropped" not in logs and "not in the log" not in logs, logs
 
 
+@pytest.mark.parametrize("hold", ["inputs", "outputs"])
 def test_connections_of_a_process_per_connection_server_outlive_its_close_and_end_on_every_copy(
-        monkeypatch):
-    with _cluster_of("inetd_cat.py", monkeypatch) as cluster:
+        monkeypatch, hold):
+    with _cluster_of("inetd_cat.py", monkeypatch, hold) as cluster:
         cluster.start()
         leader = cluster.wait_leader()
         clients = [socket.create_connection(("127.0.0.1", leader.server_port), timeout=10)
@@ -62,6 +65,8 @@ def test_connections_of_a_process_per_connection_server_outlive_its_close_and_en
             wait_until(lambda pid=node.server.pid: not procfs.children(pid), 20,
                        f"{node.name}'s copy to end every connection")
         _assert_every_copy_took_the_log(cluster, 4 * (1 + 25 + 1))  # CONNECT, lines, CLOSE
+        assert f"holding {hold}" in leader.log_path.read_text()
+        assert "escape" not in cluster.logs()
 
 
 def test_a_preforking_server_attached_after_its_workers_started_replicates_through_them(
