@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import redis as redis_py
 
-from tracer.events import Direction
+from tracer.events import ACCEPTS, Direction
 from tracer.idle_poll import current_limit_us
 from tracer.procfs import socket_fds
-from tracer.tracer import Mode
+from tracer.tracer import Mode, Tracer
 
 from .procs import alive, python_server, wait_until
 from .tracing import start_trace_cli, traced
@@ -285,6 +285,33 @@ def test_killing_a_gating_supervisor_kills_its_server(redis):
         if holder.poll() is None:
             holder.kill()
         holder.wait(10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("mode", [Mode.GATE, Mode.HOLD_OUTPUT])
+def test_a_tracer_that_fails_while_holding_kills_the_server_instead_of_letting_it_run_unheld(
+        redis, mode, caplog):
+    def on_event(event):
+        if event.call in ACCEPTS:
+            tracer.release(event)
+        elif event.input:
+            raise RuntimeError("a bug in the caller's handler")
+
+    tracer = Tracer(Mode.GATE, on_event)
+    tracer.attach(redis.pid)
+    try:
+        tracer.set_mode(mode)
+        client = socket.create_connection(("127.0.0.1", redis.port))
+        client.sendall(PING)
+        assert tracer.wait(10), "the tracer thread should end with its failure"
+        wait_until(lambda: not alive(redis.pid), 10, "the server to be killed")
+        client.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(100) == b"", "the server answered an input nobody held"
+        client.close()
+        assert "killing them, since they must not run unheld" in caplog.text
+    finally:
+        tracer.detach()
 
 
 def test_observe_mode_never_kills_the_server_with_its_tracer(redis):

@@ -336,6 +336,17 @@ class TaskControl:
         if self._threads:
             log.error("threads %s did not stop for detach", sorted(self._threads))
 
+    def _kill_on_failure(self) -> None:
+        """Fail closed: a detach would let every held input and output go, uncommitted, so the
+        traced processes are killed, as PTRACE_O_EXITKILL would kill them with their tracer."""
+        log.exception("tracer thread failed while holding pids %s: killing them, since they must "
+                      "not run unheld", sorted(self._tgids))
+        for tgid in self._tgids:
+            try:
+                os.kill(tgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def _on_detach_wait(self, tid: int, status: int) -> None:
         if tid not in self._threads:
             return

@@ -295,8 +295,11 @@ class Tracer(TaskControl, Holding, OutputHolding):
                 self._pump_events()
                 exit_status = self._exit_status
         except Exception:
-            log.exception("tracer thread failed; detaching")
-            self._detach_all()
+            if self.mode.holds:
+                self._kill_on_failure()
+            else:
+                log.exception("tracer thread failed; detaching")
+                self._detach_all()
             raise
         finally:
             poller.close()
