@@ -16,11 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from . import procfs
 from . import ptrace_ops as pt
+from .connections import ConnectionTracking
 from .cpu_follow import CpuFollower
-from .descriptors import Descriptors
-from .events import ACCEPTS, DUPS, Call, Direction, Hold, SocketEvent, format_sockaddr
+from .events import ACCEPTS, Call, Direction, Hold, SocketEvent, format_sockaddr
 from .holding import Holding
 from .idle_poll import IdlePolling
 from .output_hold import OutputHolding
@@ -44,7 +43,7 @@ assert [f.name for f in dataclasses.fields(SocketEvent)] == [
 _HOLDS = tuple(Hold)
 
 
-class Tracer(TaskControl, Holding, OutputHolding):
+class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
     """Attach to (or launch) a process and report its socket events.
 
     ``on_event`` is called on the tracer thread for every event; it must not block. In gate
@@ -87,9 +86,7 @@ class Tracer(TaskControl, Holding, OutputHolding):
         self.pid = 0
         self._threads: dict[int, Task] = {}
         self._tgids: set[int] = set()
-        self._peers: dict[int, str] = {}
-        self._descriptors = Descriptors()
-        self._gone: list[tuple[int, list[tuple[int, int]] | None]] = []  # see _descriptors_gone
+        self._init_connections()
         self._releases: list[SocketEvent] = []
         self._releases_lock = threading.Lock()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -379,45 +376,3 @@ class Tracer(TaskControl, Holding, OutputHolding):
         if event.hold:
             self._held_by_probe(event, thread)
         self.on_event(event)
-
-    def _track_connection(self, event: SocketEvent) -> None:
-        if event.call in ACCEPTS:
-            if event.peer is None:
-                event.peer = procfs.peer_of(event.pid, event.fd)
-            if event.peer:
-                self._peers[event.conn] = event.peer
-            self._descriptors.opened(event.pid, event.ret, event.conn)
-        elif event.call is Call.LISTEN:
-            self._check_listener(event)
-        else:
-            event.peer = self._peers.get(event.conn)
-            if not event.conn:
-                return  # a listening socket
-            if event.call in DUPS:
-                self._descriptors.opened(event.pid, event.fd, event.conn)
-            elif event.call is Call.CLOSE:
-                event.last = self._descriptors.closed(event.pid, event.fd, event.conn)
-                if event.last:
-                    self._peers.pop(event.conn, None)
-
-    def _descriptors_gone(self, tgid: int, fds: list[tuple[int, int]] | None) -> None:
-        """Descriptors that went without a close call: ``fds`` (fd, conn) closed by exec, or
-        (None) all that the exited process ``tgid`` held. Each is reported as a close by no
-        thread (tid 0), which may end its connection, after the events read from the ring next:
-        the process's events from before are among them (a dup2 before exec, say), and handling
-        them from here, between two events of a batch, would reorder events."""
-        self._gone.append((tgid, fds))
-
-    def _report_gone(self, gone: list[tuple[int, list[tuple[int, int]] | None]]) -> None:
-        for tgid, fds in gone:
-            closed = None if fds is None else set(fds)
-            for fd, conn in self._descriptors.held_by(tgid):
-                if closed is None or (fd, conn) in closed:
-                    self._handle(SocketEvent(0, time.time(), tgid, 0, Call.CLOSE, fd, 0, conn,
-                                             Direction.CTL, False, False))
-
-    def _check_listener(self, event: SocketEvent) -> None:
-        """listen() marks any socket; keep only TCP listeners."""
-        assert self.probes is not None
-        if event.fd not in procfs.tcp_fds(event.pid):
-            self.probes.drop_socket(event.pid, event.fd)
