@@ -188,6 +188,8 @@ class Node(Leadership):
             if self.own.delivered(payload, entry):
                 return  # input of this node's own clients: its server consumed it when it committed
         except LostInput as exc:
+            if self._stepping_down:
+                return  # the next leader closes this leader's connections; its server leaves with it
             log.error("%s: this copy no longer matches the log and leaves the service; restart the "
                       "node with a fresh server to rejoin", exc)
             self.exit_code = LOST_LEADERSHIP_EXIT

@@ -41,7 +41,7 @@ def test_sigterm_leader_hands_over_and_a_follower_leaves_its_server_running():
         client = redis_py.Redis(port=leader.server_port)
         client.set("before", "handover")
         leader.supervisor.send_signal(signal.SIGTERM)
-        assert leader.supervisor.wait(30) == 0
+        assert leader.supervisor.wait(30) == 0, cluster.logs()
         new = cluster.wait_leader(timeout=30, exclude=leader.name)
         assert "stepping down: another node leads" in leader.log_path.read_text()
         new_client = redis_py.Redis(port=new.server_port)
