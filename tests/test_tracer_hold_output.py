@@ -178,7 +178,7 @@ def test_threads_and_forked_children_have_their_outputs_held(script, reply):
         server.stop()
 
 
-@pytest.mark.parametrize("script, args", [("forking_greeter.py", ()),
+@pytest.mark.parametrize("script, args", [("forking_echo.py", ("hi",)),
                                          ("inetd_cat.py", ("echo", "hi"))])
 def test_a_child_forked_after_an_unreleased_input_writes_nothing_until_it_is_released(script, args):
     """The child's greeting comes of its parent's accept: it waits for the accept's release,

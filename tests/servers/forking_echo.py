@@ -1,4 +1,5 @@
-"""A TCP server that forks a child process for every connection."""
+"""A TCP server that forks a child process for every connection, which replies to each input
+reversed; given a greeting after the port, the child first sends that, before it reads."""
 
 import os
 import signal
@@ -14,6 +15,8 @@ def main() -> None:
         conn, _ = listener.accept()
         if os.fork() == 0:
             listener.close()
+            if len(sys.argv) > 2:
+                conn.sendall(sys.argv[2].encode() + b"\n")
             while data := conn.recv(65536):
                 conn.sendall(data[::-1])
             os._exit(0)
