@@ -10,11 +10,11 @@ client sees can come from an input the log may not hold.
 Each thread is *armed* (its breakpoints on) or not. An input of a thread that is not armed stops
 it (the probe sends SIGSTOP, as in gate mode) and the tracer arms it and lets it go; an input
 of an armed thread does not stop it, unless the probe could not copy the input whole. At its
-next output the armed thread traps; once every input of its process read so far is released,
-the tracer disarms it and lets it go, and its outputs then run free until its next input. So a
-thread stops twice for a whole batch of inputs. A thread or process created while outputs are
-held starts armed, and an output waits for every traced process's inputs, since a child may
-write what its parent read.
+next output the armed thread traps; once every input read so far is released (by any traced
+process: a child may write what its parent read), the tracer disarms it and lets it go, and its
+outputs then run free until its next input. So a thread stops twice for a whole batch of
+inputs. A thread or process created while outputs are held starts armed; one that execs waits
+at the exec, as at an output, since exec drops its breakpoints.
 
 The probes report what this cannot hold (``Hold.MISSED``, ``Hold.CROSSED``): an output that
 bypassed libc's functions, or one by a disarmed thread after another thread's later input (a
