@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -293,30 +294,35 @@ class Campaign(Faults):
         for c in clients:
             c.join(self.timeout + 10)
         for key in self.key_names:  # one last read of each key: the last acknowledged writes
-            ok = False
-            for _ in range(10):
 
-                def final_read(key: str = key) -> bool:
-                    conn = self._connect(cluster.service_addr)
-                    try:
-                        alive, op = self._invoke(conn, -2, key, READ, None, ("GET", key))
-                        return op is not None and op.status == OK
-                    finally:
-                        conn.disconnect()
-
+            def final_read(key: str = key) -> bool | None:
+                conn = self._connect(cluster.service_addr)
                 try:
-                    ok = cluster.in_client_ns(final_read)
-                except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
-                    ok = False
-                if ok:
-                    break
-                time.sleep(1)
-            if not ok:
+                    alive, op = self._invoke(conn, -2, key, READ, None, ("GET", key))
+                    return True if op is not None and op.status == OK else None
+                finally:
+                    conn.disconnect()
+
+            if self._through_vip(cluster, final_read) is None:
                 self.anomalies.append(f"final read of {key} through the VIP failed")
         self._check_adds(cluster)
         self._stop_monitor.set()
         monitor.join(10)
         return self._finish(cluster)
+
+    @staticmethod
+    def _through_vip(cluster: NetnsCluster, call: Callable[[], Any], tries: int = 10) -> Any:
+        """``call()`` from the clients' host, once a second until it returns something other than
+        None without a connection error; None if it never did."""
+        for _ in range(tries):
+            try:
+                result = cluster.in_client_ns(call)
+            except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+                result = None
+            if result is not None:
+                return result
+            time.sleep(1)
+        return None
 
     def _check_adds(self, cluster: NetnsCluster) -> None:
         """Read the set through the VIP: every acknowledged add must be in it, and nothing else
@@ -330,13 +336,8 @@ class Campaign(Faults):
             finally:
                 conn.disconnect()
 
-        for _ in range(10):
-            try:
-                self.final_set = cluster.in_client_ns(members)
-                break
-            except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
-                time.sleep(1)
-        else:
+        self.final_set = self._through_vip(cluster, members)
+        if self.final_set is None:
             self.anomalies.append("final read of the set through the VIP failed")
             return
         lost = sorted(e for e, status in self.adds.items() if status == OK and e not in self.final_set)
