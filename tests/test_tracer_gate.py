@@ -314,6 +314,26 @@ def test_a_tracer_that_fails_while_holding_kills_the_server_instead_of_letting_i
         tracer.detach()
 
 
+def test_a_mode_change_racing_the_servers_exit_finishes_before_the_probes_close(redis):
+    tracer = Tracer(Mode.GATE, lambda event: tracer.release(event) if event.gated else None)
+    tracer.attach(redis.pid)
+    check = tracer._can_hold_outputs
+
+    def server_dies_meanwhile() -> str | None:
+        why = check()
+        os.kill(redis.pid, signal.SIGKILL)
+        tracer.wait(2)  # long enough for the tracer thread to close its probes, unless held off
+        return why
+
+    tracer._can_hold_outputs = server_dies_meanwhile
+    try:
+        tracer.set_mode(Mode.HOLD_OUTPUT)
+        assert tracer.wait(10), "the tracer thread should end with its server"
+        assert tracer.probes is None
+    finally:
+        tracer.detach()
+
+
 def test_observe_mode_never_kills_the_server_with_its_tracer(redis):
     proc = start_trace_cli("--pid", str(redis.pid))
     proc.kill()

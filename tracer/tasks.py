@@ -122,9 +122,12 @@ class TaskControl:
         os.kill(pid, signal.SIGCONT)
 
     def _supervise(self, tgid: int) -> None:
-        assert self.probes is not None
-        self.probes.supervise_tgid(tgid, self._bpf_mode())
-        self._tgids.add(tgid)
+        """Give the probes a new process, in the mode of the others (set_mode may be changing
+        it on another thread right now)."""
+        with self._mode_lock:
+            assert self.probes is not None
+            self.probes.supervise_tgid(tgid, self._bpf_mode())
+            self._tgids.add(tgid)
 
     def _prefill_sockets(self, tgid: int, conns: dict[int, int]) -> None:
         """Track the TCP sockets ``tgid`` holds; ``conns`` (inode -> conn) names the connections
@@ -263,9 +266,8 @@ class TaskControl:
     def _adopt_process(self, pid: int, parent_tgid: int) -> None:
         """A forked child holds its parent's sockets: supervise it like its parent, before it
         is allowed to run."""
+        self._supervise(pid)
         assert self.probes is not None
-        self.probes.supervise_tgid(pid, self._bpf_mode())
-        self._tgids.add(pid)
         for fd, conn in self.probes.copy_sockets(parent_tgid, pid):
             self._descriptors.opened(pid, fd, conn)
         self._inherit_output_entries(pid, parent_tgid)

@@ -89,6 +89,8 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
         self._init_connections()
         self._releases: list[SocketEvent] = []
         self._releases_lock = threading.Lock()
+        # held to change the mode, to give a new process its mode and to close the probes
+        self._mode_lock = threading.RLock()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -149,17 +151,18 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
         warning) for a process whose output calls cannot be found."""
         if mode.holds and not self.exitkill:
             raise ValueError("gating needs a tracer attached with exitkill")
-        if mode is Mode.HOLD_OUTPUT and self.probes is not None:
-            why = self._can_hold_outputs()
-            if why is not None:
-                log.warning("cannot hold outputs (%s): holding inputs instead", why)
-                mode = Mode.GATE
-            else:
-                self.probes.end_outputs_held()
-        self.mode = mode
-        self._apply_bpf_mode()
-        if self.probes is not None:
-            self._sync_idle_poll()
+        with self._mode_lock:  # the tracer thread may be closing the probes as the server exits
+            if mode is Mode.HOLD_OUTPUT and self.probes is not None:
+                why = self._can_hold_outputs()
+                if why is not None:
+                    log.warning("cannot hold outputs (%s): holding inputs instead", why)
+                    mode = Mode.GATE
+                else:
+                    self.probes.end_outputs_held()
+            self.mode = mode
+            self._apply_bpf_mode()
+            if self.probes is not None:
+                self._sync_idle_poll()
 
     def set_batched_wakeups(self, on: bool) -> None:
         """Observe mode: with ``on``, the probes wake the tracer thread once per batch of events
@@ -176,9 +179,10 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
 
     def _apply_bpf_mode(self) -> None:
         """Tell the probes the mode every traced process is in now."""
-        if self.probes is not None:
-            for tgid in list(self._tgids):
-                self.probes.supervise_tgid(tgid, self._bpf_mode())
+        with self._mode_lock:
+            if self.probes is not None:
+                for tgid in list(self._tgids):
+                    self.probes.supervise_tgid(tgid, self._bpf_mode())
 
     def _sync_idle_poll(self) -> None:
         if self._idle_poll is None:
@@ -320,12 +324,13 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
                     self._forget_thread(tid)
 
     def _teardown_probes(self) -> None:
-        probes = self.probes
-        if probes is not None:
-            self.stats.bpf_lost = probes.lost_events()
-            self.probes = None  # before closing: other threads read lost_events meanwhile
-            probes.close()
-        self._sync_idle_poll()
+        with self._mode_lock:
+            probes = self.probes
+            if probes is not None:
+                self.stats.bpf_lost = probes.lost_events()
+                self.probes = None  # before closing: other threads read lost_events meanwhile
+                probes.close()
+            self._sync_idle_poll()
 
     def _drain_wake(self) -> None:
         try:
