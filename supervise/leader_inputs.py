@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from consensus import CommitFuture, Replica
-from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
+from tracer.events import ACCEPTS, CLOSES, READS, Direction, SocketEvent
 from tracer.procfs import socket_inode
 
 from .digest import OutputChecker
@@ -62,7 +62,7 @@ class LeaderInputs:
             else:
                 self._close(own)
                 self._propose(own, Entry(Kind.CLOSE, *cid), ev)
-        elif ev.call is Call.CLOSE and ev.last:
+        elif ev.call in CLOSES and ev.last:
             self._close(own)
             self._propose(own, Entry(Kind.CLOSE, *cid), None)
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tracer import procfs
-from tracer.events import ACCEPTS, READS, Call, SocketEvent
+from tracer.events import ACCEPTS, CLOSES, READS, SocketEvent
 
 from .borrowed_socket import borrow_socket
 from .entries import Entry, Kind
@@ -205,7 +205,7 @@ class OwnConnections:
                     self._held_accepts.append(ev)
                     return True
                 return False
-            if ev.call is Call.CLOSE and ev.last:
+            if ev.call in CLOSES and ev.last:
                 own.server_closed = True
                 self._closed.notify_all()
             if not ev.gated:

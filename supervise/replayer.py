@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tracer.events import ACCEPTS, READS, Call, Direction, SocketEvent
+from tracer.events import ACCEPTS, CLOSES, READS, Direction, SocketEvent
 
 from .borrowed_socket import borrow_socket, bytes_read
 from .entries import Entry, Kind
@@ -291,7 +291,7 @@ class Replayer:
                 else:
                     conn.eof_seen = True
                 conn.cond.notify_all()
-        elif event.call is Call.CLOSE and event.last:
+        elif event.call in CLOSES and event.last:
             with conn.cond:
                 conn.server_closed = True
                 conn.cond.notify_all()

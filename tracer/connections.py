@@ -11,7 +11,8 @@ import time
 
 from . import procfs
 from .descriptors import Descriptors
-from .events import ACCEPTS, DUPS, Call, Direction, SocketEvent
+from .events import ACCEPTS, CLOSES, DUPS, Call, Direction, SocketEvent
+from .tasks import Task
 
 
 class ConnectionTracking:
@@ -37,10 +38,28 @@ class ConnectionTracking:
                 return  # a listening socket
             if event.call in DUPS:
                 self._descriptors.opened(event.pid, event.fd, event.conn)
-            elif event.call is Call.CLOSE:
+            elif event.call in CLOSES:
                 event.last = self._descriptors.closed(event.pid, event.fd, event.conn)
                 if event.last:
                     self._peers.pop(event.conn, None)
+
+    def _on_close_range(self, event: SocketEvent, thread: Task | None) -> None:
+        """close_range(first, last) returned (the probe's event names the range, fd to count):
+        its tracked sockets leave the map, each reported as closed by the calling thread. In a
+        holding mode the probe stopped that thread, so that no descriptor it opens next under
+        one of their numbers is taken for the socket; it goes on now."""
+        assert self.probes is not None
+        for fd, conn in self.probes.close_range(event.pid, event.fd, event.count):
+            self._handle(SocketEvent(event.seq, event.t, event.pid, event.tid, Call.CLOSE_RANGE,
+                                     fd, 0, conn, Direction.CTL, False, False))
+        if event.stopped and thread is not None:
+            event.released = True
+            if thread.gate_stopped:
+                thread.gate_stopped = False
+                self._cont(thread.tid, 0)
+            else:
+                thread.pending = event  # its stop, when it comes, finds it released
+                self._await_gate_stop(thread)
 
     def _descriptors_gone(self, tgid: int, fds: list[tuple[int, int]] | None) -> None:
         """Descriptors that went without a close call: ``fds`` (fd, conn) closed by exec, or

@@ -29,6 +29,7 @@ class Call(IntEnum):
     DUP2 = 15
     DUP3 = 16
     LISTEN = 17
+    CLOSE_RANGE = 18  # one event for each tracked socket in the range
 
     @property
     def syscall(self) -> str:
@@ -38,6 +39,7 @@ class Call(IntEnum):
 ACCEPTS = frozenset({Call.ACCEPT, Call.ACCEPT4})
 READS = frozenset({Call.READ, Call.READV, Call.RECVFROM, Call.RECVMSG})
 DUPS = frozenset({Call.DUP, Call.DUP2, Call.DUP3})
+CLOSES = frozenset({Call.CLOSE, Call.CLOSE_RANGE})
 VECTORED = frozenset({Call.READV, Call.WRITEV})
 MSGHDR = frozenset({Call.RECVMSG, Call.SENDMSG})
 

@@ -66,6 +66,7 @@ class Probes:
         self.socks = self.bpf[b"socks"]
         self.counters = self.bpf[b"counters"]
         self.armed = self.bpf[b"armed"]
+        self.top_fd = self.bpf[b"top_fd"]
         self._prefill_next = PREFILL_CONN_BASE + 1
         self._slots_held: set[int] = set()
         self._reader: ringbuf.RingReader | None = None
@@ -140,6 +141,7 @@ class Probes:
     def forget_tgid(self, tgid: int) -> None:
         self.unsupervise_tgid(tgid)
         self.bpf[b"last_input"].pop(ctypes.c_uint32(tgid), None)
+        self.top_fd.pop(ctypes.c_uint32(tgid), None)
         for key, _ in self._socket_entries():
             if key.tgid == tgid:
                 self.socks.pop(key, None)
@@ -189,6 +191,7 @@ class Probes:
         if rc == 0:
             if new:
                 self._prefill_next += 1
+            self._raise_top_fd(tgid, fd)
             return conn
         existing = self.socks.get(key)
         return existing.conn if existing is not None else 0
@@ -203,7 +206,26 @@ class Probes:
                     leaf.conn, leaf.kind, leaf.outputs_held)
                 if leaf.kind == SOCK_CONN:
                     copied.append((key.fd, leaf.conn))
+                self._raise_top_fd(to_tgid, key.fd)
         return copied
+
+    def _raise_top_fd(self, tgid: int, fd: int) -> None:
+        """The highest fd tracked for ``tgid``, as far as close_range looks (bpf/sockets.c)."""
+        key = ctypes.c_uint32(tgid)
+        top = self.top_fd.get(key)
+        if top is None or top.value < fd:
+            self.top_fd[key] = ctypes.c_uint32(fd)
+
+    def close_range(self, tgid: int, first: int, last: int) -> list[tuple[int, int]]:
+        """Take ``tgid``'s sockets numbered ``first`` to ``last`` out of the map (close_range
+        closed them); returns the (fd, conn) of each connection's descriptor among them."""
+        closed = []
+        for key, leaf in self._socket_entries():
+            if key.tgid == tgid and first <= key.fd <= last:
+                self.socks.pop(key, None)
+                if leaf.kind == SOCK_CONN:
+                    closed.append((key.fd, leaf.conn))
+        return closed
 
     def drop_socket(self, tgid: int, fd: int) -> None:
         self.socks.pop(self.socks.Key(tgid, fd), None)

@@ -378,6 +378,9 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
         thread = self._threads.get(event.tid)
         if thread is not None and thread.pending is not None and not thread.gate_stopped:
             self._escaped(thread)
+        if event.call is Call.CLOSE_RANGE and not event.conn:  # the range: its sockets follow
+            self._on_close_range(event, thread)
+            return
         if event.hold:
             self._held_by_probe(event, thread)
         self.on_event(event)

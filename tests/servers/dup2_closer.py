@@ -1,5 +1,7 @@
-"""A server that echoes one input per connection, then ends the connection by dup2-ing
-/dev/null over the socket's descriptor, and reads that descriptor once more (/dev/null now)."""
+"""A server that echoes one input per connection, then ends the connection without a close call
+for its descriptor, and reads that descriptor number once more (/dev/null now). How it ends it:
+``dup2`` (the default) puts /dev/null over the socket's descriptor; ``close_range`` closes the
+descriptor with close_range(2) and opens /dev/null, which takes the lowest free number, its own."""
 
 import os
 import socket
@@ -8,11 +10,17 @@ import sys
 
 def main() -> None:
     listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+    how = sys.argv[2] if len(sys.argv) > 2 else "dup2"
     devnull = os.open("/dev/null", os.O_RDONLY)
     while True:
         fd = listener.accept()[0].detach()
         os.write(fd, os.read(fd, 65536))
-        os.dup2(devnull, fd)
+        if how == "close_range":
+            os.closerange(fd, fd + 1)  # close_range(fd, fd, 0)
+            if os.open("/dev/null", os.O_RDONLY) != fd:
+                raise SystemExit("/dev/null did not take the closed socket's number")
+        else:
+            os.dup2(devnull, fd)
         os.read(fd, 10)
         os.close(fd)
 

@@ -34,7 +34,7 @@
 enum call {
     C_ACCEPT = 1, C_ACCEPT4, C_READ, C_READV, C_RECVFROM, C_RECVMSG,
     C_WRITE, C_WRITEV, C_SENDTO, C_SENDMSG, C_SENDFILE,
-    C_CLOSE, C_SHUTDOWN, C_DUP, C_DUP2, C_DUP3, C_LISTEN,
+    C_CLOSE, C_SHUTDOWN, C_DUP, C_DUP2, C_DUP3, C_LISTEN, C_CLOSE_RANGE,
 };
 
 struct sock_key {
@@ -119,6 +119,8 @@ BPF_PERCPU_ARRAY(unwoken, u32, 1);               // MODE_TRACE: events since thi
 #define ARMED (1ULL << 63)
 BPF_HASH(armed, u32, u64, 65536);
 BPF_HASH(last_input, u32, u64, 1024);
+// tgid -> the highest fd number the socket map has held for it (close_range looks no further)
+BPF_HASH(top_fd, u32, u32, 1024);
 
 // The tgid's mode, 0 when it is not supervised.
 static __always_inline u32 mode_of(u32 tgid) {
@@ -130,6 +132,19 @@ static __always_inline u32 mode_of(u32 tgid) {
         return slot->mode;
     u32 *mode = tgids.lookup(&tgid);
     return mode ? *mode : 0;
+}
+
+// Only ever raised: two threads of a process raising it at once may leave the lower number,
+// and a close_range above it then misses a socket, as if it were not tracked.
+static __always_inline void raise_top_fd(u32 tgid, s32 fd) {
+    u32 *top = top_fd.lookup(&tgid);
+    if (top) {
+        if ((u32)fd > *top)
+            *top = fd;
+        return;
+    }
+    u32 v = fd;
+    top_fd.update(&tgid, &v);
 }
 
 static __always_inline u64 next_counter(u32 idx) {
@@ -168,6 +183,11 @@ static __always_inline void read_args(u32 call, struct call_args *a) {
     case C_LISTEN: case C_DUP: case C_DUP2: case C_DUP3:
         a->buf = 0;
         a->count = 0;
+        break;
+    case C_CLOSE_RANGE:  // first fd, last fd, flags
+        a->buf = 0;
+        a->count = (u32)r.si;
+        a->flags = (u32)r.dx;
         break;
     }
 }
@@ -298,6 +318,12 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     }
     if (mode == MODE_HOLD_OUTPUT && tids.lookup(&tid))
         e->gated = hold_output(tgid, tid, e, input, outputs_held);
+    // a close_range that closed tracked sockets holds its thread until the tracer has taken
+    // them out of the map: a descriptor the thread opens next may get one of their numbers
+    if (call == C_CLOSE_RANGE && (mode == MODE_GATE || mode == MODE_HOLD_OUTPUT) && tids.lookup(&tid)) {
+        e->gated = HOLD_THREAD;
+        bpf_send_signal_thread(SIGSTOP_NR);
+    }
     // A wake-up per event costs the traced thread more than the event itself (on a VM, an exit
     // to the hypervisor). A gating tracer is woken by a held thread's stop and reads the ring
     // then, so only inputs that are not held wake it; the rest wait for that or its 20 ms poll.
@@ -381,6 +407,7 @@ static __always_inline int finish(u32 call, s64 ret) {
         struct sock_val nv = {.conn = next_counter(1), .kind = SOCK_CONN,
                               .outputs_held = mode == MODE_HOLD_OUTPUT};
         socks.update(&nk, &nv);
+        raise_top_fd(tgid, nk.fd);
         conn = nv.conn;
         outputs_held = 1;  // the accepting thread's next output waits for its CONNECT
         input = 1;
@@ -391,6 +418,7 @@ static __always_inline int finish(u32 call, s64 ret) {
             return 0;
         struct sock_val lv = {.conn = 0, .kind = SOCK_LISTEN};
         socks.update(&key, &lv);
+        raise_top_fd(tgid, key.fd);
         break;
     }
     case C_READ: case C_READV: case C_RECVFROM: case C_RECVMSG:
@@ -426,6 +454,7 @@ static __always_inline int finish(u32 call, s64 ret) {
             return 0;
         struct sock_val dv = *sv;
         socks.update(&dk, &dv);
+        raise_top_fd(tgid, dk.fd);
         fd = (s32)ret;
         break;
     }
@@ -455,3 +484,25 @@ EXIT_PROBE(dup, C_DUP)
 EXIT_PROBE(dup2, C_DUP2)
 EXIT_PROBE(dup3, C_DUP3)
 TRACEPOINT_PROBE(syscalls, sys_enter_close) { return on_close(args->fd); }
+
+// close_range closes every descriptor in its range, with no close call for each: one event
+// says which range, and the tracer takes the tracked sockets in it out of the map (a loop over
+// the range here would need bpf_loop, whose callback bcc cannot load). Not with
+// CLOSE_RANGE_CLOEXEC, which closes nothing before exec (reconciled on its own), nor above the
+// process's top tracked fd.
+#define CLOSE_RANGE_CLOEXEC_FLAG 4
+TRACEPOINT_PROBE(syscalls, sys_exit_close_range) {
+    if (args->ret != 0)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    u32 mode = mode_of(tgid);
+    if (!mode)
+        return 0;
+    struct call_args a = {};
+    read_args(C_CLOSE_RANGE, &a);
+    u32 *top = top_fd.lookup(&tgid);
+    if (!top || (u32)a.fd > *top || (a.flags & CLOSE_RANGE_CLOEXEC_FLAG))
+        return 0;
+    return emit(mode, tgid, (u32)id, 0, 0, &a, DIR_CTL, 0, a.fd, 0);
+}
