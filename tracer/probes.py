@@ -219,11 +219,14 @@ class Probes:
     def close_range(self, tgid: int, first: int, last: int) -> list[tuple[int, int]]:
         """Take ``tgid``'s sockets numbered ``first`` to ``last`` out of the map (close_range
         closed them); returns the (fd, conn) of each connection's descriptor among them."""
+        from bcc import libbcc
+
         closed = []
         for key, leaf in self._socket_entries():
             if key.tgid == tgid and first <= key.fd <= last:
-                self.socks.pop(key, None)
-                if leaf.kind == SOCK_CONN:
+                # not if a probe took it out meanwhile, and reported its close then
+                gone = libbcc.lib.bpf_delete_elem(self.socks.map_fd, ctypes.byref(key)) == 0
+                if gone and leaf.kind == SOCK_CONN:
                     closed.append((key.fd, leaf.conn))
         return closed
 

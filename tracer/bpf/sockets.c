@@ -318,8 +318,8 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     }
     if (mode == MODE_HOLD_OUTPUT && tids.lookup(&tid))
         e->gated = hold_output(tgid, tid, e, input, outputs_held);
-    // a close_range that closed tracked sockets holds its thread until the tracer has taken
-    // them out of the map: a descriptor the thread opens next may get one of their numbers
+    // a close_range over tracked fd numbers holds its thread until the tracer has taken the
+    // sockets among them out of the map: a descriptor the thread opens next may get one's number
     if (call == C_CLOSE_RANGE && (mode == MODE_GATE || mode == MODE_HOLD_OUTPUT) && tids.lookup(&tid)) {
         e->gated = HOLD_THREAD;
         bpf_send_signal_thread(SIGSTOP_NR);
