@@ -201,10 +201,12 @@ class Campaign(Faults):
         current: tuple[str, int] | None = None
         multi_vip = False
         holders_seen: tuple[list[str], str | None] | None = None
+        shown = 0.0  # when the nodes' progress was last said while there was no leader
         while not self._stop_monitor.wait(0.25):
             best = None
+            docs = {}
             for node in cluster.nodes:
-                doc = cluster.status(node, timeout=0.5)
+                doc = docs[node.name] = cluster.status(node, timeout=0.5)
                 if doc and doc["role"] == "leader" and doc["gating"] and not node.partitioned:
                     if best is None or doc["ballot"] > best[1]:
                         best = (node.name, doc["ballot"])
@@ -223,6 +225,11 @@ class Campaign(Faults):
                 self.leaders.append({"t": round(time.monotonic() - self.t0, 3), "leader": None,
                                      "ballot": None})
                 self.say("no gating leader")
+            if best is None and time.monotonic() - shown >= 1.0:
+                shown = time.monotonic()  # why nobody stands: a lagging copy waits (election.py)
+                self.say("  nodes: " + ", ".join(
+                    f"{name} {doc['role']} committed {doc['committed']} applied {doc['applied']}"
+                    if doc else f"{name} unreachable" for name, doc in docs.items()))
             if best is not None and best != current:
                 current = best
                 self.leaders.append({"t": round(time.monotonic() - self.t0, 3), "leader": best[0],
