@@ -69,6 +69,7 @@ class Core(Elections, LeadershipTransfer):
         self.applied_index = 0  # delivered to the application; the replica's delivery thread sets it
         self.transferring = False
         self.standing = True  # False: votes, but never stands for election (Replica.withdraw)
+        self._hand_to: str | None = None  # lagging, it stands for this peer (election.py)
         self._granted = 0
         self._votes: set[str] = set()
         self._prevote_ballot = 0
@@ -100,6 +101,8 @@ class Core(Elections, LeadershipTransfer):
             # election timeout has passed it refuses pre-votes, as if it had just heard from one.
             self._leader_contact = time.monotonic()
         self.role, self.leader = role, leader
+        if role == FOLLOWER:
+            self._hand_to = None
         if changed:
             self._notified = (role, leader, self.ballot)
             self.m.role(role, self.ballot, leader)
@@ -358,6 +361,8 @@ class Core(Elections, LeadershipTransfer):
                     self._advance_commit()
                 if not self.standing:
                     self._hand_on(now)
+                elif self._hand_to is not None:
+                    self._hand_on_to(self._hand_to, now)
                 retry = max(4 * self.heartbeat_s, 0.05)
                 for p in self.peers:
                     t = self.inflight.get(p)

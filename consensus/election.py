@@ -38,15 +38,20 @@ class Elections:
 
         A withdrawn replica stands only after WITHDRAWN_DEFER_TIMEOUTS election timeouts without
         a leader, and then only to hand leadership on (Core.tick): a peer whose log is shorter
-        than a majority's cannot win without it, and its vote alone would never let it."""
+        than a majority's cannot win without it, and its vote alone would never let it. For the
+        same reason a lagging replica that refused a standing peer its vote, its own log being
+        longer, stands at once, and only to hand leadership to that peer (_on_prevote_req)."""
         if not self.standing and now - self._leader_contact < WITHDRAWN_DEFER_TIMEOUTS * self.election_s:
             self._deadline = now + self._random_timeout()
             return
-        if (self.commit_index - self.applied_index >= LAGGING_ENTRIES
+        if (self._lagging() and self._hand_to is None
                 and now - self._leader_contact < CANDIDACY_DEFER_TIMEOUTS * self.election_s):
             self._deadline = now + self._random_timeout()
             return
         self.start_prevote()
+
+    def _lagging(self) -> bool:
+        return self.commit_index - self.applied_index >= LAGGING_ENTRIES
 
     def start_prevote(self) -> None:
         """Raft's pre-vote: ask whether a majority would promise our next ballot, changing no
@@ -66,8 +71,12 @@ class Elections:
     def _on_prevote_req(self, peer: str, m: wire.VoteReq) -> None:
         st = self.store
         alive = self.role == LEADER or time.monotonic() - self._leader_contact < self.election_s
-        granted = (m.ballot > st.promised and not alive
-                   and (m.last_ballot, m.last_index) >= (st.last_ballot, st.last_index))
+        could = m.ballot > st.promised and not alive
+        granted = could and (m.last_ballot, m.last_index) >= (st.last_ballot, st.last_index)
+        if could and not granted and self._lagging() and self.standing:
+            # the peer stands, but cannot win without entries only this replica holds, and this
+            # one would not stand for a while: it stands for the peer (election_due)
+            self._hand_to = peer
         self._send(peer, wire.PREVOTE_RESP, wire.enc_vote_resp(wire.VoteResp(m.ballot, granted)))
 
     def _on_prevote_resp(self, peer: str, m: wire.VoteResp) -> None:

@@ -29,6 +29,20 @@ class LeadershipTransfer:
             self.transferring = True
         self._hand_over_if_caught_up(target)
 
+    def _hand_on_to(self, target: str, now: float) -> None:
+        """A replica that stood, lagging in application, for ``target`` (Elections._on_prevote_req)
+        leads only until ``target`` has its whole log; if ``target`` goes silent, it leads on."""
+        if now - self.last_heard[target] >= self.election_s:
+            log.info("%s: %s is silent; leading on instead of handing leadership to it", self.name,
+                     target)
+            self._hand_to = None
+            self.transferring = False
+            return
+        if not self.transferring:
+            log.info("%s: behind in applying its log, handing leadership to %s", self.name, target)
+            self.transferring = True
+        self._hand_over_if_caught_up(target)
+
     def transfer(self) -> str | None:
         """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""
         with self.locked():

@@ -232,6 +232,39 @@ def test_a_replica_whose_application_lags_lets_a_caught_up_peer_lead() -> None:
         assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, "it had caught up meanwhile"
 
 
+def test_a_lagging_replica_with_the_longest_log_stands_at_once_for_a_caught_up_peer_that_lacked_it(
+) -> None:
+    """The caught-up peer missed entries while it was down, so it cannot win without the lagging
+    replica's vote, which its shorter log does not get; the lagging replica would not stand for
+    CANDIDACY_DEFER_TIMEOUTS (30 s here). So it stands at once, brings the peer up to date and
+    hands leadership to it, instead of the group waiting out its delivery."""
+    from consensus.election import CANDIDACY_DEFER_TIMEOUTS, LAGGING_ENTRIES
+
+    with Cluster(3, "shm", "fsync", record=False) as c:
+        slow = c.names[2]
+        c.reps[slow].spec["apply_delay_s"] = 0.05  # 1,500 entries: 75 s of delivery
+        for name in c.names[:2]:
+            c.reps[name].start()
+        lead = c.leader()
+        behind = next(n for n in c.names[:2] if n != lead)
+        c.reps[slow].start()
+        c.reps[behind].kill()
+        with Load(c, threads=8) as load:  # committed by the leader and the lagging replica alone
+            load.wait_acks(LAGGING_ENTRIES + 500)
+        st = c.reps[slow].status()
+        assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, st
+        c.reps[lead].kill()
+        c.reps[behind].start()
+        deadline = time.monotonic() + CANDIDACY_DEFER_TIMEOUTS * 0.3 / 3  # a third of the wait
+        while c.leader(exclude={lead}, timeout=30) != behind:  # the lagging one leads only for a while
+            assert time.monotonic() < deadline, c.statuses()
+            time.sleep(0.1)
+        st = c.reps[slow].status()
+        assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, "it had caught up meanwhile"
+        led = [b for r, b, _ in c.reps[slow].roles() if r == "leader"]
+        assert len(led) <= 1, c.reps[slow].roles()
+
+
 def test_a_withdrawn_replica_with_the_longest_log_hands_leadership_to_a_peer_that_lacked_it() -> None:
     """The only live peer missed entries while it was down, so it cannot win without the
     withdrawn replica's log: that replica stands after a while, brings it up to date and hands
