@@ -295,6 +295,7 @@ class Core(Elections, LeadershipTransfer):
         if m.ballot > st.promised or self.role != FOLLOWER or self.leader != peer:
             self._step_down(m.ballot, peer)
         self._leader_contact = time.monotonic()
+        self._hand_to = None  # a leader leads: no peer needs this replica to stand for it
         self._deadline = self._leader_contact + self._random_timeout()
         if m.prev_index > st.last_index:
             self._reply(peer, False, st.last_index)
