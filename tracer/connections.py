@@ -52,13 +52,13 @@ class ConnectionTracking:
         for fd, conn in self.probes.close_range(event.pid, event.fd, event.count):
             self._handle(SocketEvent(event.seq, event.t, event.pid, event.tid, Call.CLOSE_RANGE,
                                      fd, 0, conn, Direction.CTL, False, False))
-        if event.stopped and thread is not None:
+        if event.stopped and thread is not None:  # let it go as a held input released at once
             event.released = True
+            thread.pending = event
             if thread.gate_stopped:
                 thread.gate_stopped = False
-                self._cont(thread.tid, 0)
+                self._on_gate_stop(thread)
             else:
-                thread.pending = event  # its stop, when it comes, finds it released
                 self._await_gate_stop(thread)
 
     def _descriptors_gone(self, tgid: int, fds: list[tuple[int, int]] | None) -> None:
