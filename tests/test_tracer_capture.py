@@ -278,9 +278,10 @@ def test_workers_a_preforking_server_forked_before_attach_are_traced_and_gated()
         server.stop()
 
 
-# close_range's sockets leave the map when the tracer reads its event: in a holding mode its
-# thread waits for that, in observe mode it does not (see the README's Limitations)
+# close_range's sockets leave the map in its probe, in every mode; a wide range's past the
+# probe's reach when the tracer reads its event, with the thread held until then in a holding mode
 @pytest.mark.parametrize("how, mode, ended_by", [("dup2", Mode.OBSERVE, Call.CLOSE),
+                                                 ("close_range", Mode.OBSERVE, Call.CLOSE_RANGE),
                                                  ("close_range", Mode.GATE, Call.CLOSE_RANGE),
                                                  ("close_range", Mode.HOLD_OUTPUT, Call.CLOSE_RANGE)])
 def test_a_socket_closed_without_close_ends_there_and_its_fd_number_is_no_longer_taken_for_it(
@@ -301,6 +302,30 @@ def test_a_socket_closed_without_close_ends_there_and_its_fd_number_is_no_longer
         assert [(e.call, e.dir) for e in mine] == [
             (Call.READ, Direction.IN), (Call.WRITE, Direction.OUT), (ended_by, Direction.CTL)]
         assert mine[-1].last and mine[-1].tid == server.pid and mine[-1].fd == mine[0].fd
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("mode", [Mode.GATE, Mode.HOLD_OUTPUT])
+def test_a_close_range_wider_than_its_probe_looks_ends_the_connection_at_both_its_descriptors(mode):
+    server = python_server("dup2_closer.py", "close_range_wide")
+    try:
+        with traced(server.pid, mode) as (_tracer, rec):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(b"ping")
+            assert recv_exactly(client, 4) == b"ping"
+            assert client.recv(100) == b""
+            client.close()
+            wait_until(lambda: any(e.call in CLOSES and e.last for e in rec.seen), 10, "the close")
+            time.sleep(0.2)
+            events = list(rec.seen)
+        conn = next(e.conn for e in events if e.call in ACCEPTS)
+        mine = [e for e in events if e.conn == conn and e.call not in ACCEPTS]
+        fd = mine[0].fd
+        assert [(e.call, e.fd) for e in mine] == [
+            (Call.READ, fd), (Call.WRITE, fd), (Call.DUP2, fd + 300),
+            (Call.CLOSE_RANGE, fd), (Call.CLOSE_RANGE, fd + 300)]
+        assert [e.last for e in mine[-2:]] == [False, True]
     finally:
         server.stop()
 

@@ -7,12 +7,15 @@ A mixin of ``Tracer`` (tracer/tracer.py), like tasks.py: these methods run on th
 
 from __future__ import annotations
 
+import struct
 import time
 
 from . import procfs
 from .descriptors import Descriptors
 from .events import ACCEPTS, CLOSES, DUPS, Call, Direction, SocketEvent
 from .tasks import Task
+
+_RANGE_SLOT = struct.Struct("=Qi4x")  # an fd number close_range closed (bpf/sockets.c)
 
 
 class ConnectionTracking:
@@ -44,12 +47,19 @@ class ConnectionTracking:
                     self._peers.pop(event.conn, None)
 
     def _on_close_range(self, event: SocketEvent, thread: Task | None) -> None:
-        """close_range(first, last) returned (the probe's event names the range, fd to count):
-        its tracked sockets leave the map, each reported as closed by the calling thread. In a
-        holding mode the probe stopped that thread, so that no descriptor it opens next under
-        one of their numbers is taken for the socket; it goes on now."""
-        assert self.probes is not None
-        for fd, conn in self.probes.close_range(event.pid, event.fd, event.count):
+        """close_range(first, last) returned. The probe took the sockets among the range's
+        first fd numbers out of the map, with a (conn, fd) slot in the range record's data for
+        each number it looked at (``ret`` of them; conn 0: no connection). ``buf``, when not 0,
+        is the first number it did not look at: the rest of the range leaves the map here (in a
+        holding mode the probe stopped the thread for it, so that no descriptor it opens next
+        under one of those numbers is taken for a socket; it goes on now). Each connection's
+        descriptor is reported as closed by the calling thread."""
+        slots = _RANGE_SLOT.iter_unpack(event.data[:event.ret * _RANGE_SLOT.size])
+        closed = [(conn, fd) for conn, fd in slots if conn]
+        if event.buf:
+            assert self.probes is not None
+            closed += self.probes.close_range(event.pid, event.buf, event.count)
+        for conn, fd in closed:
             self._handle(SocketEvent(event.seq, event.t, event.pid, event.tid, Call.CLOSE_RANGE,
                                      fd, 0, conn, Direction.CTL, False, False))
         if event.stopped and thread is not None:  # let it go as a held input released at once

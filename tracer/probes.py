@@ -218,7 +218,8 @@ class Probes:
 
     def close_range(self, tgid: int, first: int, last: int) -> list[tuple[int, int]]:
         """Take ``tgid``'s sockets numbered ``first`` to ``last`` out of the map (close_range
-        closed them); returns the (fd, conn) of each connection's descriptor among them."""
+        closed them, beyond what its probe took out); returns the (conn, fd) of each
+        connection's descriptor among them."""
         from bcc import libbcc
 
         closed = []
@@ -227,7 +228,7 @@ class Probes:
                 # not if a probe took it out meanwhile, and reported its close then
                 gone = libbcc.lib.bpf_delete_elem(self.socks.map_fd, ctypes.byref(key)) == 0
                 if gone and leaf.kind == SOCK_CONN:
-                    closed.append((key.fd, leaf.conn))
+                    closed.append((leaf.conn, key.fd))
         return closed
 
     def drop_socket(self, tgid: int, fd: int) -> None:

@@ -10,6 +10,11 @@
 #ifndef SNAPLEN
 #define SNAPLEN 4096
 #endif
+// close_range's record lists the connections it closed, (u64 conn, s32 fd, u32 0) each, in its
+// data: room for RANGE_MAX of them whatever the snap length
+#define RANGE_PAIR 16
+#define RANGE_MAX 256
+#define EVENT_DATA (SNAPLEN > RANGE_PAIR * RANGE_MAX ? SNAPLEN : RANGE_PAIR * RANGE_MAX)
 
 #define MODE_OBSERVE 1
 #define MODE_GATE 2
@@ -91,7 +96,7 @@ struct event {
     u8 input;
     u8 peer_len;
     u8 peer[28];   // struct sockaddr_in / sockaddr_in6 as returned by accept
-    u8 data[SNAPLEN];
+    u8 data[EVENT_DATA];
 };
 _Static_assert(__builtin_offsetof(struct event, data) == 100, "EVENT_HEADER in tracer/probes.py");
 
@@ -318,9 +323,12 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     }
     if (mode == MODE_HOLD_OUTPUT && tids.lookup(&tid))
         e->gated = hold_output(tgid, tid, e, input, outputs_held);
-    // a close_range over tracked fd numbers holds its thread until the tracer has taken the
-    // sockets among them out of the map: a descriptor the thread opens next may get one's number
-    if (call == C_CLOSE_RANGE && (mode == MODE_GATE || mode == MODE_HOLD_OUTPUT) && tids.lookup(&tid)) {
+    if (call == C_CLOSE_RANGE)
+        e->data_len = ret * RANGE_PAIR;
+    // a close_range whose range the probe could not take out whole holds its thread until the
+    // tracer has taken out the rest: a descriptor the thread opens next may get one's number
+    if (call == C_CLOSE_RANGE && a->buf && (mode == MODE_GATE || mode == MODE_HOLD_OUTPUT)
+        && tids.lookup(&tid)) {
         e->gated = HOLD_THREAD;
         bpf_send_signal_thread(SIGSTOP_NR);
     }
@@ -353,7 +361,7 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
         if (dir == DIR_CTL || (dir == DIR_IN && ret <= 0))
             wake = RB_FORCE_WAKEUP;
     }
-    u64 size = sizeof(struct event) - SNAPLEN + e->data_len;
+    u64 size = sizeof(struct event) - EVENT_DATA + e->data_len;
     if (size > sizeof(struct event))
         size = sizeof(struct event);
     if (events.ringbuf_output(e, size, wake) != 0)
@@ -485,12 +493,38 @@ EXIT_PROBE(dup2, C_DUP2)
 EXIT_PROBE(dup3, C_DUP3)
 TRACEPOINT_PROBE(syscalls, sys_enter_close) { return on_close(args->fd); }
 
-// close_range closes every descriptor in its range, with no close call for each: one event
-// says which range, and the tracer takes the tracked sockets in it out of the map (a loop over
-// the range here would need bpf_loop, whose callback bcc cannot load). Not with
-// CLOSE_RANGE_CLOEXEC, which closes nothing before exec (reconciled on its own), nor above the
-// process's top tracked fd.
+// close_range closes every descriptor in its range, with no close call for each. Its sockets
+// leave the map here, before the thread can open a descriptor under one of their numbers: those
+// among RANGE_MAX fd numbers from the first (and not above the process's top tracked fd). The
+// range record (conn 0) has a (conn, fd) slot in its data for each fd number looked at, conn 0
+// where that was no connection, and its `buf` is the first fd number not looked at (0: none):
+// from there the tracer takes the rest out itself, and while a tracer holds, the thread waits
+// for that. (A slot per fd number, not a list: an offset that differs between paths through the
+// loop keeps the verifier from merging them.) Not with CLOSE_RANGE_CLOEXEC, which closes nothing
+// before exec (reconciled on its own).
 #define CLOSE_RANGE_CLOEXEC_FLAG 4
+static __always_inline u32 take_range(u32 tgid, struct call_args *a, u32 top, u8 *data) {
+    u32 first = a->fd;
+    u32 last = a->count < top ? a->count : top;
+    a->buf = last - first >= RANGE_MAX ? first + RANGE_MAX : 0;
+    u32 looked = a->buf ? RANGE_MAX : last - first + 1;
+    for (u32 i = 0; i < RANGE_MAX; i++) {
+        if (i >= looked)
+            break;
+        struct sock_key key = {.tgid = tgid, .fd = first + i};
+        u64 conn = 0;
+        struct sock_val *sv = socks.lookup(&key);
+        // not if another thread's close took it out meanwhile (and reported it), nor a listener
+        if (sv && sv->kind == SOCK_CONN)
+            conn = sv->conn;
+        if (sv && socks.delete(&key) != 0)
+            conn = 0;
+        *(u64 *)(data + i * RANGE_PAIR) = conn;
+        *(s32 *)(data + i * RANGE_PAIR + 8) = key.fd;
+    }
+    return looked;
+}
+
 TRACEPOINT_PROBE(syscalls, sys_exit_close_range) {
     if (args->ret != 0)
         return 0;
@@ -504,5 +538,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_close_range) {
     u32 *top = top_fd.lookup(&tgid);
     if (!top || (u32)a.fd > *top || (a.flags & CLOSE_RANGE_CLOEXEC_FLAG))
         return 0;
-    return emit(mode, tgid, (u32)id, 0, 0, &a, DIR_CTL, 0, a.fd, 0);
+    u32 zero = 0;
+    struct event *e = scratch.lookup(&zero);  // emit builds the event around the data written here
+    if (!e)
+        return 0;
+    u32 slots = take_range(tgid, &a, *top, e->data);
+    return emit(mode, tgid, (u32)id, 0, slots, &a, DIR_CTL, 0, a.fd, 0);
 }
