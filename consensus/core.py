@@ -82,6 +82,7 @@ class Core(Elections, LeadershipTransfer):
         self.inflight: dict[str, float] = {}
         self.last_sent = dict.fromkeys(self.peers, 0.0)
         self.last_heard = dict.fromkeys(self.peers, 0.0)
+        self.peer_lagging = dict.fromkeys(self.peers, False)  # as each last acknowledged
 
     @property
     def ballot(self) -> int:
@@ -284,7 +285,7 @@ class Core(Elections, LeadershipTransfer):
                 self._on_timeout_now(peer, wire.dec_timeout_now(body))
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
-        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok)
+        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, self._lagging())
         self._send(peer, wire.APPEND_RESP, wire.enc_append_resp(m))
 
     def _on_append(self, peer: str, m: wire.Append) -> None:
@@ -335,6 +336,7 @@ class Core(Elections, LeadershipTransfer):
             return
         now = time.monotonic()
         self.last_heard[peer] = now
+        self.peer_lagging[peer] = m.lagging
         if m.ok:
             if m.index > self.match[peer]:
                 self.match[peer] = m.index

@@ -217,14 +217,15 @@ class Replica:
         """Never lead again in this replica's lifetime, and hand leadership on if this replica
         leads: for an application that can no longer serve (a supervisor whose copy diverged). It
         still votes and keeps its log, so the group loses no majority by it. When the group has
-        had no leader for a while it still stands, only to bring the most caught-up peer up to
-        date and hand leadership to it (a peer whose log is shorter cannot win without that)."""
+        had no leader for a while it still stands, only to bring its successor up to date and
+        hand leadership to it (a peer whose log is shorter cannot win without that)."""
         self.core.standing = False
         if self.core.role == LEADER:
             self.step_down(timeout)
 
     def step_down(self, timeout: float) -> bool:
-        """Hand leadership to the most caught-up reachable peer; True once another leads."""
+        """Hand leadership to a reachable peer (LeadershipTransfer._successor); True once another
+        leads."""
         target = self.core.transfer()
         if target is None:
             return False

@@ -1,6 +1,9 @@
 """Handing leadership on, as methods mixed into Core: a leader that leaves (Replica.step_down)
-or withdraws (Replica.withdraw) brings its most caught-up live peer up to its whole log, then
-sends it TIMEOUT_NOW, and that peer starts an election at once instead of waiting out its timer.
+or withdraws (Replica.withdraw) brings its successor up to its whole log, then sends it
+TIMEOUT_NOW, and that peer starts an election at once instead of waiting out its timer. The
+successor is the live peer with the longest log among those not lagging in applying it (as each
+says in its acknowledgements), else among all: a copy that is replaying the log could serve only
+once it has delivered all of it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ log = logging.getLogger("consensus.core")
 class LeadershipTransfer:
     """Mixed into :class:`consensus.core.Core`."""
 
+    def _successor(self, live: list[str]) -> str:
+        return max(live, key=lambda p: (not self.peer_lagging[p], self.match[p]))
+
     def _hand_on(self, now: float) -> None:
-        """A withdrawn replica leads only until the most caught-up live peer has its whole log,
-        then tells that peer to take over."""
+        """A withdrawn replica leads only until its successor has its whole log, then tells that
+        peer to take over."""
         live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
         if not live:
             return
-        target = max(live, key=lambda p: self.match[p])
+        target = self._successor(live)
         if not self.transferring:
             log.info("%s: withdrawn, handing leadership on to %s", self.name, target)
             self.transferring = True
@@ -44,7 +50,7 @@ class LeadershipTransfer:
         self._hand_over_if_caught_up(target)
 
     def transfer(self) -> str | None:
-        """Begin a graceful hand-over to the most caught-up reachable peer (leader only)."""
+        """Begin a graceful hand-over to the successor among the reachable peers (leader only)."""
         with self.locked():
             if self.role != LEADER:
                 return None
@@ -52,7 +58,7 @@ class LeadershipTransfer:
             live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
             if 1 + len(live) < self.majority or not live:
                 return None
-            target = max(live, key=lambda p: self.match[p])
+            target = self._successor(live)
             self.transferring = True
             self._replicate(target, now)
             self._hand_over_if_caught_up(target)

@@ -265,6 +265,31 @@ def test_a_lagging_replica_with_the_longest_log_stands_at_once_for_a_caught_up_p
         assert len(led) <= 1, c.reps[slow].roles()
 
 
+def test_a_leader_stepping_down_hands_leadership_to_a_peer_caught_up_in_applying_the_log() -> None:
+    """Both peers hold the whole log, but one is far behind in applying it (a copy replaying the
+    log after a restart): the leader hands leadership to the other, which can serve at once. The
+    lagging one comes first in the leader's list of peers, where a tie in log length went."""
+    from consensus.election import LAGGING_ENTRIES
+
+    with Cluster(3, "shm", "fsync", record=False) as c:
+        slow = c.names[0]
+        c.reps[slow].spec["apply_delay_s"] = 0.05  # 1,500 entries: 75 s of delivery
+        for name in c.names[1:]:
+            c.reps[name].start()
+        lead = c.leader()
+        caught = next(n for n in c.names[1:] if n != lead)
+        c.reps[slow].start()
+        with Load(c, threads=8) as load:
+            load.wait_acks(LAGGING_ENTRIES + 500)
+        st = c.reps[slow].status()
+        assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, st
+        cl = Client(c.reps[lead].socket_path)
+        assert cl.call("D 5") == "OK 1"
+        cl.close()
+        assert c.leader(exclude={lead}) == caught
+        assert not [b for r, b, _ in c.reps[slow].roles() if r == "leader"], c.reps[slow].roles()
+
+
 def test_a_withdrawn_replica_with_the_longest_log_hands_leadership_to_a_peer_that_lacked_it() -> None:
     """The only live peer missed entries while it was down, so it cannot win without the
     withdrawn replica's log: that replica stands after a while, brings it up to date and hands

@@ -1,4 +1,5 @@
-"""Entry codec, segment files and log store: round trips and detection of damaged bytes."""
+"""Entry codec, wire messages, segment files and log store: round trips and detection of damaged
+bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consensus import codec
+from consensus import codec, wire
 from consensus.codec import Entry
 from consensus.logstore import LogStore
 from consensus.segments import SegmentCorruptError, SegmentLog
@@ -21,6 +22,16 @@ payloads = st.lists(st.binary(max_size=300), min_size=1, max_size=40)
 def _entries(data: list[bytes], first: int = 1, ballot: int = 7) -> list[Entry]:
     return [Entry(first + i, ballot + (i // 5), codec.KIND_DATA if i % 7 else codec.KIND_NOOP, p)
             for i, p in enumerate(data)]
+
+
+u64 = st.integers(0, 2**64 - 1)
+
+
+@given(u64, u64, u64, st.booleans(), st.booleans())
+def test_append_responses_round_trip_with_the_followers_lagging_flag(
+        ballot: int, index: int, last: int, ok: bool, lagging: bool) -> None:
+    m = wire.AppendResp(ballot, index, last, ok, lagging)
+    assert wire.dec_append_resp(wire.enc_append_resp(m)) == m
 
 
 @given(payloads)
