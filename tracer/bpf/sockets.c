@@ -10,8 +10,8 @@
 #ifndef SNAPLEN
 #define SNAPLEN 4096
 #endif
-// close_range's record lists the connections it closed, (u64 conn, s32 fd, u32 0) each, in its
-// data: room for RANGE_MAX of them whatever the snap length
+// close_range's record has a slot (u64 conn, s32 fd, 4 bytes unused) in its data for each fd
+// number its probe looked at, up to RANGE_MAX of them whatever the snap length
 #define RANGE_PAIR 16
 #define RANGE_MAX 256
 #define EVENT_DATA (SNAPLEN > RANGE_PAIR * RANGE_MAX ? SNAPLEN : RANGE_PAIR * RANGE_MAX)
