@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from consensus import codec, wire
 from consensus.codec import Entry
 from consensus.commit_future import CommitFuture
-from consensus.election import CANDIDATE, FOLLOWER, LEADER, Elections
+from consensus.election import CANDIDATE, FOLLOWER, LAGGING_ENTRIES, LEADER, Elections
 from consensus.errors import LeadershipLost, NotLeader
 from consensus.logstore import LogStore
 from consensus.transfer import LeadershipTransfer
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CANDIDATE", "FOLLOWER", "LEADER", "Core"]
 MAX_FRAME_PAYLOAD = 256 << 10
+UNKNOWN_LAG = 0xFFFFFFFF  # a follower's lag until its first acknowledgement to this leader
 
 
 class Core(Elections, LeadershipTransfer):
@@ -54,6 +55,7 @@ class Core(Elections, LeadershipTransfer):
         self.store = store
         self._send = send
         self.heartbeat_s = heartbeat_s
+        self.retry_s = max(4 * heartbeat_s, 0.05)  # an append unanswered this long is sent again
         self.election_s = election_s
         self.max_frame = min(max_frame, MAX_FRAME_PAYLOAD)
         self.max_payload = max_frame - 256  # one entry must fit in one frame
@@ -82,7 +84,8 @@ class Core(Elections, LeadershipTransfer):
         self.inflight: dict[str, float] = {}
         self.last_sent = dict.fromkeys(self.peers, 0.0)
         self.last_heard = dict.fromkeys(self.peers, 0.0)
-        self.peer_lagging = dict.fromkeys(self.peers, False)  # as each last acknowledged
+        self.peer_lag = dict.fromkeys(self.peers, UNKNOWN_LAG)  # entries not applied, as each said
+        self._led_from = 0  # the log's last index when this replica last came to lead
 
     @property
     def ballot(self) -> int:
@@ -133,6 +136,8 @@ class Core(Elections, LeadershipTransfer):
             self.next_index[p] = self.store.last_index + 1
             self.match[p] = 0
             self.last_heard[p] = now
+            self.peer_lag[p] = UNKNOWN_LAG
+        self._led_from = self.store.last_index
         self.inflight.clear()
         self._set_role(LEADER, self.name)
         self.m.leader_change()
@@ -208,24 +213,45 @@ class Core(Elections, LeadershipTransfer):
         for k, (_, fut, t0) in enumerate(batch):
             pend[first + k] = (fut, t0)
         now = time.monotonic()
-        for p in self._eager():
+        for p in self._eager(now):
             if p not in self.inflight:
                 self._replicate(p, now)
         return True
 
     # ---- replication (leader) -----------------------------------------------------------------
-    def _eager(self) -> list[str]:
+    def _eager(self, now: float) -> list[str]:
         """The followers that new entries go to at once: as many as a commit needs besides the
-        leader, those furthest along (in name order on a tie). The others get them in batches on
-        the leader's tick, so that they are not woken for every entry; one that stops answering
+        leader, those furthest along (in name order on a tie), first among those that could lead
+        at once (``_ready``). The others get them in batches on the leader's tick
+        (``_tick_bound``), so that they are not woken for every entry; one that stops answering
         falls behind and is replaced by the next. Without ``thrifty``, every follower."""
         if not self.thrifty:
             return self.peers
-        return sorted(self.peers, key=lambda p: -self.match[p])[:self.majority - 1]
+        return sorted(self.peers, key=lambda p: (not self._ready(p, now), -self.match[p]))[
+            :self.majority - 1]
 
-    def _replicate(self, p: str, now: float) -> None:
+    def _ready(self, p: str, now: float) -> bool:
+        """The follower answers and does not lag in applying the log: it could lead at once."""
+        return self.peer_lag[p] < LAGGING_ENTRIES and now - self.last_heard[p] < self.retry_s
+
+    def _tick_bound(self, p: str, now: float) -> int:
+        """How far the tick sends entries to follower ``p``. A lagging one outside the eager set
+        gets only what the ready eager followers have acknowledged, so that it never holds an
+        entry they lack (they could not win an election without its vote then, and it would
+        have to stand and hand leadership on: election.py)."""
+        last = self.store.last_index
+        if not self.thrifty or self.peer_lag[p] < LAGGING_ENTRIES:
+            return last
+        eager = self._eager(now)
+        if p in eager:
+            return last
+        acked = [self.match[e] for e in eager if self._ready(e, now)]
+        return min(acked) if acked else last
+
+    def _replicate(self, p: str, now: float, upto: int | None = None) -> None:
         nxt = self.next_index[p]
-        records, count = self.store.records(nxt, self.store.last_index, self.max_frame)
+        records, count = self.store.records(nxt, self.store.last_index if upto is None else upto,
+                                            self.max_frame)
         prev = nxt - 1
         body = wire.enc_append(self.ballot, self.commit_index, prev, self.store.ballot_at(prev), records,
                                count)
@@ -285,7 +311,8 @@ class Core(Elections, LeadershipTransfer):
                 self._on_timeout_now(peer, wire.dec_timeout_now(body))
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
-        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, self._lagging())
+        lag = max(0, self.commit_index - self.applied_index)
+        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, lag)
         self._send(peer, wire.APPEND_RESP, wire.enc_append_resp(m))
 
     def _on_append(self, peer: str, m: wire.Append) -> None:
@@ -336,7 +363,7 @@ class Core(Elections, LeadershipTransfer):
             return
         now = time.monotonic()
         self.last_heard[peer] = now
-        self.peer_lagging[peer] = m.lagging
+        self.peer_lag[peer] = m.lag
         if m.ok:
             if m.index > self.match[peer]:
                 self.match[peer] = m.index
@@ -350,7 +377,7 @@ class Core(Elections, LeadershipTransfer):
             self.next_index[peer] = max(self.match[peer], min(m.index, self.next_index[peer] - 1)) + 1
             self.inflight.pop(peer, None)
         if peer not in self.inflight and self.next_index[peer] <= self.store.last_index and \
-                peer in self._eager():
+                peer in self._eager(now):
             self._replicate(peer, now)
 
     # ---- timers -------------------------------------------------------------------------------
@@ -366,15 +393,17 @@ class Core(Elections, LeadershipTransfer):
                     self._hand_on(now)
                 elif self._hand_to is not None:
                     self._hand_on_to(self._hand_to, now)
-                retry = max(4 * self.heartbeat_s, 0.05)
+                elif self._led_from - self.applied_index >= LAGGING_ENTRIES:
+                    self._hand_on_to_ready(now)
                 for p in self.peers:
                     t = self.inflight.get(p)
-                    if t is not None and now - t > retry:
+                    if t is not None and now - t > self.retry_s:
                         self.inflight.pop(p)
                         self.next_index[p] = self.match[p] + 1
+                    upto = self._tick_bound(p, now)
                     if now - self.last_sent[p] >= self.heartbeat_s or (
-                            p not in self.inflight and self.next_index[p] <= self.store.last_index):
-                        self._replicate(p, now)
+                            p not in self.inflight and self.next_index[p] <= upto):
+                        self._replicate(p, now, upto)
                     self.m.lag(p, self.store.last_index - self.match[p])
                 heard = 1 + sum(1 for p in self.peers if now - self.last_heard[p] < self.election_s * 2)
                 if heard < self.majority:

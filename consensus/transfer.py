@@ -12,7 +12,7 @@ import logging
 import time
 
 from consensus import wire
-from consensus.election import LEADER
+from consensus.election import LAGGING_ENTRIES, LEADER
 
 log = logging.getLogger("consensus.core")
 
@@ -21,7 +21,8 @@ class LeadershipTransfer:
     """Mixed into :class:`consensus.core.Core`."""
 
     def _successor(self, live: list[str]) -> str:
-        return max(live, key=lambda p: (not self.peer_lagging[p], self.match[p]))
+        return min(live, key=lambda p: (self.peer_lag[p] if self.peer_lag[p] >= LAGGING_ENTRIES else 0,
+                                        -self.match[p]))
 
     def _hand_on(self, now: float) -> None:
         """A withdrawn replica leads only until its successor has its whole log, then tells that
@@ -48,6 +49,14 @@ class LeadershipTransfer:
             log.info("%s: behind in applying its log, handing leadership to %s", self.name, target)
             self.transferring = True
         self._hand_over_if_caught_up(target)
+
+    def _hand_on_to_ready(self, now: float) -> None:
+        """A replica that came to lead far behind in applying its log (one restarted with a fresh
+        copy does not know how far the log was committed, so nothing kept it from standing)
+        hands leadership to a peer that could lead at once, as soon as one answers."""
+        ready = [p for p in self.peers if self._ready(p, now)]
+        if ready:
+            self._hand_to = self._successor(ready)
 
     def transfer(self) -> str | None:
         """Begin a graceful hand-over to the successor among the reachable peers (leader only)."""

@@ -29,7 +29,7 @@ PREVOTE_REQ = 6  # bodies as VOTE_REQ / VOTE_RESP
 PREVOTE_RESP = 7
 
 _APPEND = struct.Struct("<QQQQI4x")
-_APPEND_RESP = struct.Struct("<QQQBB6x")
+_APPEND_RESP = struct.Struct("<QQQB3xI")
 _VOTE_REQ = struct.Struct("<QQQ")
 _VOTE_RESP = struct.Struct("<QB7x")
 _TIMEOUT_NOW = struct.Struct("<Q")
@@ -79,7 +79,7 @@ class AppendResp(NamedTuple):
     index: int  # match index when ok, else the follower's hint (retry after this index)
     last_index: int
     ok: bool
-    lagging: bool = False  # the follower's application lags its commit index (election.py)
+    lag: int = 0  # entries committed that the follower has not applied (at most 2**32 - 1)
 
 
 class VoteReq(NamedTuple):
@@ -114,12 +114,12 @@ def dec_append(body: bytes) -> Append:
 
 
 def enc_append_resp(m: AppendResp) -> bytes:
-    return _APPEND_RESP.pack(m.ballot, m.index, m.last_index, int(m.ok), int(m.lagging))
+    return _APPEND_RESP.pack(m.ballot, m.index, m.last_index, int(m.ok), min(m.lag, 0xFFFFFFFF))
 
 
 def dec_append_resp(body: bytes) -> AppendResp:
-    ballot, index, last, ok, lagging = _APPEND_RESP.unpack_from(body)
-    return AppendResp(ballot, index, last, bool(ok), bool(lagging))
+    ballot, index, last, ok, lag = _APPEND_RESP.unpack_from(body)
+    return AppendResp(ballot, index, last, bool(ok), lag)
 
 
 def enc_vote_req(m: VoteReq) -> bytes:

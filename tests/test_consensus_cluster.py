@@ -290,6 +290,64 @@ def test_a_leader_stepping_down_hands_leadership_to_a_peer_caught_up_in_applying
         assert not [b for r, b, _ in c.reps[slow].roles() if r == "leader"], c.reps[slow].roles()
 
 
+def test_new_entries_go_first_to_a_follower_that_can_serve_so_it_takes_over_without_a_replaying_one(
+) -> None:
+    """With thrifty replication a commit needs only one follower's acknowledgement, and new
+    entries go at once to one follower. When it is the one replaying the log, the other lacks
+    entries it holds and can win an election only through its vote, after a hand-over; the
+    leader gives them first to the follower that does not lag, so it wins at once. The lagging
+    follower comes first in name order, where a tie in log length went."""
+    from consensus.election import LAGGING_ENTRIES
+
+    with Cluster(3, "shm", "fsync", record=False, thrifty=True) as c:
+        slow = c.names[0]
+        c.reps[slow].spec["apply_delay_s"] = 0.05
+        for name in c.names[1:]:
+            c.reps[name].start()
+        lead = c.leader()
+        caught = next(n for n in c.names[1:] if n != lead)
+        c.reps[slow].start()
+        deadline = time.monotonic() + 20
+        while c.reps[slow].status()["last"] < c.reps[lead].status()["last"]:  # a tie
+            assert time.monotonic() < deadline, c.statuses()
+            time.sleep(0.05)
+        with Load(c, threads=8) as load:
+            load.wait_acks(LAGGING_ENTRIES + 500)
+            st = c.reps[slow].status()
+            assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, st
+            c.reps[lead].kill()
+            assert c.leader(exclude={lead}) == caught
+        assert not [b for r, b, _ in c.reps[slow].roles() if r == "leader"], c.reps[slow].roles()
+
+
+def test_a_replica_that_came_to_lead_far_behind_in_applying_its_log_hands_leadership_to_one_that_applied_it(
+) -> None:
+    """A replica restarted with its log (a supervisor's node restarted with a fresh copy) does
+    not know how far the log was committed, so nothing keeps it from standing, and it may win;
+    then it has the whole log to apply before it could serve. It hands leadership to a peer that
+    has applied it as soon as one answers. Here every replica restarts, and the slow one stands
+    first (its election timeout is the shortest)."""
+    from consensus.election import LAGGING_ENTRIES
+
+    with Cluster(3, "shm", "fsync", record=False) as c:
+        c.start()
+        c.leader()
+        with Load(c, threads=8) as load:
+            load.wait_acks(LAGGING_ENTRIES + 500)
+        slow = c.names[0]
+        for name in c.names:
+            c.reps[name].kill()
+            c.reps[name].spec["election_timeout_ms"] = 1500
+        c.reps[slow].spec.update(apply_delay_s=0.05, election_timeout_ms=100)
+        for name in c.names:
+            c.reps[name].start()
+        c.leader(exclude={slow}, timeout=10)
+        st = c.reps[slow].status()
+        assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, "it had applied the log meanwhile"
+        led = [b for r, b, _ in c.reps[slow].roles() if r == "leader"]
+        assert len(led) == 1, c.reps[slow].roles()  # it led first, and only once
+
+
 def test_a_withdrawn_replica_with_the_longest_log_hands_leadership_to_a_peer_that_lacked_it() -> None:
     """The only live peer missed entries while it was down, so it cannot win without the
     withdrawn replica's log: that replica stands after a while, brings it up to date and hands

@@ -27,11 +27,16 @@ def _entries(data: list[bytes], first: int = 1, ballot: int = 7) -> list[Entry]:
 u64 = st.integers(0, 2**64 - 1)
 
 
-@given(u64, u64, u64, st.booleans(), st.booleans())
-def test_append_responses_round_trip_with_the_followers_lagging_flag(
-        ballot: int, index: int, last: int, ok: bool, lagging: bool) -> None:
-    m = wire.AppendResp(ballot, index, last, ok, lagging)
+@given(u64, u64, u64, st.booleans(), st.integers(0, 2**32 - 1))
+def test_append_responses_round_trip_with_the_followers_lag(
+        ballot: int, index: int, last: int, ok: bool, lag: int) -> None:
+    m = wire.AppendResp(ballot, index, last, ok, lag)
     assert wire.dec_append_resp(wire.enc_append_resp(m)) == m
+
+
+def test_a_lag_too_large_for_an_acknowledgement_is_sent_as_the_largest_it_holds() -> None:
+    m = wire.dec_append_resp(wire.enc_append_resp(wire.AppendResp(1, 2, 3, True, 2**40)))
+    assert m.lag == 2**32 - 1
 
 
 @given(payloads)
