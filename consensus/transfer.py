@@ -1,9 +1,9 @@
 """Handing leadership on, as methods mixed into Core: a leader that leaves (Replica.step_down)
 or withdraws (Replica.withdraw) brings its successor up to its whole log, then sends it
 TIMEOUT_NOW, and that peer starts an election at once instead of waiting out its timer. The
-successor is the live peer with the longest log among those not lagging in applying it (as each
-says in its acknowledgements), else among all: a copy that is replaying the log could serve only
-once it has delivered all of it.
+successor is the live peer that lags least in applying the log, as each says in its
+acknowledgements (under LAGGING_ENTRIES counts as not at all), then the one with the longest log:
+a copy that is replaying the log could serve only once it has delivered all of it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class LeadershipTransfer:
         self._hand_over_if_caught_up(target)
 
     def _hand_on_to(self, target: str, now: float) -> None:
-        """A replica that stood, lagging in application, for ``target`` (Elections._on_prevote_req)
-        leads only until ``target`` has its whole log; if ``target`` goes silent, it leads on."""
+        """A replica lagging in application that leads for ``target`` (it stood for that peer,
+        Elections._on_prevote_req, or came to lead lagging, _hand_on_to_ready) leads only until
+        ``target`` has its whole log; if ``target`` goes silent, it leads on."""
         if now - self.last_heard[target] >= self.election_s:
             log.info("%s: %s is silent; leading on instead of handing leadership to it", self.name,
                      target)
