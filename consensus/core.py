@@ -234,16 +234,13 @@ class Core(Elections, LeadershipTransfer):
         """The follower answers and does not lag in applying the log: it could lead at once."""
         return self.peer_lag[p] < LAGGING_ENTRIES and now - self.last_heard[p] < self.retry_s
 
-    def _tick_bound(self, p: str, now: float) -> int:
+    def _tick_bound(self, p: str, now: float, eager: list[str]) -> int:
         """How far the tick sends entries to follower ``p``. A lagging one outside the eager set
         gets only what the ready eager followers have acknowledged, so that it never holds an
         entry they lack (they could not win an election without its vote then, and it would
         have to stand and hand leadership on: election.py)."""
         last = self.store.last_index
-        if not self.thrifty or self.peer_lag[p] < LAGGING_ENTRIES:
-            return last
-        eager = self._eager(now)
-        if p in eager:
+        if not self.thrifty or self.peer_lag[p] < LAGGING_ENTRIES or p in eager:
             return last
         acked = [self.match[e] for e in eager if self._ready(e, now)]
         return min(acked) if acked else last
@@ -311,8 +308,7 @@ class Core(Elections, LeadershipTransfer):
                 self._on_timeout_now(peer, wire.dec_timeout_now(body))
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
-        lag = max(0, self.commit_index - self.applied_index)
-        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, lag)
+        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, self._lag())
         self._send(peer, wire.APPEND_RESP, wire.enc_append_resp(m))
 
     def _on_append(self, peer: str, m: wire.Append) -> None:
@@ -395,12 +391,13 @@ class Core(Elections, LeadershipTransfer):
                     self._hand_on_to(self._hand_to, now)
                 elif self._led_from - self.applied_index >= LAGGING_ENTRIES:
                     self._hand_on_to_ready(now)
+                eager = self._eager(now)
                 for p in self.peers:
                     t = self.inflight.get(p)
                     if t is not None and now - t > self.retry_s:
                         self.inflight.pop(p)
                         self.next_index[p] = self.match[p] + 1
-                    upto = self._tick_bound(p, now)
+                    upto = self._tick_bound(p, now, eager)
                     if now - self.last_sent[p] >= self.heartbeat_s or (
                             p not in self.inflight and self.next_index[p] <= upto):
                         self._replicate(p, now, upto)

@@ -50,8 +50,12 @@ class Elections:
             return
         self.start_prevote()
 
+    def _lag(self) -> int:
+        """Entries committed that this replica has not applied yet."""
+        return max(0, self.commit_index - self.applied_index)
+
     def _lagging(self) -> bool:
-        return self.commit_index - self.applied_index >= LAGGING_ENTRIES
+        return self._lag() >= LAGGING_ENTRIES
 
     def start_prevote(self) -> None:
         """Raft's pre-vote: ask whether a majority would promise our next ballot, changing no
