@@ -15,6 +15,8 @@ from pymemcache.exceptions import MemcacheClientError
 
 from supervise.localcluster import LocalCluster
 
+from .workload import MemcachedWrites, fault_the_leader_under_writers
+
 KEYS_PER_CLIENT = 30
 CLIENTS = 10
 KEYS = [f"c{c}:k{i}" for c in range(CLIENTS) for i in range(KEYS_PER_CLIENT)]
@@ -46,15 +48,16 @@ def _worker(port: int, seed: int, ops: int, errors: list) -> None:
         client.close()
 
 
-def _read_items(port: int) -> dict:
+def _read_items(port: int, keys: list[str] = KEYS) -> dict:
     client = Client(("127.0.0.1", port))
     try:
-        return client.get_many(KEYS)
+        return client.get_many(keys)
     finally:
         client.close()
 
 
-def _items_once_settled(port: int, reference: dict, timeout: float = 10.0) -> dict:
+def _items_once_settled(port: int, reference: dict, keys: list[str] = KEYS,
+                        timeout: float = 10.0) -> dict:
     """A follower's items, read until they match or the timeout passes.
 
     "Applied" means the follower's server has read an input, not that a worker thread has
@@ -62,10 +65,10 @@ def _items_once_settled(port: int, reference: dict, timeout: float = 10.0) -> di
     in between, so a follower is compared again for a short while before it counts as different.
     """
     deadline = time.monotonic() + timeout
-    items = _read_items(port)
+    items = _read_items(port, keys)
     while items != reference and time.monotonic() < deadline:
         time.sleep(0.2)
-        items = _read_items(port)
+        items = _read_items(port, keys)
     return items
 
 
@@ -99,3 +102,40 @@ def test_memcached_copies_hold_the_same_items_after_concurrent_writes(hold):
             assert "holding inputs from now on" in leader.log_path.read_text()
         else:
             assert (status["holding"], status["escapes"]) == (hold, 0)
+
+
+def test_memcached_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
+    with LocalCluster(n=3, server="memcached", transport="shm") as cluster:
+        cluster.start(timeout=120)
+
+        def kill(old):
+            cluster.kill(old)
+            return cluster.wait_leader(timeout=30, exclude=old.name)
+
+        old, new, acked, takeover = fault_the_leader_under_writers(cluster, kill, MemcachedWrites)
+        print(f"new leader {new.name} gating {takeover:.2f}s after the kill")
+        client = Client(("127.0.0.1", new.server_port), timeout=30)
+        items = client.get_many(acked)
+        client.close()
+        missing = [k for k in acked if k not in items]
+        assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+
+        cluster.restart(old)  # empty server, same data directory
+        cluster.wait_applied(timeout=120)
+        for node in cluster.nodes:
+            doc = node.status()
+            assert doc["diverged"] is False, doc["diverged_reason"]
+        written = _every_key_written(acked)  # acknowledged or not
+        reference = _read_items(new.server_port, written)
+        for node in cluster.nodes:
+            if node is not new:
+                assert _items_once_settled(node.server_port, reference, written) == reference, \
+                    f"{node.name} differs from the new leader"
+
+
+def _every_key_written(acked: list[str]) -> list[str]:
+    last: dict[str, int] = {}
+    for key in acked:
+        writer, seq = key.split(":")
+        last[writer] = max(last.get(writer, 0), int(seq))
+    return [f"{w}:{s}" for w, top in last.items() for s in range(top + 3)]
