@@ -30,6 +30,7 @@ class Call(IntEnum):
     DUP3 = 16
     LISTEN = 17
     CLOSE_RANGE = 18  # one event for each tracked socket in the range
+    SLEEP = 19  # not a syscall: a thread went to sleep after taking input (tracer/serial.py)
 
     @property
     def syscall(self) -> str:

@@ -34,6 +34,7 @@ class Holding:
             self._hold_outputs_of(event)
         if not event.stopped or thread is None:
             return
+        self._quiet(thread.tid)  # stopped again: done with the input it was let go with
         if event.holds_outputs and thread.gate_stopped:  # its stop came first: arm it and go
             thread.gate_stopped = False
             self._arm_and_go(thread)
@@ -99,7 +100,12 @@ class Holding:
     def _release_now(self, event: SocketEvent) -> None:
         if event.holds_outputs:
             self._outputs_released(event)
-            return
+        elif self.serialize:
+            self._serial_release(event)  # goes on once the thread let go before it is done
+        else:
+            self._resume_released(event)
+
+    def _resume_released(self, event: SocketEvent) -> None:
         thread = self._threads.get(event.tid)
         if thread is None or thread.pending is not event:
             return

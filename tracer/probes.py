@@ -44,7 +44,9 @@ class Probes:
     bcc attaches every ``TRACEPOINT_PROBE`` when the program loads; closing detaches them.
     """
 
-    def __init__(self, snaplen: int = 4096) -> None:
+    def __init__(self, snaplen: int = 4096, serialize: bool = False) -> None:
+        """``serialize``: also report when a thread that took input goes to sleep (Call.SLEEP),
+        from a probe on every context switch of the machine (tracer/serial.py)."""
         if not 1 <= snaplen <= MAX_SNAPLEN:
             raise ValueError(f"snap length must be 1..{MAX_SNAPLEN}, not {snaplen}")
         try:
@@ -53,7 +55,7 @@ class Probes:
             raise ProbeError(f"bcc is not importable ({exc}); run 'supervise doctor'") from None
         _ensure_tracefs()
         cflags = [f"-DSNAPLEN={snaplen}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
-                  f"-DTGID_SLOTS={TGID_SLOTS}", "-w"]
+                  f"-DTGID_SLOTS={TGID_SLOTS}", "-w"] + (["-DSERIALIZE"] if serialize else [])
         try:
             self.bpf = BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
         except Exception as exc:
@@ -68,6 +70,7 @@ class Probes:
         self.counters = self.bpf[b"counters"]
         self.armed = self.bpf[b"armed"]
         self.top_fd = self.bpf[b"top_fd"]
+        self.busy = self.bpf[b"busy"] if serialize else None
         self._prefill_next = PREFILL_CONN_BASE + 1
         self._slots_held: set[int] = set()
         self._reader: ringbuf.RingReader | None = None
@@ -153,6 +156,8 @@ class Probes:
     def untrace_tid(self, tid: int) -> None:
         self.tids.pop(ctypes.c_uint32(tid), None)
         self.armed.pop(ctypes.c_uint32(tid), None)
+        if self.busy is not None:
+            self.busy.pop(ctypes.c_uint32(tid), None)
 
     def set_armed(self, tid: int, armed: bool, committed_seq: int = 0) -> None:
         """Record whether ``tid``'s output breakpoints are on; when off, the seq of the last

@@ -49,6 +49,7 @@ class TracerStats:
     threads: int = 0
     bpf_lost: int = 0
     output_stops: int = 0  # hold-output mode: threads stopped at an output (one per batch)
+    serial_timeouts: int = 0  # serializing: threads not waited for any longer (serial.py)
 
 
 class Task:
@@ -305,6 +306,7 @@ class TaskControl:
         if thread.pending is not None and not thread.pending.released and not thread.pending.holds_outputs:
             self.stats.held -= 1
         self._forget_breakpoints(tid)
+        self._quiet(tid)
         if self.probes is not None:
             self.probes.untrace_tid(tid)
         self.stats.threads = len(self._threads)

@@ -24,6 +24,7 @@ from .holding import Holding
 from .idle_poll import IdlePolling
 from .output_hold import OutputHolding
 from .probes import Probes
+from .serial import Serializing
 from .signalfd import SigchldFd
 from .tasks import AttachError, Mode, Task, TaskControl, TracerStats, check_attachable
 
@@ -43,7 +44,7 @@ assert [f.name for f in dataclasses.fields(SocketEvent)] == [
 _HOLDS = tuple(Hold)
 
 
-class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
+class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializing):
     """Attach to (or launch) a process and report its socket events.
 
     ``on_event`` is called on the tracer thread for every event; it must not block. In gate
@@ -65,6 +66,7 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
         background: bool = False,
         idle_poll: bool = True,
         resume_spin: float = GATE_SPIN_SECONDS,
+        serialize: bool = False,
     ) -> None:
         """``on_batch``: called on the tracer thread after each batch of events read at once
         (one for each trap in hold-output mode), for a caller that acts on them together.
@@ -73,7 +75,9 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
         for as long as inputs are held and a moment after. ``resume_spin``:
         seconds the tracer thread polls without sleeping after it resumes a held thread, whose
         next input comes soon; 0 where other processes need the CPU more (a supervisor's
-        followers)."""
+        followers). ``serialize``: let released threads go one at a time, each once the one
+        before it has finished with its input (tracer/serial.py); SLEEP events, which say a
+        thread did, go to ``on_event`` too."""
         self.mode = mode
         self.exitkill = mode.holds if exitkill is None else exitkill
         self.background = background
@@ -104,6 +108,7 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
         self._idle_poll = IdlePolling() if idle_poll else None
         self._resume_spin = resume_spin
         self._init_output_hold()
+        self._init_serial(serialize)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -245,7 +250,7 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
             self._follower = CpuFollower()
         sigchld = SigchldFd()
         try:
-            self.probes = Probes(self.snaplen)
+            self.probes = Probes(self.snaplen, self.serialize)
             # the mapped reader only where nothing is replicated: it is newer than libbpf's
             ring_fd = self.probes.open_events(self._on_raw_event, mapped=self.background)
             setup()
@@ -284,6 +289,8 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
                     reaped = now
                     self._reap_all()
                 self._apply_releases()
+                if self.serialize:
+                    self._serial_pump(now)
                 self._resolve_traps()
                 if self._idle_poll is not None:
                     self._idle_poll.expire(now)
@@ -369,6 +376,10 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding):
             self._batch_before = batch
 
     def _handle(self, event: SocketEvent) -> None:
+        if event.call is Call.SLEEP:
+            self._quiet(event.tid)
+            self.on_event(event)
+            return
         self.stats.events += 1
         self._track_connection(event)
         if event.seq > self._last_seq:

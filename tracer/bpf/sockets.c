@@ -40,6 +40,7 @@ enum call {
     C_ACCEPT = 1, C_ACCEPT4, C_READ, C_READV, C_RECVFROM, C_RECVMSG,
     C_WRITE, C_WRITEV, C_SENDTO, C_SENDMSG, C_SENDFILE,
     C_CLOSE, C_SHUTDOWN, C_DUP, C_DUP2, C_DUP3, C_LISTEN, C_CLOSE_RANGE,
+    C_SLEEP,  // not a syscall: a thread that took input went to sleep (SERIALIZE, below)
 };
 
 struct sock_key {
@@ -126,6 +127,10 @@ BPF_HASH(armed, u32, u64, 65536);
 BPF_HASH(last_input, u32, u64, 1024);
 // tgid -> the highest fd number the socket map has held for it (close_range looks no further)
 BPF_HASH(top_fd, u32, u32, 1024);
+#ifdef SERIALIZE
+// tid -> 1 from the thread's last input until it next goes to sleep (tracer/serial.py)
+BPF_HASH(busy, u32, u8, 65536);
+#endif
 
 // The tgid's mode, 0 when it is not supervised.
 static __always_inline u32 mode_of(u32 tgid) {
@@ -317,6 +322,12 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     if ((dir == DIR_IN || dir == DIR_OUT) && ret > 0)
         e->data_len = copy_payload(a, ret, e->data);
 
+#ifdef SERIALIZE
+    if (input) {
+        u8 one = 1;
+        busy.update(&tid, &one);
+    }
+#endif
     if (input && mode == MODE_GATE && tids.lookup(&tid)) {
         e->gated = HOLD_THREAD;
         bpf_send_signal_thread(SIGSTOP_NR);
@@ -344,7 +355,7 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     // a record written with NO_WAKEUP, a default record wakes nobody. So an observer (whose
     // replayer waits on each input) must keep the default for every record.
     u64 wake = 0;
-    if (mode == MODE_GATE && (e->gated || !input))
+    if (mode == MODE_GATE && (e->gated || !input) && call != C_SLEEP)
         wake = RB_NO_WAKEUP;
     // a thread's inputs are read when it stops at its output (or on the poll); its end of input
     // and the connection events wake the reader at once
@@ -545,3 +556,26 @@ TRACEPOINT_PROBE(syscalls, sys_exit_close_range) {
     u32 slots = take_range(tgid, &a, *top, e->data);
     return emit(mode, tgid, (u32)id, 0, slots, &a, DIR_CTL, 0, a.fd, 0);
 }
+
+#ifdef SERIALIZE
+// A thread that took input and then sleeps (waiting for more input, mostly in epoll_wait) has
+// finished with that input: its record lets the tracer hand the server the next one. Only
+// interruptible sleeps count; a preempted thread, one in a disk wait or a ptrace stop has not
+// finished. sched_switch runs for every switch on the machine, so this probe is compiled in only
+// for a tracer that serializes.
+#define TASK_INTERRUPTIBLE_STATE 1
+TRACEPOINT_PROBE(sched, sched_switch) {
+    if ((args->prev_state & 0xff) != TASK_INTERRUPTIBLE_STATE)
+        return 0;
+    u32 tid = args->prev_pid;
+    if (!busy.lookup(&tid))
+        return 0;
+    busy.delete(&tid);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;  // prev is still current here
+    u32 mode = mode_of(tgid);
+    if (!mode)
+        return 0;
+    struct call_args a = {.call = C_SLEEP, .fd = -1};
+    return emit(mode, tgid, tid, 0, 0, &a, DIR_CTL, 0, -1, 0);
+}
+#endif

@@ -1,0 +1,66 @@
+"""Serialized releases: a multi-threaded server takes its held inputs one at a time.
+
+Gate mode holds each input's thread until the caller releases it. Threads released one after
+another then run side by side, and two of them acting on the same data (two memcached workers
+on one key) do so in whichever order the scheduler picks, which differs between copies of the
+server. With ``Tracer(serialize=True)`` a released thread goes on only once the thread released
+before it has finished with its input: it went to sleep (the sched_switch probe reports that as
+a Call.SLEEP event: waiting for more input, mostly in epoll_wait), it stopped at its next held
+input, or it exited. Releases otherwise keep the order in which the caller made them, which for
+a supervisor is log order. A follower's replayer waits for the same report before it sends the
+next input (supervise/replayer.py), so every copy takes its inputs one at a time, in log order.
+
+A thread that sleeps in the middle of an input, for a lock another thread holds, counts as
+finished: the next input goes on beside the rest of it (as without serializing; output checking
+reports a copy that came out different). A thread that neither sleeps nor stops within
+SERIAL_TIMEOUT (one that polls for input without sleeping) is not waited for any longer, with a
+warning: serializing cannot work for such a server.
+
+A mixin of ``Tracer`` (tracer/tracer.py), like holding.py: these methods run on the tracer thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from .events import SocketEvent
+
+log = logging.getLogger("tracer")
+
+SERIAL_TIMEOUT = 0.5
+
+
+class Serializing:
+    """The queue of released inputs and the thread that runs the last one let go."""
+
+    def _init_serial(self, serialize: bool) -> None:
+        self.serialize = serialize
+        self._serial_queue: deque[SocketEvent] = deque()
+        self._serial_tid = 0  # the thread let go last, until it has finished with its input
+        self._serial_since = 0.0
+
+    def _serial_release(self, event: SocketEvent) -> None:
+        self._serial_queue.append(event)
+
+    def _quiet(self, tid: int) -> None:
+        """``tid`` slept, stopped at a held input or is gone: it has finished with its input."""
+        if tid == self._serial_tid:
+            self._serial_tid = 0
+
+    def _serial_pump(self, now: float) -> None:
+        """Let the next released thread go once the one before it has finished."""
+        if self._serial_tid and now - self._serial_since > SERIAL_TIMEOUT:
+            self.stats.serial_timeouts += 1
+            log.warning("thread %d neither slept nor stopped within %.1fs of its release: the next "
+                        "input goes on beside it (serializing needs a server whose threads sleep "
+                        "between inputs)", self._serial_tid, SERIAL_TIMEOUT)
+            self._serial_tid = 0
+        while not self._serial_tid and self._serial_queue:
+            event = self._serial_queue.popleft()
+            thread = self._threads.get(event.tid)
+            runs = thread is not None and thread.pending is event and not event.released
+            self._resume_released(event)
+            if runs:
+                self._serial_tid = event.tid
+                self._serial_since = now
