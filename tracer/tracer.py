@@ -123,8 +123,10 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
         return self.pid
 
     def release(self, event: SocketEvent) -> None:
-        """Let the thread held for ``event`` return from its syscall."""
+        """Let the thread held for ``event`` return from its syscall. Releases take effect in
+        the order they are made, from whichever threads (which serializing relies on)."""
         if threading.get_ident() == self._thread_ident:
+            self._apply_releases()  # those that other threads made before this one
             self._release_now(event)
             return
         with self._releases_lock:

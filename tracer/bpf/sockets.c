@@ -558,17 +558,33 @@ TRACEPOINT_PROBE(syscalls, sys_exit_close_range) {
 }
 
 #ifdef SERIALIZE
-// A thread that took input and then sleeps (waiting for more input, mostly in epoll_wait) has
-// finished with that input: its record lets the tracer hand the server the next one. Only
-// interruptible sleeps count; a preempted thread, one in a disk wait or a ptrace stop has not
-// finished. sched_switch runs for every switch on the machine, so this probe is compiled in only
-// for a tracer that serializes.
+// A thread that took input and then sleeps waiting for more (in epoll_wait, poll, select, or a
+// blocking read or accept) has finished with that input: its record lets the tracer hand the
+// server the next one. Other sleeps do not count: a thread waiting for a lock (futex), a disk, a
+// ptrace stop, or preempted, is still at it. The syscall a thread sleeps in is in the registers
+// saved at its entry (orig_ax). sched_switch runs for every switch on the machine, so this probe
+// is compiled in only for a tracer that serializes.
 #define TASK_INTERRUPTIBLE_STATE 1
+#define REGS_ORIG_AX_OFFSET 120
+static __always_inline int waits_for_input(u64 nr) {
+    switch (nr) {
+    case 0: case 7: case 19: case 23: case 43: case 45: case 47:  // read poll readv select accept recvfrom recvmsg
+    case 232: case 270: case 271: case 281: case 288: case 299: case 441:  // epoll_wait pselect6 ppoll epoll_pwait accept4 recvmmsg epoll_pwait2
+        return 1;
+    }
+    return 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_switch) {
     if ((args->prev_state & 0xff) != TASK_INTERRUPTIBLE_STATE)
         return 0;
     u32 tid = args->prev_pid;
     if (!busy.lookup(&tid))
+        return 0;
+    u64 nr = 0;
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    bpf_probe_read_kernel(&nr, sizeof(nr), (void *)regs + REGS_ORIG_AX_OFFSET);
+    if (!waits_for_input(nr))
         return 0;
     busy.delete(&tid);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;  // prev is still current here
