@@ -47,6 +47,7 @@ class ClusterConfig:
     spin_us: int = 200
     idle_poll: bool = True
     hold: str = "inputs"  # what a leader holds until its commit: the input, or outputs after it
+    serialize: bool = False  # inputs take effect one at a time (tracer/serial.py)
     nodes: list[NodeConfig] = field(default_factory=list)
 
     def node(self, name: str) -> NodeConfig:
@@ -106,7 +107,7 @@ def load(path: str | Path) -> ClusterConfig:
     where = f"{path}: cluster"
     unknown = set(cluster) - {"transport", "durability", "secret_file", "heartbeat_ms",
                               "election_timeout_ms", "vip", "vip_interface", "log_region_mib",
-                              "spin_us", "idle_poll", "hold"}
+                              "spin_us", "idle_poll", "hold", "serialize"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
     transport = _get(cluster, "transport", where, str, "auto")
@@ -145,6 +146,10 @@ def load(path: str | Path) -> ClusterConfig:
     hold = _get(cluster, "hold", where, str, "inputs")
     if hold not in HOLDS:
         raise ConfigError(f"{where}.hold: expected inputs or outputs, got {hold!r}")
+    serialize = _get(cluster, "serialize", where, bool, False)
+    if serialize and hold != "inputs":
+        raise ConfigError(f"{where}.serialize: expected false with hold = \"outputs\" (a server "
+                          f"that serves from one thread needs no serializing), got true")
     nodes_doc = doc.get("node")
     if not isinstance(nodes_doc, list) or not nodes_doc:
         raise ConfigError(f"{path}: expected [[node]] tables, found none")
@@ -178,5 +183,5 @@ def load(path: str | Path) -> ClusterConfig:
         secret_file=(base / secret) if secret else None, heartbeat_ms=heartbeat,
         election_timeout_ms=election, vip=vip, vip_interface=vip_interface,
         log_region_bytes=log_mib << 20, spin_us=spin_us, idle_poll=idle_poll,
-        hold=hold, nodes=nodes,
+        hold=hold, serialize=serialize, nodes=nodes,
     )

@@ -91,7 +91,7 @@ class LocalCluster:
                  durability: str = "fsync", workdir: str | None = None,
                  heartbeat_ms: int = 20, election_timeout_ms: int = 300,
                  env: dict[str, str] | None = None, hold: str = "inputs",
-                 spin_us: int | None = None) -> None:
+                 spin_us: int | None = None, serialize: bool = False) -> None:
         self.server_kind = server
         self.env = {**os.environ, **(env or {})}
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="supervise-cluster-"))
@@ -108,6 +108,8 @@ class LocalCluster:
                  f"election_timeout_ms = {election_timeout_ms}", f'hold = "{hold}"', ""]
         if spin_us is not None:
             lines.insert(-1, f"spin_us = {spin_us}")
+        if serialize:
+            lines.insert(-1, "serialize = true")
         for node in self.nodes:
             lines += ["[[node]]", f'name = "{node.name}"',
                       f'replication = "127.0.0.1:{node.replication_port}"',

@@ -55,7 +55,8 @@ class Node(Leadership):
         self.exit_code = 0
         self.checker = OutputChecker()
         self.divergence = Divergence(self.checker, metrics, on_diverged=self._withdraw)
-        self.replayer = Replayer(me.server_host, me.server_port, self._on_replay_output, self._on_stray)
+        self.replayer = Replayer(me.server_host, me.server_port, self._on_replay_output, self._on_stray,
+                                 serialize=cluster.serialize)
         self.own = OwnConnections(self._release_held, self._refuse_held)
         self._barrier: tuple[bytes, threading.Event] | None = None
         self.vip = LeaderVip(cluster.vip, cluster.vip_interface)
@@ -78,7 +79,8 @@ class Node(Leadership):
         self.tracer = Tracer(Mode.OBSERVE, self._on_event, snaplen=16384, exitkill=True,
                              on_escape=self._on_escape, on_exit=self._on_server_exit,
                              on_batch=self._on_event_batch,
-                             resume_spin=0.0, idle_poll=self.cluster.idle_poll)
+                             resume_spin=0.0, idle_poll=self.cluster.idle_poll,
+                             serialize=self.cluster.serialize)
         if pid is not None:
             self.address.check(pid)
             self.tracer.attach(pid)

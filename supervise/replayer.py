@@ -4,7 +4,9 @@ Each logged connection gets a real local TCP connection to the server. A DATA en
 and then waited on until the tracer (observe mode) has seen the server's reads return all of
 its bytes, so the server consumes inputs in log order across connections. Replies are read and
 dropped by the same thread every few inputs (no thread wakes up for each reply); their digests
-come from the tracer's output events.
+come from the tracer's output events. With ``serialize`` (a multi-threaded server whose leader's
+tracer lets one input go at a time: tracer/serial.py) the next input waits, beyond that, until
+the thread that read this one has gone to sleep, as the leader's tracer waited.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tracer.events import ACCEPTS, CLOSES, READS, Direction, SocketEvent
+from tracer.events import ACCEPTS, CLOSES, READS, Call, Direction, SocketEvent
+from tracer.serial import SERIAL_TIMEOUT
 
 from .borrowed_socket import borrow_socket, bytes_read
 from .entries import Entry, Kind
@@ -57,6 +60,8 @@ class ReplayConn:
     server_sock: socket.socket | None = None  # the server's end, borrowed
     eof_seen: bool = False
     server_closed: bool = False
+    reader: int = 0  # the thread that made the server's last read of it, and that read's seq
+    read_seq: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def close_sockets(self) -> None:
@@ -78,7 +83,8 @@ class Replayer:
     ``on_output(cid, data, length)`` receives what the server wrote on a replayed connection.
     """
 
-    def __init__(self, server_host: str, server_port: int, on_output, on_stray) -> None:
+    def __init__(self, server_host: str, server_port: int, on_output, on_stray,
+                 serialize: bool = False) -> None:
         self.server = (server_host, server_port)
         self._family = socket.AF_INET6 if ":" in server_host else socket.AF_INET
         self.on_output = on_output
@@ -92,6 +98,9 @@ class Replayer:
         self.applied = 0
         self._sends = 0
         self._abandoned = False
+        self.serialize = serialize
+        self._slept: dict[int, int] = {}  # tid -> seq of its last sleep after input
+        self._sleeps = threading.Condition()
 
     # ---- entries (delivery thread) ------------------------------------------------------------
 
@@ -191,10 +200,12 @@ class Replayer:
             conn.server_closed = True
             return
         conn.sent += len(data)
-        if spin and self._spin_until_read(conn):
+        if spin and not self.serialize and self._spin_until_read(conn):
             return
         self._wait(conn, lambda: max(conn.consumed, conn.read_seen) >= conn.sent, CONSUME_TIMEOUT,
                    "consume")
+        if self.serialize:
+            self._wait_finished(conn)
 
     def _spin_until_read(self, conn: ReplayConn) -> bool:
         """True once the server has read all that was sent, within CONSUME_SPIN."""
@@ -233,6 +244,8 @@ class Replayer:
             pass
         if not conn.server_closed:
             self._wait(conn, lambda: conn.eof_seen, CLOSE_TIMEOUT, "see the end of")
+            if self.serialize:
+                self._wait_finished(conn)
         self._read_replies(conn.sock)  # a socket closed with unread data sends a reset, not a FIN
         with self._lock:
             self._by_peer.pop(conn.peer, None)
@@ -243,19 +256,29 @@ class Replayer:
             pass
         conn.close_sockets()
 
-    def _wait(self, conn: ReplayConn, done, timeout: float, what: str) -> None:
+    def _wait_finished(self, conn: ReplayConn) -> None:
+        """Wait until the thread that made the server's last read of ``conn`` has slept since."""
+        reader, seq = conn.reader, conn.read_seq
+        if reader:
+            self._wait(conn, lambda: self._slept.get(reader, 0) > seq, SERIAL_TIMEOUT,
+                       "finish with", self._sleeps)
+
+    def _wait(self, conn: ReplayConn, done, timeout: float, what: str,
+              cond: threading.Condition | None = None) -> None:
+        """Wait for ``done()``, which ``cond`` (the connection's by default) is notified of."""
         deadline = time.monotonic() + timeout
+        cond = cond or conn.cond
 
         def finished() -> bool:
             return done() or conn.server_closed
 
         while True:
             left = deadline - time.monotonic()
-            with conn.cond:
-                if conn.cond.wait_for(finished, min(max(left, 0), DRAIN_EVERY)):
+            with cond:
+                if cond.wait_for(finished, min(max(left, 0), DRAIN_EVERY)):
                     return
             if left <= 0:
-                log.warning("replay: the server did not %s input on connection %s within %.0fs",
+                log.warning("replay: the server did not %s input on connection %s within %.1fs",
                             what, conn.cid, timeout)
                 return
             self._drain_replies()
@@ -264,6 +287,11 @@ class Replayer:
 
     def on_server_event(self, event: SocketEvent) -> bool:
         """Account for an event of the local server; False when it is not on a replayed connection."""
+        if event.call is Call.SLEEP:
+            with self._sleeps:
+                self._slept[event.tid] = event.seq
+                self._sleeps.notify_all()
+            return False
         if event.call in ACCEPTS:
             with self._lock:
                 conn = self._by_peer.get(event.peer or "")
@@ -290,6 +318,7 @@ class Replayer:
                     conn.consumed += event.ret
                 else:
                     conn.eof_seen = True
+                conn.reader, conn.read_seq = event.tid, event.seq
                 conn.cond.notify_all()
         elif event.call in CLOSES and event.last:
             with conn.cond:

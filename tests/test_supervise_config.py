@@ -55,6 +55,9 @@ BROKEN = [
     ('durability = "fsync"', 'durability = "fsync"\nidle_poll = "yes"', "cluster.idle_poll: expected bool"),
     ('durability = "fsync"', 'durability = "fsync"\nhold = "both"',
      "cluster.hold: expected inputs or outputs"),
+    ('durability = "fsync"', 'durability = "fsync"\nserialize = 1', "cluster.serialize: expected bool"),
+    ('durability = "fsync"', 'durability = "fsync"\nhold = "outputs"\nserialize = true',
+     'cluster.serialize: expected false with hold = "outputs"'),
     ('[cluster]', '[cluster', "not valid TOML"),
 ]
 
@@ -88,6 +91,12 @@ def test_a_leader_holds_inputs_unless_configured_to_hold_outputs(tmp_path):
     assert load(_write(tmp_path, GOOD)).hold == "inputs"
     text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nhold = "outputs"', 1)
     assert load(_write(tmp_path, text)).hold == "outputs"
+
+
+def test_inputs_are_serialized_only_when_configured(tmp_path):
+    assert load(_write(tmp_path, GOOD)).serialize is False
+    text = GOOD.replace('durability = "fsync"', 'durability = "fsync"\nserialize = true', 1)
+    assert load(_write(tmp_path, text)).serialize is True
 
 
 @pytest.mark.parametrize("old,new,message", BROKEN)
