@@ -158,6 +158,7 @@ class Node(Leadership):
             "stray_connections": self.stray,
             "stray_input_bytes": self.stray_input,
             "escapes": self.tracer.stats.escapes if self.tracer else 0,
+            "serial_timeouts": self.tracer.stats.serial_timeouts if self.tracer else 0,
             "held": self.tracer.threads_held if self.tracer else 0,
             "holding": self._holding(),
             "inputs": self.tracer.stats.inputs if self.tracer else 0,

@@ -1,12 +1,15 @@
-"""A Jepsen-style fault campaign against supervised Redis on three namespace hosts (tcp transport).
+"""A Jepsen-style fault campaign against supervised Redis (or memcached) on three namespace hosts
+(tcp transport).
 
     .venv/bin/python -m tests.campaign --seed 7 --duration 120 [--clients 12] [--keys 5]
+        [--server memcached]
 
 Clients on a fourth host use only the VIP. Each does reads (GET), writes (SET of a value unique
-to the campaign) and compare-and-set (a Lua script via EVAL) on a handful of keys, with a
-socket timeout; every operation's invocation and completion times, arguments and result are
-recorded. A timeout or a connection error after the request was sent makes the operation
-indeterminate (Jepsen's "info"); a refused connection or an error reply means it did not happen.
+to the campaign) and compare-and-set (a Lua script via EVAL; memcached: tests/campaign_stores.py)
+on a handful of keys, with a socket timeout; every operation's invocation and completion times,
+arguments and result are recorded. A timeout or a connection error after the request was sent
+makes the operation indeterminate (Jepsen's "info"); a refused connection or an error reply means
+it did not happen.
 
 Faults (tests/campaign_faults.py) follow a schedule drawn from the seed: kill -9 of the leader's
 or a follower's supervisor, server or both (then a restart with a fresh server on the same data
@@ -17,7 +20,8 @@ restarted with a fresh server. A node's transport can be made flaky for a while 
 dropped, delayed and duplicated, through the failpoints file that ``SUPERVISE_FAILPOINTS`` names:
 supervise/failpoints.py); this kernel has no netem.
 
-A tenth of the operations instead add an element unique to the campaign to one set (SADD). At
+A tenth of the operations instead add an element unique to the campaign to one set (SADD;
+memcached: an append to one key). At
 the end every fault is healed, the clients stop, each key and the set are read once more through
 the VIP, every node must have applied everything without diverging and hold the same values, and
 the history is checked for linearizability per key (tests/linearizability.py). An acknowledged
@@ -40,22 +44,17 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
-
-import redis as redis_py
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from .campaign_faults import Faults
 from .campaign_report import summarize
+from .campaign_stores import STORES
 from .linearizability import CAS, INFO, OK, READ, WRITE, Op, Verdict, check
 from .netns import enter_netns
-from .netns_cluster import REDIS_PORT, NetnsCluster
+from .netns_cluster import SERVER_PORT, NetnsCluster
 
-CAS_LUA = ("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
-           "return 1 else return 0 end")
 INIT = "init"
-ADDED = "added"  # the set workload's key
 ADD_SHARE = 0.1
 
 
@@ -71,6 +70,7 @@ class Campaign(Faults):
     clear_stale_vip: bool = False
     logs_dir: str | None = None
     hold: str = "inputs"
+    server: str = "redis"
     log: Any = None
     history: list[Op] = field(default_factory=list)
     failed: Counter = field(default_factory=Counter)
@@ -92,6 +92,7 @@ class Campaign(Faults):
         self._stop_clients = threading.Event()
         self._stop_monitor = threading.Event()
         self.t0 = time.monotonic()
+        self.store = STORES[self.server](SERVER_PORT, self.timeout)
 
     def say(self, msg: str) -> None:
         line = f"[{time.monotonic() - self.t0:7.2f}] {msg}"
@@ -99,49 +100,35 @@ class Campaign(Faults):
 
     # ---- clients --------------------------------------------------------------------------------
 
-    def _connect(self, addr: str) -> redis_py.Connection:
-        conn = redis_py.Connection(host=addr, port=REDIS_PORT, socket_timeout=self.timeout,
-                                   socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0))
-        conn.connect()
-        return conn
-
-    def _invoke(self, conn: redis_py.Connection, client: int, key: str, kind: str, arg: Any,
-                command: tuple) -> tuple[bool, Op | None]:
+    def _invoke(self, client: int, key: str, kind: str, arg: Any,
+                request: Callable[[], Any]) -> tuple[bool, Op | None]:
         """One recorded operation (None if it did not happen); False when the connection is no
-        longer usable."""
+        longer usable. ``request()`` returns the result: a read's value, a CAS's success."""
         call = time.monotonic()
         try:
-            conn.send_command(*command)
-            reply = conn.read_response()
-        except redis_py.ResponseError as exc:
-            self.failed[f"{kind}: {str(exc)[:40]}"] += 1
-            return True, None
-        except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+            result = request()
+        except self.store.lost:
             op = Op(next(self._ids), client, key, kind, arg, call, None, None, INFO)
             self.history.append(op)
             return False, op
-        ret = time.monotonic()
-        if kind == READ:
-            result: Any = reply.decode() if reply is not None else None
-        elif kind == CAS:
-            result = bool(reply)
-        else:
-            result = None
-        op = Op(next(self._ids), client, key, kind, arg, call, ret, result, OK)
+        except self.store.refused as exc:
+            self.failed[f"{kind}: {str(exc)[:40]}"] += 1
+            return True, None
+        op = Op(next(self._ids), client, key, kind, arg, call, time.monotonic(),
+                result if kind != WRITE else None, OK)
         self.history.append(op)
         return True, op
 
-    def _add(self, conn: redis_py.Connection, element: str) -> bool:
-        """One SADD of the set workload; False when the connection is no longer usable."""
+    def _add(self, conn: Any, element: str) -> bool:
+        """One add of the set workload; False when the connection is no longer usable."""
         try:
-            conn.send_command("SADD", ADDED, element)
-            conn.read_response()
-        except redis_py.ResponseError as exc:
-            self.failed[f"add: {str(exc)[:40]}"] += 1
-            return True
-        except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+            self.store.add(conn, element)
+        except self.store.lost:
             self.adds[element] = INFO
             return False
+        except self.store.refused as exc:
+            self.failed[f"add: {str(exc)[:40]}"] += 1
+            return True
         self.adds[element] = OK
         return True
 
@@ -149,14 +136,15 @@ class Campaign(Faults):
         enter_netns(cluster.client_ns)
         rng = random.Random(self.seed * 1000 + index)
         seen: dict[str, str] = {}
-        conn: redis_py.Connection | None = None
+        store = self.store
+        conn: Any = None
         for seq in itertools.count():
             if self._stop_clients.is_set():
                 break
             if conn is None:
                 try:
-                    conn = self._connect(cluster.service_addr)
-                except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+                    conn = store.connect(cluster.service_addr)
+                except store.lost:
                     self.failed["connect"] += 1
                     conn = None
                     time.sleep(0.1)
@@ -168,25 +156,26 @@ class Campaign(Faults):
                 alive = self._add(conn, value)
                 last = None
             elif r < 0.4:
-                alive, last = self._invoke(conn, index, key, READ, None, ("GET", key))
+                alive, last = self._invoke(index, key, READ, None, partial(store.get, conn, key))
             elif r < 0.7:
-                alive, last = self._invoke(conn, index, key, WRITE, value, ("SET", key, value))
+                alive, last = self._invoke(index, key, WRITE, value,
+                                           partial(store.set, conn, key, value))
             else:
                 expected = seen.get(key, INIT)
-                alive, last = self._invoke(conn, index, key, CAS, (expected, value),
-                                           ("EVAL", CAS_LUA, 1, key, expected, value))
+                alive, last = self._invoke(index, key, CAS, (expected, value),
+                                           partial(store.cas, conn, key, expected, value))
             if last is not None and last.status == OK:
                 if last.kind == READ and last.result is not None:
                     seen[key] = last.result
                 elif last.kind == WRITE or (last.kind == CAS and last.result):
                     seen[key] = value
             if not alive:
-                conn.disconnect()
+                store.close(conn)
                 conn = None
                 time.sleep(0.05)
             time.sleep(rng.uniform(0, 0.01))
         if conn is not None:
-            conn.disconnect()
+            store.close(conn)
 
     # ---- monitor ----------------------------------------------------------------------------------
 
@@ -253,7 +242,8 @@ class Campaign(Faults):
 
     def run(self) -> dict:
         with NetnsCluster(vip=True, election_timeout_ms=self.election_timeout_ms,
-                          launch_restarts=True, hold=self.hold) as cluster:
+                          launch_restarts=True, hold=self.hold, server=self.server,
+                          serialize=self.store.serialize) as cluster:
             try:
                 return self._run(cluster)
             except BaseException:
@@ -264,14 +254,24 @@ class Campaign(Faults):
                     cluster.save_logs(self.logs_dir)
 
     def _run(self, cluster: NetnsCluster) -> dict:
-        self.say(f"seed {self.seed}, {self.duration:.0f}s, {self.clients} clients, keys {self.key_names}, "
-                 f"leaders hold {self.hold}")
+        self.say(f"seed {self.seed}, {self.duration:.0f}s, {self.clients} clients of {self.server}, "
+                 f"keys {self.key_names}, leaders hold {self.hold}")
         leader = cluster.start(timeout=90)
         self.say(f"cluster up, leader {leader.name}; workdir {cluster.workdir}")
-        for key in self.key_names:
-            call = time.monotonic()
-            cluster.redis_call(cluster.service_addr, "SET", key, INIT, timeout=10)
-            self.history.append(Op(next(self._ids), -1, key, WRITE, INIT, call, time.monotonic()))
+
+        def start_keys() -> None:
+            conn = self.store.connect(cluster.service_addr)
+            try:
+                self.store.start_set(conn)
+                for key in self.key_names:
+                    call = time.monotonic()
+                    self.store.set(conn, key, INIT)
+                    self.history.append(Op(next(self._ids), -1, key, WRITE, INIT, call,
+                                           time.monotonic()))
+            finally:
+                self.store.close(conn)
+
+        cluster.in_client_ns(start_keys)
         monitor = threading.Thread(target=self._monitor, args=(cluster,), daemon=True)
         monitor.start()
         clients = [threading.Thread(target=self._client, args=(i, cluster), daemon=True)
@@ -303,12 +303,12 @@ class Campaign(Faults):
         for key in self.key_names:  # one last read of each key: the last acknowledged writes
 
             def final_read(key: str = key) -> bool | None:
-                conn = self._connect(cluster.service_addr)
+                conn = self.store.connect(cluster.service_addr)
                 try:
-                    alive, op = self._invoke(conn, -2, key, READ, None, ("GET", key))
+                    alive, op = self._invoke(-2, key, READ, None, lambda: self.store.get(conn, key))
                     return True if op is not None and op.status == OK else None
                 finally:
-                    conn.disconnect()
+                    self.store.close(conn)
 
             if self._through_vip(cluster, final_read) is None:
                 self.anomalies.append(f"final read of {key} through the VIP failed")
@@ -317,14 +317,13 @@ class Campaign(Faults):
         monitor.join(10)
         return self._finish(cluster)
 
-    @staticmethod
-    def _through_vip(cluster: NetnsCluster, call: Callable[[], Any], tries: int = 10) -> Any:
+    def _through_vip(self, cluster: NetnsCluster, call: Callable[[], Any], tries: int = 10) -> Any:
         """``call()`` from the clients' host, once a second until it returns something other than
         None without a connection error; None if it never did."""
         for _ in range(tries):
             try:
                 result = cluster.in_client_ns(call)
-            except (redis_py.ConnectionError, redis_py.TimeoutError, OSError):
+            except self.store.lost:
                 result = None
             if result is not None:
                 return result
@@ -336,12 +335,11 @@ class Campaign(Faults):
         but adds whose outcome is unknown."""
 
         def members() -> set[str]:
-            conn = self._connect(cluster.service_addr)
+            conn = self.store.connect(cluster.service_addr)
             try:
-                conn.send_command("SMEMBERS", ADDED)
-                return {m.decode() for m in conn.read_response()}
+                return self.store.members(conn)
             finally:
-                conn.disconnect()
+                self.store.close(conn)
 
         self.final_set = self._through_vip(cluster, members)
         if self.final_set is None:
@@ -436,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", help="write every operation here (JSON Lines, times from the start)")
     p.add_argument("--hold", choices=("inputs", "outputs"), default="inputs",
                    help="what leaders hold until its commit (cluster.hold)")
+    p.add_argument("--server", choices=sorted(STORES), default="redis",
+                   help="the replicated server (memcached: four worker threads, serialized)")
     args = p.parse_args(argv)
     from tracer.signalfd import block_sigchld
 
@@ -443,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm(os.getpid()))
     campaign = Campaign(seed=args.seed, duration=args.duration, clients=args.clients, keys=args.keys,
                         timeout=args.timeout, check_seconds=args.check_seconds,
-                        clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs, hold=args.hold)
+                        clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs, hold=args.hold,
+                        server=args.server)
     summary = campaign.run()
     if args.history:
         with open(args.history, "w") as f:

@@ -39,7 +39,7 @@ from .netns_faults import HostFaults
 from .netns_vip import VipView
 from .procs import LaunchedServer, kill_process, reap
 
-REDIS_PORT = 6379
+SERVER_PORT = 6379
 REPLICATION_PORT = 9101
 STATUS_PORT = 9201
 VIP_HOST = 100
@@ -74,15 +74,19 @@ class NetnsNode:
 
 
 class NetnsCluster(HostFaults, VipView):
-    """Three (or n) hosts with Redis and a supervisor each, and one client host."""
+    """Three (or n) hosts with Redis (or memcached) and a supervisor each, and one client host."""
 
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
                  election_timeout_ms: int = 300, durability: str = "fsync",
-                 subnet: str = "10.77.0", launch_restarts: bool = False, hold: str = "inputs") -> None:
+                 subnet: str = "10.77.0", launch_restarts: bool = False, hold: str = "inputs",
+                 server: str = "redis", serialize: bool = False) -> None:
         """``launch_restarts``: restart nodes as an operator should, with the launch form
         (`supervise ... -- redis-server ...`): the supervisor removes a VIP left on the host by a
         killed leader before the fresh server exists, so no client reaches a copy nobody holds."""
+        if server not in ("redis", "memcached"):
+            raise ValueError(f"server: redis or memcached, not {server!r}")
         self.n = n
+        self.server_kind = server
         self.launch_restarts = launch_restarts
         self.subnet = subnet
         self.vip = f"{subnet}.{VIP_HOST}" if vip else None
@@ -104,14 +108,15 @@ class NetnsCluster(HostFaults, VipView):
             secret.chmod(0o600)
             lines = ["[cluster]", 'transport = "tcp"', f'durability = "{durability}"',
                      'secret_file = "cluster.key"', f"heartbeat_ms = {heartbeat_ms}",
-                     f"election_timeout_ms = {election_timeout_ms}", f'hold = "{hold}"']
+                     f"election_timeout_ms = {election_timeout_ms}", f'hold = "{hold}"',
+                     f"serialize = {'true' if serialize else 'false'}"]
             if self.vip:
                 lines += [f'vip = "{self.vip}/24"', 'vip_interface = "eth0"']
             lines.append("")
             for node in self.nodes:
                 lines += ["[[node]]", f'name = "{node.name}"',
                           f'replication = "{node.addr}:{REPLICATION_PORT}"',
-                          f'server = "{node.addr}:{REDIS_PORT}"',
+                          f'server = "{node.addr}:{SERVER_PORT}"',
                           f'status = "{node.addr}:{STATUS_PORT}"',
                           f'data_dir = "{node.name}-data"', ""]
             self.config.write_text("\n".join(lines))
@@ -157,7 +162,7 @@ class NetnsCluster(HostFaults, VipView):
         while True:
             assert node.server is not None
             if node.server.poll() is not None:
-                raise RuntimeError(f"{node.name}: redis-server exited ({node.server.returncode})")
+                raise RuntimeError(f"{node.name}: its server exited ({node.server.returncode})")
             try:
                 with open(f"/proc/{node.server.pid}/net/tcp") as f:
                     rows = [line.split() for line in f]
@@ -170,7 +175,7 @@ class NetnsCluster(HostFaults, VipView):
             time.sleep(0.02)
 
     def _server_argv(self, node: NetnsNode) -> list[str]:
-        """A fresh, empty redis-server for the node (its directory emptied)."""
+        """A fresh, empty server for the node (a redis-server's directory emptied)."""
         workdir = self.workdir / f"{node.name}-server"
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir()
@@ -178,14 +183,17 @@ class NetnsCluster(HostFaults, VipView):
         if self.vip:
             self.hosts[node.index].run(["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"], timeout=10)
             bind.append(self.vip)
-        return ["redis-server", "--port", str(REDIS_PORT), "--bind", *bind, "--save", "",
+        if self.server_kind == "memcached":
+            return ["memcached", "-U", "0", "-l", ",".join(bind), "-p", str(SERVER_PORT), "-t", "4",
+                    "-u", "root"]
+        return ["redis-server", "--port", str(SERVER_PORT), "--bind", *bind, "--save", "",
                 "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir),
                 "--enable-debug-command", "local"]
 
     def start_server(self, node: NetnsNode) -> None:
         node.server = self.hosts[node.index].popen(self._server_argv(node), stdout=subprocess.DEVNULL,
                                                    stderr=subprocess.DEVNULL)
-        self._wait_listening(node, REDIS_PORT)
+        self._wait_listening(node, SERVER_PORT)
 
     def launch(self, node: NetnsNode, timeout: float = 60.0) -> None:
         """Supervisor first, then the server it starts under its tracer (the launch form)."""
@@ -200,7 +208,7 @@ class NetnsCluster(HostFaults, VipView):
                                    f"(see {node.log_path})")
             time.sleep(0.05)
         node.server = LaunchedServer(pid)
-        self._wait_listening(node, REDIS_PORT)
+        self._wait_listening(node, SERVER_PORT)
 
     def start_supervisor(self, node: NetnsNode, launch: list[str] | None = None) -> None:
         """With ``launch`` (``["--", CMD...]``) the supervisor starts the server itself."""
@@ -334,7 +342,7 @@ class NetnsCluster(HostFaults, VipView):
         import redis as redis_py
 
         def call() -> Any:
-            client = redis_py.Redis(host=addr, port=REDIS_PORT, socket_timeout=timeout,
+            client = redis_py.Redis(host=addr, port=SERVER_PORT, socket_timeout=timeout,
                                     socket_connect_timeout=timeout)
             try:
                 return client.execute_command(*command)
@@ -344,13 +352,26 @@ class NetnsCluster(HostFaults, VipView):
         return self.in_client_ns(call, timeout=2 * timeout + 5)
 
     def snapshot(self, key: int | str | NetnsNode, keys: list[str] | None = None) -> dict:
-        """The node's copy, read from inside its host (a stray client there, counted as such)."""
+        """The node's copy, read from inside its host (a stray client there, counted as such);
+        of memcached, only ``keys``."""
         import redis as redis_py
+        from pymemcache.client.base import Client as MemcacheClient
 
         node = self.node(key)
 
+        def read_memcached() -> dict:
+            client = MemcacheClient((node.addr, SERVER_PORT), timeout=10)
+            try:
+                items = client.get_many(keys or [])
+                return {k: items.get(k) for k in keys or []}
+            finally:
+                client.close()
+
+        if self.server_kind == "memcached":
+            return self.in_ns(node.ns, read_memcached)
+
         def read() -> dict:
-            client = redis_py.Redis(host=node.addr, port=REDIS_PORT, socket_timeout=10)
+            client = redis_py.Redis(host=node.addr, port=SERVER_PORT, socket_timeout=10)
             try:
                 names = keys if keys is not None else sorted(client.scan_iter(count=1000))
                 values = client.mget(names) if names else []

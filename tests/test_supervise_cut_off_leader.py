@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import socket
 
-from .netns_cluster import REDIS_PORT, NetnsCluster
+from .netns_cluster import SERVER_PORT, NetnsCluster
 from .procs import wait_until
 
 
 def _connect(addr: str) -> socket.socket:
-    sock = socket.create_connection((addr, REDIS_PORT), timeout=5)
+    sock = socket.create_connection((addr, SERVER_PORT), timeout=5)
     sock.sendall(b"CLIENT ID\r\n")
     return sock
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheClientError
+from pymemcache.exceptions import MemcacheClientError, MemcacheUnexpectedCloseError
 
 from supervise.localcluster import LocalCluster
 
@@ -73,29 +73,51 @@ def _items_once_settled(port: int, reference: dict, keys: list[str] = KEYS,
     return items
 
 
+def _shared_key_op(client: Client, rng: random.Random, seed: int) -> None:
+    """An increment, append, set or delete on one of a handful of keys every client shares:
+    its reply depends on the order in which the copy ran the other clients' requests."""
+    key = f"shared{rng.randrange(SHARED_KEYS)}"
+    kind = rng.randrange(4)
+    if kind == 0:
+        try:
+            client.incr(key, 1, noreply=False)
+        except MemcacheClientError:
+            pass  # appended to: not a number, on every copy alike
+    elif kind == 1:
+        client.append(key, f"{seed}.", noreply=False)
+    elif kind == 2:
+        client.set(key, "0", noreply=False)
+    else:
+        client.delete(key, noreply=False)
+
+
 def _shared_keys_worker(port: int, seed: int, ops: int, errors: list) -> None:
-    """Increments, appends, sets and deletes on a handful of keys every client shares: each
-    reply depends on the order in which the copy ran the other clients' requests."""
     rng = random.Random(seed)
     client = Client(("127.0.0.1", port), timeout=30)
     try:
         for _ in range(ops):
-            key = f"shared{rng.randrange(SHARED_KEYS)}"
-            kind = rng.randrange(4)
-            if kind == 0:
-                try:
-                    client.incr(key, 1, noreply=False)
-                except MemcacheClientError:
-                    pass  # appended to: not a number, on every copy alike
-            elif kind == 1:
-                client.append(key, f"{seed}.", noreply=False)
-            elif kind == 2:
-                client.set(key, "0", noreply=False)
-            else:
-                client.delete(key, noreply=False)
+            _shared_key_op(client, rng, seed)
     except Exception as exc:  # noqa: BLE001
         errors.append(exc)
     finally:
+        client.close()
+
+
+def _shared_keys_until(cluster: LocalCluster, seed: int, stop: threading.Event) -> None:
+    """Shared-key requests through whichever node leads, until ``stop``."""
+    rng = random.Random(seed)
+    client = None
+    while not stop.is_set():
+        try:
+            if client is None:
+                client = Client(("127.0.0.1", cluster.wait_leader(timeout=30).server_port),
+                                timeout=5, connect_timeout=2)
+            _shared_key_op(client, rng, seed)
+        except (MemcacheUnexpectedCloseError, OSError):
+            client.close()
+            client = None
+            time.sleep(0.05)
+    if client is not None:
         client.close()
 
 
@@ -130,7 +152,7 @@ def test_clients_racing_on_shared_keys_leave_identical_copies_when_serialized():
         for node in cluster.nodes:
             doc = node.status()
             assert doc["diverged"] is False, f"{node.name}: {doc['diverged_reason']}"
-            assert doc["escapes"] == 0
+            assert doc["escapes"] == 0 and doc["serial_timeouts"] == 0
 
 
 @pytest.mark.parametrize("hold", ["inputs", "outputs"])
@@ -165,15 +187,27 @@ def test_memcached_copies_hold_the_same_items_after_concurrent_writes(hold):
             assert (status["holding"], status["escapes"]) == (hold, 0)
 
 
-def test_memcached_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins():
-    with LocalCluster(n=3, server="memcached", transport="shm") as cluster:
+@pytest.mark.parametrize("serialize", [False, True])
+def test_memcached_leader_killed_mid_workload_follower_takes_over_and_old_node_rejoins(serialize):
+    """Serialized, four more clients race on shared keys throughout, and every copy agrees."""
+    with LocalCluster(n=3, server="memcached", transport="shm", serialize=serialize) as cluster:
         cluster.start(timeout=120)
 
         def kill(old):
             cluster.kill(old)
             return cluster.wait_leader(timeout=30, exclude=old.name)
 
-        old, new, acked, takeover = fault_the_leader_under_writers(cluster, kill, MemcachedWrites)
+        stop = threading.Event()
+        racers = [threading.Thread(target=_shared_keys_until, args=(cluster, i, stop))
+                  for i in range(4 if serialize else 0)]
+        for t in racers:
+            t.start()
+        try:
+            old, new, acked, takeover = fault_the_leader_under_writers(cluster, kill, MemcachedWrites)
+        finally:
+            stop.set()
+            for t in racers:
+                t.join(30)
         print(f"new leader {new.name} gating {takeover:.2f}s after the kill")
         client = Client(("127.0.0.1", new.server_port), timeout=30)
         items = client.get_many(acked)
@@ -187,6 +221,8 @@ def test_memcached_leader_killed_mid_workload_follower_takes_over_and_old_node_r
             doc = node.status()
             assert doc["diverged"] is False, doc["diverged_reason"]
         written = _every_key_written(acked)  # acknowledged or not
+        if serialize:
+            written += [f"shared{i}" for i in range(SHARED_KEYS)]
         reference = _read_items(new.server_port, written)
         for node in cluster.nodes:
             if node is not new:

@@ -12,7 +12,7 @@ import redis as redis_py
 from supervise.vip import LEASE_SECONDS
 
 from .netns import enter_netns
-from .netns_cluster import REDIS_PORT, NetnsCluster
+from .netns_cluster import SERVER_PORT, NetnsCluster
 from .procs import wait_until
 
 
@@ -26,7 +26,7 @@ def _writer(cluster: NetnsCluster, index: int, acked: list[str], stop: threading
         seq += 1
         try:
             if client is None:
-                client = redis_py.Redis(host=cluster.service_addr, port=REDIS_PORT, socket_timeout=2,
+                client = redis_py.Redis(host=cluster.service_addr, port=SERVER_PORT, socket_timeout=2,
                                         socket_connect_timeout=1)
             client.set(key, seq)
             acked.append(key)

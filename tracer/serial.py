@@ -4,17 +4,17 @@ Gate mode holds each input's thread until the caller releases it. Threads releas
 another then run side by side, and two of them acting on the same data (two memcached workers
 on one key) do so in whichever order the scheduler picks, which differs between copies of the
 server. With ``Tracer(serialize=True)`` a released thread goes on only once the thread released
-before it has finished with its input: it went to sleep (the sched_switch probe reports that as
-a Call.SLEEP event: waiting for more input, mostly in epoll_wait), it stopped at its next held
-input, or it exited. Releases otherwise keep the order in which the caller made them, which for
+before it has finished with its input: it went to sleep waiting for more input (in epoll_wait,
+poll, select, a blocking read or accept: the sched_switch probe reports that as a Call.SLEEP
+event), it stopped at its next held input, or it exited. Releases otherwise keep the order in which the caller made them, which for
 a supervisor is log order. A follower's replayer waits for the same report before it sends the
 next input (supervise/replayer.py), so every copy takes its inputs one at a time, in log order.
 
-A thread that sleeps in the middle of an input, for a lock another thread holds, counts as
-finished: the next input goes on beside the rest of it (as without serializing; output checking
-reports a copy that came out different). A thread that neither sleeps nor stops within
-SERIAL_TIMEOUT (one that polls for input without sleeping) is not waited for any longer, with a
-warning: serializing cannot work for such a server.
+A thread that waits for a lock in the middle of an input has not finished. One that neither
+sleeps so nor stops within SERIAL_TIMEOUT (it polls for input without sleeping, or waits for a
+lock that a held thread holds) is not waited for any longer, with a warning: the next input goes
+on beside it, as without serializing (output checking reports a copy that came out different).
+A thread that hands its input to another thread and goes back to waiting counts as finished.
 
 A mixin of ``Tracer`` (tracer/tracer.py), like holding.py: these methods run on the tracer thread.
 """
