@@ -121,28 +121,35 @@ def _shared_keys_until(cluster: LocalCluster, seed: int, stop: threading.Event) 
         client.close()
 
 
+def _run_clients(worker, port: int, ops: int) -> None:
+    """CLIENTS threads of ``worker(port, index, ops, errors)``; the first error fails the test."""
+    errors: list = []
+    threads = [threading.Thread(target=worker, args=(port, i, ops, errors)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def _assert_the_others_match(cluster: LocalCluster, leader, reference: dict, keys: list[str]) -> None:
+    for node in cluster.nodes:
+        if node is not leader:
+            assert _items_once_settled(node.server_port, reference, keys) == reference, \
+                f"{node.name} differs from the leader"
+
+
 def test_clients_racing_on_shared_keys_leave_identical_copies_when_serialized():
     """Also in a copy that replays the whole log after a restart."""
     with LocalCluster(n=3, server="memcached", transport="shm", serialize=True) as cluster:
         cluster.start(timeout=120)
         leader = cluster.wait_leader()
-        errors: list = []
-        threads = [threading.Thread(target=_shared_keys_worker,
-                                    args=(leader.server_port, i, 300, errors))
-                   for i in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[0]
+        _run_clients(_shared_keys_worker, leader.server_port, 300)
         cluster.wait_applied(timeout=120)
         keys = [f"shared{i}" for i in range(SHARED_KEYS)]
         reference = _read_items(leader.server_port, keys)
         assert reference
-        for node in cluster.nodes:
-            if node is not leader:
-                assert _items_once_settled(node.server_port, reference, keys) == reference, \
-                    f"{node.name} differs from the leader"
+        _assert_the_others_match(cluster, leader, reference, keys)
         # a copy restarted with an empty server replays the whole log, in catch-up mode
         follower = next(n for n in cluster.nodes if n is not leader)
         cluster.kill(follower)
@@ -162,21 +169,11 @@ def test_memcached_copies_hold_the_same_items_after_concurrent_writes(hold):
     with LocalCluster(n=3, server="memcached", transport="shm", hold=hold) as cluster:
         cluster.start(timeout=120)
         leader = cluster.wait_leader()
-        errors: list = []
-        threads = [threading.Thread(target=_worker, args=(leader.server_port, i, 500, errors))
-                   for i in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[0]
+        _run_clients(_worker, leader.server_port, 500)
         cluster.wait_applied(timeout=120)
         reference = _read_items(leader.server_port)
         assert len(reference) > 50
-        for node in cluster.nodes:
-            if node is not leader:
-                assert _items_once_settled(node.server_port, reference) == reference, \
-                    f"{node.name} differs from the leader"
+        _assert_the_others_match(cluster, leader, reference, KEYS)
         for node in cluster.nodes:
             assert node.status()["diverged"] is False, node.status()["diverged_reason"]
         status = leader.status()
@@ -224,10 +221,7 @@ def test_memcached_leader_killed_mid_workload_follower_takes_over_and_old_node_r
         if serialize:
             written += [f"shared{i}" for i in range(SHARED_KEYS)]
         reference = _read_items(new.server_port, written)
-        for node in cluster.nodes:
-            if node is not new:
-                assert _items_once_settled(node.server_port, reference, written) == reference, \
-                    f"{node.name} differs from the new leader"
+        _assert_the_others_match(cluster, new, reference, written)
 
 
 def _every_key_written(acked: list[str]) -> list[str]:

@@ -6,9 +6,10 @@ on one key) do so in whichever order the scheduler picks, which differs between 
 server. With ``Tracer(serialize=True)`` a released thread goes on only once the thread released
 before it has finished with its input: it went to sleep waiting for more input (in epoll_wait,
 poll, select, a blocking read or accept: the sched_switch probe reports that as a Call.SLEEP
-event), it stopped at its next held input, or it exited. Releases otherwise keep the order in which the caller made them, which for
-a supervisor is log order. A follower's replayer waits for the same report before it sends the
-next input (supervise/replayer.py), so every copy takes its inputs one at a time, in log order.
+event), it stopped at its next held input, or it exited. Releases otherwise keep the order in
+which the caller made them, which for a supervisor is log order. A follower's replayer waits for
+the same report before it sends the next input (supervise/replayer.py), so every copy takes its
+inputs one at a time, in log order.
 
 A thread that waits for a lock in the middle of an input has not finished. One that neither
 sleeps so nor stops within SERIAL_TIMEOUT (it polls for input without sleeping, or waits for a
