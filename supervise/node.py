@@ -66,6 +66,8 @@ class Node(Leadership):
         self._lost_reported = 0
         self._escapes_before = 0
         self._opening = False
+        self._readers: dict[int, int] = {}  # pid -> the first thread seen reading client input
+        self._hinted = cluster.serialize
         metrics.track(len(cluster.nodes),
                       lambda: self.own.open_count() if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.threads_held if self.tracer else 0,
@@ -216,6 +218,8 @@ class Node(Leadership):
     # ---- tracer callbacks (tracer thread) -----------------------------------------------------
 
     def _on_event(self, ev: SocketEvent) -> None:
+        if not self._hinted and ev.input and ev.ret > 0 and ev.call in READS:
+            self._hint_serialize(ev)
         if self.leading or (self._opening and ev.gated):
             own = self.own.by_conn.get(ev.conn)
             if (own is not None and not own.closing) or ev.call in ACCEPTS:
@@ -235,6 +239,15 @@ class Node(Leadership):
                 self._refuse_held(ev, errno.EAGAIN)  # gating, not leading: the log has no CONNECT
             else:
                 self.tracer.release(ev)
+
+    def _hint_serialize(self, ev: SocketEvent) -> None:
+        """Say once that a second thread of a process reads client input (see tracer/serial.py)."""
+        first = self._readers.setdefault(ev.pid, ev.tid)
+        if first != ev.tid:
+            self._hinted = True
+            log.warning("threads %d and %d of pid %d both read client input: if they share what "
+                        "they serve (as memcached's workers do), the copies can diverge; set "
+                        "serialize = true in [cluster] (README, Limitations)", first, ev.tid, ev.pid)
 
     def _on_event_batch(self) -> None:
         """The inputs of a batch were proposed one by one, deferred: append them as one."""

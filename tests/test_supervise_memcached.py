@@ -160,6 +160,7 @@ def test_clients_racing_on_shared_keys_leave_identical_copies_when_serialized():
             doc = node.status()
             assert doc["diverged"] is False, f"{node.name}: {doc['diverged_reason']}"
             assert doc["escapes"] == 0 and doc["serial_timeouts"] == 0
+            assert "set serialize = true" not in node.log_path.read_text()
 
 
 @pytest.mark.parametrize("hold", ["inputs", "outputs"])
@@ -176,6 +177,7 @@ def test_memcached_copies_hold_the_same_items_after_concurrent_writes(hold):
         _assert_the_others_match(cluster, leader, reference, KEYS)
         for node in cluster.nodes:
             assert node.status()["diverged"] is False, node.status()["diverged_reason"]
+        assert "set serialize = true in [cluster]" in leader.log_path.read_text()
         status = leader.status()
         if hold == "outputs" and status["holding"] == "inputs":
             assert status["escapes"] > 0

@@ -104,6 +104,7 @@ def assert_mixed_writes_leave_identical_copies(cluster) -> None:
         doc = node.status()
         assert doc["diverged"] is False, doc["diverged_reason"]
         assert doc["escapes"] == 0
+        assert "set serialize = true" not in node.log_path.read_text()  # Redis reads on one thread
     # DEBUG DIGEST covers every key, type, value and list order, and its output is deterministic.
     # The leader's is read through the gate first; the followers' directly once that is applied
     # (a direct client changes a follower: its connection numbers show in later HELLO replies).
