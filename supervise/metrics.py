@@ -50,6 +50,9 @@ def _family(registry: CollectorRegistry) -> dict:
         "escapes": counter("supervise_escapes", "Held inputs whose thread ran on without stopping"),
         "lost_events": gauge("supervise_tracer_lost_events",
                              "Socket events the probes dropped because the tracer's ring buffer was full"),
+        "serial_timeouts": gauge("supervise_serial_timeouts",
+                                 "Serializing: inputs that went on before the thread with the one "
+                                 "before had finished with it"),
         "stray": counter("supervise_stray_connections",
                          "Clients that connected to a follower's server directly"),
         "digest_checks": counter("supervise_digest_checks", "Output digests compared with the leader's"),
@@ -81,6 +84,7 @@ class NodeMetrics:
         self.output_bytes = f["output_bytes"].labels(node)
         self.escapes = f["escapes"].labels(node)
         self.lost_events = f["lost_events"].labels(node)
+        self.serial_timeouts = f["serial_timeouts"].labels(node)
         self.stray = f["stray"].labels(node)
         self.digest_checks = f["digest_checks"].labels(node)
         self.divergences = f["divergences"].labels(node)
@@ -102,12 +106,14 @@ class NodeMetrics:
         return bound
 
     def track(self, cluster_nodes: int, open_connections: Callable[[], int],
-              held_now: Callable[[], int], lost_events: Callable[[], int]) -> None:
+              held_now: Callable[[], int], lost_events: Callable[[], int],
+              serial_timeouts: Callable[[], int]) -> None:
         """Gauges read at scrape time from the node's own state."""
         self.cluster_nodes.set(cluster_nodes)
         self.open_connections.set_function(_never_raises(open_connections))
         self.held_now.set_function(_never_raises(held_now))
         self.lost_events.set_function(_never_raises(lost_events))
+        self.serial_timeouts.set_function(_never_raises(serial_timeouts))
 
 
 def _never_raises(fn: Callable[[], int]) -> Callable[[], float]:

@@ -71,7 +71,7 @@ class Node(Leadership):
         metrics.track(len(cluster.nodes),
                       lambda: self.own.open_count() if self.leading else len(self.replayer.conns),
                       lambda: self.tracer.threads_held if self.tracer else 0,
-                      self._lost_events)
+                      self._lost_events, self._serial_timeouts)
 
     # ---- start and stop -----------------------------------------------------------------------
 
@@ -160,7 +160,7 @@ class Node(Leadership):
             "stray_connections": self.stray,
             "stray_input_bytes": self.stray_input,
             "escapes": self.tracer.stats.escapes if self.tracer else 0,
-            "serial_timeouts": self.tracer.stats.serial_timeouts if self.tracer else 0,
+            "serial_timeouts": self._serial_timeouts(),
             "held": self.tracer.threads_held if self.tracer else 0,
             "holding": self._holding(),
             "inputs": self.tracer.stats.inputs if self.tracer else 0,
@@ -309,6 +309,11 @@ class Node(Leadership):
 
     def _lost_events(self) -> int:
         return self.tracer.lost_events if self.tracer else 0
+
+    def _serial_timeouts(self) -> int:
+        """Inputs let go (leader) or sent (follower) before the thread with the last one had
+        finished with it (tracer/serial.py)."""
+        return (self.tracer.stats.serial_timeouts if self.tracer else 0) + self.replayer.serial_timeouts
 
     def _report_lost_events(self) -> None:
         lost = self._lost_events()

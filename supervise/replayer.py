@@ -101,6 +101,7 @@ class Replayer:
         self.serialize = serialize
         self._slept: dict[int, int] = {}  # tid -> seq of its last sleep after input
         self._sleeps = threading.Condition()
+        self.serial_timeouts = 0  # inputs sent on before the thread that read the last one slept
 
     # ---- entries (delivery thread) ------------------------------------------------------------
 
@@ -259,13 +260,14 @@ class Replayer:
     def _wait_finished(self, conn: ReplayConn) -> None:
         """Wait until the thread that made the server's last read of ``conn`` has slept since."""
         reader, seq = conn.reader, conn.read_seq
-        if reader:
-            self._wait(conn, lambda: self._slept.get(reader, 0) > seq, SERIAL_TIMEOUT,
-                       "finish with", self._sleeps)
+        if reader and not self._wait(conn, lambda: self._slept.get(reader, 0) > seq,
+                                     SERIAL_TIMEOUT, "finish with", self._sleeps):
+            self.serial_timeouts += 1
 
     def _wait(self, conn: ReplayConn, done, timeout: float, what: str,
-              cond: threading.Condition | None = None) -> None:
-        """Wait for ``done()``, which ``cond`` (the connection's by default) is notified of."""
+              cond: threading.Condition | None = None) -> bool:
+        """Wait for ``done()``, which ``cond`` (the connection's by default) is notified of;
+        False when ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         cond = cond or conn.cond
 
@@ -276,11 +278,11 @@ class Replayer:
             left = deadline - time.monotonic()
             with cond:
                 if cond.wait_for(finished, min(max(left, 0), DRAIN_EVERY)):
-                    return
+                    return True
             if left <= 0:
                 log.warning("replay: the server did not %s input on connection %s within %.1fs",
                             what, conn.cid, timeout)
-                return
+                return False
             self._drain_replies()
 
     # ---- the local server, as the tracer sees it (tracer thread) ------------------------------

@@ -119,6 +119,7 @@ def test_metric_values_describe_the_cluster(cluster: LocalCluster, load: Load) -
         assert values[f"supervise_diverged{{{n}}}"] == 0
         assert values[f"supervise_escapes_total{{{n}}}"] == 0
         assert values[f"supervise_tracer_lost_events{{{n}}}"] == 0
+        assert values[f"supervise_serial_timeouts{{{n}}}"] == 0
         assert values[f"supervise_input_bytes_total{{{n}}}"] > 0
         assert values[f"supervise_output_bytes_total{{{n}}}"] > 0
         # every load client holds one replicated connection open on every copy
