@@ -5,7 +5,7 @@
         [--server memcached]
 
 Clients on a fourth host use only the VIP. Each does reads (GET), writes (SET of a value unique
-to the campaign) and compare-and-set (a Lua script via EVAL; memcached: tests/campaign_stores.py)
+to the campaign) and compare-and-set (a Lua script via EVAL; memcached: tests/stores.py)
 on a handful of keys, with a socket timeout; every operation's invocation and completion times,
 arguments and result are recorded. A timeout or a connection error after the request was sent
 makes the operation indeterminate (Jepsen's "info"); a refused connection or an error reply means
@@ -49,10 +49,10 @@ from typing import Any
 
 from .campaign_faults import Faults
 from .campaign_report import summarize
-from .campaign_stores import STORES
 from .linearizability import CAS, INFO, OK, READ, WRITE, Op, Verdict, check
 from .netns import enter_netns
 from .netns_cluster import SERVER_PORT, NetnsCluster
+from .stores import STORES
 
 INIT = "init"
 ADD_SHARE = 0.1

@@ -15,7 +15,7 @@ from pymemcache.exceptions import MemcacheClientError, MemcacheUnexpectedCloseEr
 
 from supervise.localcluster import LocalCluster
 
-from .workload import MemcachedWrites, fault_the_leader_under_writers
+from .workload import fault_the_leader_under_writers
 
 KEYS_PER_CLIENT = 30
 CLIENTS = 10
@@ -202,7 +202,7 @@ def test_memcached_leader_killed_mid_workload_follower_takes_over_and_old_node_r
         for t in racers:
             t.start()
         try:
-            old, new, acked, takeover = fault_the_leader_under_writers(cluster, kill, MemcachedWrites)
+            old, new, acked, takeover = fault_the_leader_under_writers(cluster, kill, "memcached")
         finally:
             stop.set()
             for t in racers:

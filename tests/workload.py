@@ -8,10 +8,8 @@ import threading
 import time
 
 import redis as redis_py
-from pymemcache.client.base import Client as MemcacheClient
-from pymemcache.exceptions import MemcacheUnexpectedCloseError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from .stores import STORES
 
 KEYS = 1000
 
@@ -127,79 +125,45 @@ def assert_mixed_writes_leave_identical_copies(cluster) -> None:
     assert int(digests[leader.name] != b"") and len(snapshots[1]) == len(snapshots[0])
 
 
-class RedisWrites:
-    """A writer's connection to a Redis copy. No reconnecting of its own (retries, or the pool's
-    silent reconnect of a connection the server closed between commands): it would reconnect to
-    the same copy, even one that no longer leads (a stray client there)."""
-
-    errors: tuple = (redis_py.ConnectionError, redis_py.TimeoutError, ConnectionError, OSError)
-
-    def __init__(self, port: int) -> None:
-        self.client = redis_py.Redis(port=port, socket_timeout=5, socket_connect_timeout=2,
-                                     retry=Retry(NoBackoff(), 0), single_connection_client=True)
-
-    def set(self, key: str, value: int) -> None:
-        self.client.set(key, value)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class MemcachedWrites:
-    """A writer's connection to a memcached copy (pymemcache does not reconnect by itself)."""
-
-    errors: tuple = (MemcacheUnexpectedCloseError, ConnectionError, OSError)
-
-    def __init__(self, port: int) -> None:
-        self.client = MemcacheClient(("127.0.0.1", port), timeout=5, connect_timeout=2)
-
-    def set(self, key: str, value: int) -> None:
-        if not self.client.set(key, str(value), noreply=False):
-            raise AssertionError(f"memcached did not store {key}")
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def _writer(cluster, index, acked, stop, errors, writes):
+def _writer(cluster, index, acked, stop, errors, server):
     """Writes unique keys; on any connection error finds the current leader and goes on."""
     seq = 0
-    conn = None
+    store = conn = None
     while not stop.is_set():
         if conn is None:
             try:
-                port = cluster.wait_leader(timeout=30).server_port
+                store = STORES[server](cluster.wait_leader(timeout=30).server_port, timeout=5)
             except (TimeoutError, RuntimeError) as exc:
                 errors.append(exc)
                 return
         try:
             if conn is None:
-                conn = writes(port)
+                conn = store.connect("127.0.0.1")
             key = f"w{index}:{seq}"
-            conn.set(key, seq)
+            store.set(conn, key, str(seq))
             acked.append(key)
             seq += 1
-        except writes.errors:
+        except store.lost:
             if conn is not None:
-                conn.close()
+                store.close(conn)
             conn = None
             seq += 1  # the outcome of that write is unknown: never reuse its key
             time.sleep(0.05)
-        except AssertionError as exc:
+        except store.refused as exc:
             errors.append(exc)
             return
     if conn is not None:
-        conn.close()
+        store.close(conn)
 
 
-def fault_the_leader_under_writers(cluster, fault, writes=RedisWrites) -> tuple:
+def fault_the_leader_under_writers(cluster, fault, server: str = "redis") -> tuple:
     """8 writers through the leader; after 300 acknowledged writes ``fault(old)`` returns the new
     leader; the writers go on for 300 more. Returns (old, new, acked, seconds to the new leader)."""
     old = cluster.wait_leader()
     acked: list[str] = []
     errors: list[BaseException] = []
     stop = threading.Event()
-    writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop, errors, writes))
+    writers = [threading.Thread(target=_writer, args=(cluster, i, acked, stop, errors, server))
                for i in range(8)]
     for w in writers:
         w.start()

@@ -105,12 +105,12 @@ class Holding:
         else:
             self._resume_released(event)
 
-    def _resume_released(self, event: SocketEvent) -> None:
+    def _resume_released(self, event: SocketEvent) -> bool:
+        """Let ``event``'s held thread go, now or at its stop; False when it was not held for it
+        (gone, already released, or held for another input)."""
         thread = self._threads.get(event.tid)
-        if thread is None or thread.pending is not event:
-            return
-        if event.released:
-            return
+        if thread is None or thread.pending is not event or event.released:
+            return False
         event.released = True
         self.stats.held -= 1
         self.stats.released += 1
@@ -118,6 +118,7 @@ class Holding:
             thread.pending = None
             thread.gate_stopped = False
             self._resume_held(thread, event)
+        return True
 
     def _resume_held(self, thread: Task, event: SocketEvent) -> None:
         if event.holds_outputs:

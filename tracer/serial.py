@@ -59,9 +59,6 @@ class Serializing:
             self._serial_tid = 0
         while not self._serial_tid and self._serial_queue:
             event = self._serial_queue.popleft()
-            thread = self._threads.get(event.tid)
-            runs = thread is not None and thread.pending is event and not event.released
-            self._resume_released(event)
-            if runs:
+            if self._resume_released(event):
                 self._serial_tid = event.tid
                 self._serial_since = now

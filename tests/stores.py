@@ -1,5 +1,7 @@
-"""The servers a fault campaign (tests/campaign.py) can run against, as its clients use them:
-read, write and compare-and-set of a key, and adds to one set (Jepsen's set workload).
+"""Redis and memcached as the tests' clients use them: read, write and compare-and-set of a key,
+and adds to one set (Jepsen's set workload), for the fault campaign (tests/campaign.py) and the
+failover workloads (tests/workload.py). A connection does not reconnect by itself: it would
+reconnect to the same copy, even one that no longer leads (a stray client there).
 
 Redis: GET, SET, a Lua compare-and-set (EVAL) and SADD. memcached (four worker threads, with
 ``cluster.serialize``, since every client shares the keys): get, set, ``gets`` then ``cas`` and
