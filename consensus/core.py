@@ -29,7 +29,7 @@ from consensus import codec, wire
 from consensus.codec import Entry
 from consensus.commit_future import CommitFuture
 from consensus.election import CANDIDATE, FOLLOWER, LAGGING_ENTRIES, LEADER, Elections
-from consensus.errors import LeadershipLost, NotLeader
+from consensus.errors import LeadershipLost, LogWriteError, NotLeader, ReplicaClosed
 from consensus.logstore import LogStore
 from consensus.transfer import LeadershipTransfer
 
@@ -208,7 +208,13 @@ class Core(Elections, LeadershipTransfer):
         first = self.store.last_index + 1
         b = self.ballot
         entries = [Entry(first + k, b, codec.KIND_DATA, p) for k, (p, _, _) in enumerate(batch)]
-        self.store.append(entries)
+        try:
+            self.store.append(entries)
+        except LogWriteError:
+            closed = ReplicaClosed("replica not running: its log cannot be written")
+            for _, fut, _ in batch:
+                fut.set_exception(closed)
+            raise
         pend = self._pending
         for k, (_, fut, t0) in enumerate(batch):
             pend[first + k] = (fut, t0)

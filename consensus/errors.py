@@ -17,3 +17,15 @@ class LeadershipLost(NotLeader):
 
 class ReplicaClosed(Exception):
     """The replica was closed."""
+
+
+class LogWriteError(Exception):
+    """The log's directory refused a write or an fsync (full, read-only, failing disk). The log
+    store stops writing from then on: after a failed write or fsync, what the file holds is not
+    known, so the replica must stop as if it had crashed; its log reopens at restart, a torn
+    tail cut off."""
+
+    def __init__(self, directory: object, cause: OSError) -> None:
+        super().__init__(f"cannot write the log in {directory}: {cause.strerror or cause}")
+        self.directory = directory
+        self.errno = cause.errno

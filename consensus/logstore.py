@@ -2,18 +2,29 @@
 
 Thread-safety: every method takes the store's own lock, so the leader can fsync (``sync``) outside
 the consensus lock while other threads keep reading; appends wait for the fsync (group commit).
+
+Every write goes through ``_writing``: the first one the directory refuses (full, read-only,
+failing) puts the store in a failed state, reported once to ``on_failure``, in which every later
+write raises the same :class:`LogWriteError` without touching the files. A write is not retried:
+after a failed ``write`` the file may hold part of the buffer, and after a failed ``fsync`` the
+kernel may have dropped the dirty pages, so neither the buffer nor the page cache says what is on
+disk. Reopening at restart does (segments.py cuts a torn tail).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from consensus import codec
 from consensus.codec import Entry
+from consensus.errors import LogWriteError
 from consensus.segments import SegmentCorruptError, SegmentLog
 
 _PROMISE = struct.Struct("<QI")
@@ -21,11 +32,17 @@ _PROMISE = struct.Struct("<QI")
 
 class LogStore:
     def __init__(self, directory: Path, fsync: bool, cache_bytes: int = 16 << 20,
-                 segment_bytes: int = 64 << 20) -> None:
+                 segment_bytes: int = 64 << 20,
+                 on_failure: Callable[[LogWriteError], None] | None = None) -> None:
         self.dir = Path(directory)
         self.fsync = fsync
         self._lock = threading.RLock()
-        self.seg = SegmentLog(self.dir / "log", fsync=fsync, segment_bytes=segment_bytes)
+        self.failed: LogWriteError | None = None
+        self._on_failure = on_failure
+        try:
+            self.seg = SegmentLog(self.dir / "log", fsync=fsync, segment_bytes=segment_bytes)
+        except OSError as exc:
+            raise LogWriteError(self.dir, exc) from exc
         self._cache: dict[int, Entry] = {}
         self._recs: dict[int, bytes] = {}  # the same entries, encoded
         self._cache_first = self.seg.last_index + 1
@@ -35,6 +52,24 @@ class LogStore:
         self.last_ballot = self.seg.last_ballot
         self.durable_index = self.last_index
         self.promised = self._load_promise()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._lock:
+            if self.failed is not None:
+                raise self.failed
+            try:
+                yield
+            except OSError as exc:
+                self.failed = LogWriteError(self.dir, exc)
+                if self._on_failure is not None:
+                    self._on_failure(self.failed)
+                raise self.failed from exc
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the log's records, on disk or buffered for it."""
+        return self.seg.size_bytes
 
     # ---- promise ------------------------------------------------------------------------------
     def _load_promise(self) -> int:
@@ -55,20 +90,22 @@ class LogStore:
         tmp = self.dir / "promise.tmp"
         body = struct.pack("<Q", ballot)
         data = body + struct.pack("<I", zlib.crc32(body))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        if self.fsync:
-            dfd = os.open(self.dir, os.O_RDONLY)
+        with self._writing():
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.fsync(dfd)
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                if self.fsync:
+                    os.fsync(fd)
             finally:
-                os.close(dfd)
+                os.close(fd)
+            os.replace(tmp, path)
+            if self.fsync:
+                dfd = os.open(self.dir, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         self.promised = ballot
 
     # ---- log ----------------------------------------------------------------------------------
@@ -85,7 +122,7 @@ class LogStore:
 
     def append(self, entries: list[Entry]) -> None:
         recs = [codec.encode(e) for e in entries]  # encoded once: for the file and for peers
-        with self._lock:
+        with self._writing():
             self.seg.append(entries, recs)
             for e, r in zip(entries, recs, strict=True):
                 self._cache[e.index] = e
@@ -107,18 +144,18 @@ class LogStore:
 
     def sync(self) -> int:
         """Make everything appended so far durable; return the durable index."""
-        with self._lock:
+        with self._writing():
             target = self.last_index
             self.seg.sync()
             self.durable_index = target
             return self.durable_index
 
     def flush(self) -> None:
-        with self._lock:
+        with self._writing():
             self.seg.flush()
 
     def truncate_from(self, index: int) -> None:
-        with self._lock:
+        with self._writing():
             self.seg.truncate_from(index)
             for i in range(index, self.last_index + 1):
                 self._evict(i)
@@ -134,7 +171,8 @@ class LogStore:
                 return e
             if index > self.last_index or index < 1:
                 return None
-            got = self.seg.read_range(index, index)
+            with self._writing():  # reading may flush the buffer first
+                got = self.seg.read_range(index, index)
             return got[0] if got else None
 
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
@@ -153,7 +191,8 @@ class LogStore:
                     if total >= max_bytes:
                         break
                 return out
-            return self.seg.read_range(lo, hi, max_bytes)
+            with self._writing():
+                return self.seg.read_range(lo, hi, max_bytes)
 
     def records(self, lo: int, hi: int, max_bytes: int) -> tuple[bytes, int]:
         """Encoded entries lo..hi as one blob and their count (at least one if any exist)."""
@@ -162,7 +201,8 @@ class LogStore:
             if lo > hi:
                 return b"", 0
             if lo < self._cache_first:
-                got = self.seg.read_range(lo, hi, max_bytes)
+                with self._writing():
+                    got = self.seg.read_range(lo, hi, max_bytes)
                 return codec.encode_many(got), len(got)
             out = []
             total = 0
@@ -176,5 +216,9 @@ class LogStore:
             return b"".join(out), len(out)
 
     def close(self) -> None:
+        """Sync and close the files; a failed store only closes them (the failure is reported)."""
         with self._lock:
-            self.seg.close()
+            if self.failed is None:
+                with contextlib.suppress(LogWriteError), self._writing():
+                    self.seg.sync()
+            self.seg.close(sync=False)

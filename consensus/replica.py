@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from consensus import codec
 from consensus.commit_future import CommitFuture
 from consensus.core import LEADER, Core
-from consensus.errors import ReplicaClosed
+from consensus.errors import LogWriteError, ReplicaClosed
 from consensus.logstore import LogStore
 from consensus.metrics import Metrics
 from consensus.transport import Transport
@@ -75,12 +76,19 @@ class Replica:
     ``on_noop(index)`` to see them (so that delivered indices plus no-ops are contiguous).
     ``on_role_change(role, ballot, leader)`` runs on the same delivery thread, in order, after
     every change of role, ballot or known leader.
+
+    ``on_failure(error)`` runs once, on whichever thread met it, when the log's directory refuses
+    a write or an fsync (:class:`LogWriteError`). From then on the replica acts as crashed: it
+    answers no peer, proposes nothing, delivers nothing more, and ``close`` writes nothing; its
+    proposals in flight fail with ReplicaClosed at ``close``. Without ``on_failure`` the error is
+    logged.
     """
 
     def __init__(self, config: ReplicaConfig, on_commit: Callable[[int, bytes], None],
                  on_role_change: Callable[[str, int, str | None], None] | None = None,
                  on_noop: Callable[[int], None] | None = None,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+                 registry: CollectorRegistry = REGISTRY,
+                 on_failure: Callable[[LogWriteError], None] | None = None) -> None:
         self.config = config
         self._on_commit = on_commit
         self._on_role_change = on_role_change
@@ -100,13 +108,16 @@ class Replica:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._closed = False
+        self._on_failure = on_failure
+        self.failed: LogWriteError | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
         n = len(self._names)
         cache = max(1 << 20, cfg.log_region_bytes // 4)
-        self.store = LogStore(Path(cfg.data_dir), fsync=self._fsync, cache_bytes=cache)
+        self.store = LogStore(Path(cfg.data_dir), fsync=self._fsync, cache_bytes=cache,
+                              on_failure=self._log_failed)
         endpoints = {cfg.name: cfg.endpoint, **{p.name: p.endpoint for p in cfg.peers}}
         area = cfg.log_region_bytes // max(1, n - 1)
         poll_s = None if cfg.poll_us is None else cfg.poll_us / 1e6
@@ -128,6 +139,17 @@ class Replica:
             t = threading.Thread(target=fn, name=f"{cfg.name}-{what}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _log_failed(self, error: LogWriteError) -> None:
+        """The store's first failed write (under its lock, maybe under the consensus lock)."""
+        self.failed = error
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self._on_failure is not None:
+            self._on_failure(error)
+        else:
+            log.error("%s: %s; this replica stops", self.config.name, error)
 
     def close(self) -> None:
         if self._closed:
@@ -200,18 +222,24 @@ class Replica:
         share of one peer (log_region_bytes / (n - 1) / 4). With ``defer``, the proposal waits
         for the next one without it, or ``flush()``, or at most the leader's next tick: a caller
         with many proposals at hand gets them appended, sent and (with fsync) synced as one."""
-        if self._closed or not self._started:
+        if self._closed or not self._started or self.failed is not None:
             fut: CommitFuture = CommitFuture()
             fut.set_exception(ReplicaClosed("replica not running"))
             return fut
-        fut = self.core.submit(bytes(payload), defer)
+        try:
+            fut = self.core.submit(bytes(payload), defer)
+        except LogWriteError:  # reported; the proposal failed with the batch it went in
+            fut = CommitFuture()
+            fut.set_exception(ReplicaClosed("replica not running: its log cannot be written"))
+            return fut
         self.metrics.proposals.inc()
         return fut
 
     def flush(self) -> None:
         """Append the proposals made with ``defer``."""
-        if not self._closed and self._started:
-            self.core.flush()
+        if not self._closed and self._started and self.failed is None:
+            with contextlib.suppress(LogWriteError):  # reported, and the batch's proposals failed
+                self.core.flush()
 
     def withdraw(self, timeout: float) -> None:
         """Never lead again in this replica's lifetime, and hand leadership on if this replica
@@ -226,6 +254,8 @@ class Replica:
     def step_down(self, timeout: float) -> bool:
         """Hand leadership to a reachable peer (LeadershipTransfer._successor); True once another
         leads."""
+        if self.failed is not None:
+            return False
         target = self.core.transfer()
         if target is None:
             return False
@@ -240,7 +270,10 @@ class Replica:
 
     # ---- internals ----------------------------------------------------------------------------
     def _on_frame(self, peer: str, mtype: int, body: bytes) -> None:
-        self.core.on_frame(peer, mtype, body)
+        if self.failed is not None:
+            return  # crashed, as far as peers can tell
+        with contextlib.suppress(LogWriteError):  # reported
+            self.core.on_frame(peer, mtype, body)
 
     def _role_changed(self, role: str, ballot: int, leader: str | None) -> None:
         # called under the consensus lock: hand the event to the delivery thread
@@ -269,6 +302,8 @@ class Replica:
         while not self._stop.wait(fast if self.core.role == LEADER else slow):
             try:
                 self.core.tick()
+            except LogWriteError:
+                return  # reported
             except Exception:  # noqa: BLE001
                 log.exception("tick")
             if self.core.commit_index > self.applied_index:
@@ -286,7 +321,10 @@ class Replica:
                 hi = self.core.commit_index
             self._deliver_role_events()
             while self.applied_index < hi and not self._stop.is_set():
-                batch = self.store.entries(self.applied_index + 1, hi, 1 << 20)
+                try:
+                    batch = self.store.entries(self.applied_index + 1, hi, 1 << 20)
+                except LogWriteError:
+                    return  # reported
                 if not batch:
                     log.error("entry %d missing from the log", self.applied_index + 1)
                     self._stop.wait(0.1)

@@ -149,6 +149,10 @@ class SegmentLog:
         return self.segments[-1].last
 
     @property
+    def size_bytes(self) -> int:
+        return sum(seg.size for seg in self.segments)
+
+    @property
     def last_ballot(self) -> int:
         return self._run_ballot[-1] if self._run_ballot else 0
 
@@ -291,8 +295,10 @@ class SegmentLog:
             _fsync_dir(self.dir)
         self._dirty = False
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Close the open segment; ``sync=False`` drops what is buffered (a failed log)."""
         if self._fd is not None:
-            self.sync()
+            if sync:
+                self.sync()
             os.close(self._fd)
             self._fd = None

@@ -20,6 +20,7 @@ from .entries import Entry, Kind
 log = logging.getLogger("supervise")
 
 LOST_LEADERSHIP_EXIT = 3  # the copy no longer matches the log: the supervisor exits with this
+LOG_FAILED_EXIT = 4  # its log could not be opened or written (consensus.LogWriteError)
 
 
 class Leadership:

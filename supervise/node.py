@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 
-from consensus import Peer, Replica, ReplicaConfig
+from consensus import LogWriteError, Peer, Replica, ReplicaConfig
 from tracer.events import ACCEPTS, READS, SocketEvent
 from tracer.tracer import Mode, Tracer
 
@@ -21,7 +21,7 @@ from .config import ClusterConfig, NodeConfig
 from .digest import Divergence, OutputChecker
 from .entries import EntryError, Kind, decode
 from .leader_inputs import LeaderInputs
-from .leadership import LOST_LEADERSHIP_EXIT, Leadership
+from .leadership import LOG_FAILED_EXIT, LOST_LEADERSHIP_EXIT, Leadership
 from .metrics import NodeMetrics
 from .own_conns import LostInput, OwnConnections, shut_down_socket
 from .replayer import Replayer
@@ -111,8 +111,8 @@ class Node(Leadership):
             spin_us=self.cluster.spin_us,
             thrifty=True,
         )
-        self.me.data_dir.mkdir(parents=True, exist_ok=True)
-        self.replica = Replica(cfg, self._on_commit, self._on_role_change)
+        self.replica = Replica(cfg, self._on_commit, self._on_role_change,
+                               on_failure=self._on_log_failure)
         self.inputs = LeaderInputs(self.replica, self.own, self.checker, self.metrics,
                                    self.listen_fds, self._release_held)
         self.replica.start()
@@ -123,7 +123,7 @@ class Node(Leadership):
         holds its own clients' connections, leaves the service with it (PTRACE_O_EXITKILL), as
         does the server of a former leader whose held inputs the log has not decided yet."""
         self.replayer.abandon()
-        if self.leading and self.replica is not None:
+        if self.leading and self.replica is not None and self.replica.failed is None:
             self._stepping_down = True
             handed = self.replica.step_down(timeout=2.0)
             log.info("stepping down: %s", "another node leads" if handed else "no majority to hand to")
@@ -298,6 +298,12 @@ class Node(Leadership):
                       "server to rejoin", ev.conn)
             self.exit_code = LOST_LEADERSHIP_EXIT
             self.fatal.set()
+
+    def _on_log_failure(self, error: LogWriteError) -> None:
+        log.error("%s: this node leaves the service (as if it had crashed); make room there or "
+                  "mend the disk, then restart the node with a fresh server: its log is kept", error)
+        self.exit_code = LOG_FAILED_EXIT
+        self.fatal.set()
 
     def _on_server_exit(self, status: int | None) -> None:
         log.error("the server (pid %d) exited with status %s", self.server_pid, status)

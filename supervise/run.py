@@ -9,10 +9,12 @@ import resource
 import signal
 import sys
 
+from consensus import LogWriteError, SegmentCorruptError
+
 from .config import ClusterConfig, ConfigError
 from .failpoints import FailpointFile
 from .metrics import NodeMetrics
-from .node import LOST_LEADERSHIP_EXIT, Node
+from .node import LOG_FAILED_EXIT, LOST_LEADERSHIP_EXIT, Node
 from .stop_signals import catch_stop_signals
 
 log = logging.getLogger("supervise")
@@ -57,7 +59,13 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     node.attach(pid, command)
     _no_wakeup_preemption()  # after attach: a server it launched keeps the usual policy
     _raise_fd_limit()  # likewise
-    node.start_replica()
+    try:
+        node.start_replica()
+    except (LogWriteError, SegmentCorruptError) as exc:
+        log.error("%s: node %s cannot start from its data_dir (%s)", exc, name, me.data_dir)
+        node.shutdown()
+        http.shutdown()
+        return LOG_FAILED_EXIT
     log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",
              name, node.server_pid, me.server, me.replication, me.status)
     failpoints = FailpointFile.from_environment()

@@ -1,0 +1,65 @@
+"""The log store on a disk that runs full: it fails once, loudly, writes nothing after, and the
+log reopens as a valid prefix of what was appended."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from consensus import codec
+from consensus.codec import Entry
+from consensus.errors import LogWriteError
+from consensus.logstore import LogStore
+
+from .small_disk import small_disk
+
+
+def _batches(count: int, size: int = 3000) -> list[list[Entry]]:
+    return [[Entry(10 * b + k + 1, 3, codec.KIND_DATA, os.urandom(size)) for k in range(10)]
+            for b in range(count)]
+
+
+def _files(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted((directory / "log").iterdir())}
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_a_store_whose_disk_fills_fails_once_writes_nothing_after_and_reopens_as_a_prefix(
+        tmp_path: Path, fsync: bool) -> None:
+    with small_disk(tmp_path / "data", megabytes=2) as data:
+        failures: list[LogWriteError] = []
+        store = LogStore(data, fsync=fsync, segment_bytes=256 << 10, on_failure=failures.append)
+        appended: list[Entry] = []
+        durable = 0
+        with pytest.raises(LogWriteError, match="No space left on device") as raised:
+            for batch in _batches(200):  # 6 MB of records for a disk of 2 MB
+                store.append(batch)
+                appended += batch
+                durable = store.sync()
+        assert failures == [raised.value] and store.failed is raised.value
+        assert str(data) in str(raised.value)
+
+        on_disk = _files(data)
+        for write in (lambda: store.append(_batches(1)[0]), store.sync, store.flush,
+                      lambda: store.save_promise(9), lambda: store.truncate_from(1)):
+            with pytest.raises(LogWriteError) as again:
+                write()
+            assert again.value is raised.value
+        store.close()  # writes nothing either, and does not raise
+        assert _files(data) == on_disk and failures == [raised.value]
+
+        (data / "promise.tmp").unlink(missing_ok=True)
+        reopened = LogStore(data, fsync=fsync)  # its torn tail is cut
+        assert durable <= reopened.last_index <= len(appended)
+        assert reopened.entries(1, reopened.last_index, 1 << 30) == appended[:reopened.last_index]
+        reopened.close()
+
+
+def test_a_store_on_a_read_only_disk_says_where_it_cannot_write(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "data", megabytes=1) as data:
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        with pytest.raises(LogWriteError, match=f"cannot write the log in {data}/node: Read-only"):
+            LogStore(data / "node", fsync=True)
