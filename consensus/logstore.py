@@ -71,6 +71,14 @@ class LogStore:
         """Bytes of the log's records, on disk or buffered for it."""
         return self.seg.size_bytes
 
+    def free_bytes(self) -> int:
+        """Bytes available on the log's file system, as df counts them (without the reserve)."""
+        try:
+            st = os.statvfs(self.seg.dir)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
     # ---- promise ------------------------------------------------------------------------------
     def _load_promise(self) -> int:
         path = self.dir / "promise"

@@ -40,6 +40,10 @@ def _family(registry: CollectorRegistry) -> dict:
                                    registry=r),
             "durable_index": Gauge("supervise_consensus_durable_index", "Durable index", ["replica"],
                                    registry=r),
+            "log_bytes": Gauge("supervise_consensus_log_bytes", "Bytes of the log's records",
+                               ["replica"], registry=r),
+            "disk_free": Gauge("supervise_consensus_log_disk_free_bytes",
+                               "Bytes free to the log on its file system", ["replica"], registry=r),
             "lag": Gauge("supervise_consensus_replication_lag_entries", "Leader's view of a peer's lag",
                          ["replica", "peer"], registry=r),
             "reachable": Gauge("supervise_consensus_peer_reachable", "1 when the peer is connected",
@@ -62,6 +66,8 @@ class Metrics:
         self.commit_index = f["commit_index"].labels(replica)
         self.applied_index = f["applied_index"].labels(replica)
         self.durable_index = f["durable_index"].labels(replica)
+        self.log_bytes = f["log_bytes"].labels(replica)
+        self.disk_free = f["disk_free"].labels(replica)
         self._lag = {p: f["lag"].labels(replica, p) for p in peers}
         self._reachable = {p: f["reachable"].labels(replica, p) for p in peers}
 
@@ -77,11 +83,14 @@ class Metrics:
         self._lag[peer].set(max(0, entries))
 
     def read_at_scrape(self, commit: Callable[[], int], applied: Callable[[], int],
-                       durable: Callable[[], int], connected: Callable[[str], bool]) -> None:
-        """The indices and peer reachability are read when scraped: always current, and nothing
-        to keep up to date on the replica's own threads."""
+                       durable: Callable[[], int], connected: Callable[[str], bool],
+                       log_bytes: Callable[[], int], disk_free: Callable[[], int]) -> None:
+        """The indices, the log's size and room, and peer reachability are read when scraped:
+        always current, and nothing to keep up to date on the replica's own threads."""
         self.commit_index.set_function(commit)
         self.applied_index.set_function(applied)
         self.durable_index.set_function(durable)
+        self.log_bytes.set_function(log_bytes)
+        self.disk_free.set_function(disk_free)
         for peer, gauge in self._reachable.items():
             gauge.set_function(lambda peer=peer: 1 if connected(peer) else 0)

@@ -128,7 +128,8 @@ class Replica:
                          self._commit_advanced, self.metrics, thrifty=cfg.thrifty)
         self.metrics.role("follower", self.store.promised, None)
         self.metrics.read_at_scrape(lambda: self.core.commit_index, lambda: self.core.applied_index,
-                                    lambda: self.store.durable_index, self.transport.connected)
+                                    lambda: self.store.durable_index, self.transport.connected,
+                                    lambda: self.store.size_bytes, self.store.free_bytes)
         try:
             self.transport.start()  # binds the listener: fails on a busy port or an empty secret
         except BaseException:

@@ -152,6 +152,8 @@ class Node(Leadership):
             "committed": r.commit_index if r else 0,
             "applied": r.applied_index if r else 0,
             "durable": r.durable_index if r else 0,
+            "log_bytes": r.store.size_bytes if r else 0,
+            "log_disk_free_bytes": r.store.free_bytes() if r else None,
             "diverged": self.divergence.diverged,
             "diverged_reason": self.divergence.reason,
             "gating": self.leading,

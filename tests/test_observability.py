@@ -126,6 +126,8 @@ def test_metric_values_describe_the_cluster(cluster: LocalCluster, load: Load) -
         assert values[f"supervise_open_connections{{{n}}}"] >= LOAD_CLIENTS
         r = f'replica="{node.name}"'
         assert values[f"supervise_consensus_durable_index{{{r}}}"] > 0
+        assert values[f"supervise_consensus_log_bytes{{{r}}}"] > 0
+        assert values[f"supervise_consensus_log_disk_free_bytes{{{r}}}"] > 0
         for call in ("accept", "accept4", "read", "readv", "recvfrom", "recvmsg"):
             held = values[f'supervise_held_syscalls_total{{call="{call}",{n}}}']
             assert values[f'supervise_hold_seconds_count{{call="{call}",{n}}}'] == held
