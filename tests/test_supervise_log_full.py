@@ -92,3 +92,20 @@ def test_a_follower_whose_disk_fills_leaves_its_server_and_the_others_go_on():
             client.set(f"after:{i}", i)  # two of three nodes carry on
         assert cluster.wait_leader() is leader
         _rejoin_and_compare(cluster, follower)
+
+
+def test_a_node_whose_log_is_corrupt_says_which_file_and_leaves_its_server_untouched():
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        node = cluster.nodes[0]
+        segment = cluster.workdir / f"{node.name}-data" / "log" / f"seg-{1:020d}.log"
+        segment.parent.mkdir(parents=True)
+        segment.write_bytes(b"\xff" * 200 + b"\0" * 8)  # damaged where a record's header is
+        cluster.start_server(node)
+        cluster.start_supervisor(node)
+        assert node.supervisor.wait(60) == LOG_FAILED_EXIT
+        last = node.log_path.read_text().strip().splitlines()[-1]
+        assert f"corrupt log segment {segment} at offset 0" in last, last
+        assert f"node {node.name} cannot start from its data_dir" in last, last
+        assert alive(node.server.pid)
+        status = open(f"/proc/{node.server.pid}/status").read()
+        assert "TracerPid:\t0" in status
