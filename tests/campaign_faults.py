@@ -13,7 +13,9 @@ import time
 from .netns_cluster import NetnsCluster, NetnsNode
 
 FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-follower",
-               "pause-leader", "pause-follower", "flaky-leader", "flaky-follower")
+               "pause-leader", "pause-follower", "flaky-leader", "flaky-follower",
+               "fill-leader", "fill-follower")
+LOG_FAILED_EXIT = 4  # supervise's status for a log it cannot write
 
 
 class Faults:
@@ -38,6 +40,10 @@ class Faults:
                     self.exits.append({"t": round(time.monotonic() - self.t0, 3), "node": node.name,
                                        "status": code})
                     self.say(f"{node.name}: supervisor exited with status {code}")
+                if code == LOG_FAILED_EXIT and node.name not in self._filled:
+                    self.anomalies.append(f"{node.name} exited with status {code} (its log could "
+                                          f"not be written) without a full disk")
+                self._filled.discard(node.name)
                 if cluster.restart(node, clear_stale_vip=self.clear_stale_vip):
                     self.stale_vips.append({"t": round(time.monotonic() - self.t0, 3), "node": node.name})
                     self.say(f"{node.name}: removed the VIP its killed supervisor left on eth0")
@@ -56,7 +62,7 @@ class Faults:
         action, role = kind.split("-")
         what = self.rng.choice(["supervisor", "server", "both"])
         pause = self.rng.uniform(0.5, 3.0)
-        hold = self.rng.uniform(2.0, 6.0) if action in ("partition", "flaky") else \
+        hold = self.rng.uniform(2.0, 6.0) if action in ("partition", "flaky", "fill") else \
             self.rng.uniform(3, 8) * self.election_timeout_ms / 1000
         network = {"drop": round(self.rng.uniform(0.02, 0.2), 3),
                    "delay": round(self.rng.uniform(0.001, 0.02), 4),
@@ -86,6 +92,17 @@ class Faults:
             time.sleep(hold)
             cluster.restore(node)
             self.say(f"network of {node.name} restored")
+        elif action == "fill":
+            record["seconds"] = round(hold, 2)
+            self.say(f"FAULT the disk of {role} {node.name}'s data_dir full for {hold:.1f}s")
+            self._filled.add(node.name)
+            cluster.fill_disk(node)
+            time.sleep(hold)
+            record["status"] = node.supervisor.poll() if node.supervisor is not None else None
+            if record["status"] not in (None, LOG_FAILED_EXIT):
+                self.say(f"{node.name}: supervisor exited with status {record['status']} on a full disk")
+            cluster.clear_disk(node)
+            self.say(f"room again on {node.name}'s disk")
         else:
             record["seconds"] = round(hold, 2)
             self.say(f"FAULT SIGSTOP supervisor of {role} {node.name} for {hold:.1f}s")

@@ -21,6 +21,7 @@ holds the VIP receives anything on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from .netns import Hosts, enter_netns
 from .netns_faults import HostFaults
 from .netns_vip import VipView
 from .procs import LaunchedServer, kill_process, reap
+from .small_disk import small_disk
 
 SERVER_PORT = 6379
 REPLICATION_PORT = 9101
@@ -79,10 +81,12 @@ class NetnsCluster(HostFaults, VipView):
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
                  election_timeout_ms: int = 300, durability: str = "fsync",
                  subnet: str = "10.77.0", launch_restarts: bool = False, hold: str = "inputs",
-                 server: str = "redis", serialize: bool = False) -> None:
+                 server: str = "redis", serialize: bool = False, data_disk_mb: int = 512) -> None:
         """``launch_restarts``: restart nodes as an operator should, with the launch form
         (`supervise ... -- redis-server ...`): the supervisor removes a VIP left on the host by a
-        killed leader before the fresh server exists, so no client reaches a copy nobody holds."""
+        killed leader before the fresh server exists, so no client reaches a copy nobody holds.
+        Each node's data_dir is a tmpfs of ``data_disk_mb`` (``fill_disk``), so fsync costs
+        nothing there."""
         if server not in ("redis", "memcached"):
             raise ValueError(f"server: redis or memcached, not {server!r}")
         self.n = n
@@ -92,6 +96,7 @@ class NetnsCluster(HostFaults, VipView):
         self.vip = f"{subnet}.{VIP_HOST}" if vip else None
         self.election_timeout_ms = election_timeout_ms
         self.workdir = Path(tempfile.mkdtemp(prefix="supervise-netns-"))
+        self._disks = contextlib.ExitStack()
         self.hosts = Hosts(n + 1, subnet=subnet)
         try:
             self.nodes = [NetnsNode(i, f"n{i + 1}", self.hosts[i].addr, self.hosts[i].name)
@@ -120,7 +125,10 @@ class NetnsCluster(HostFaults, VipView):
                           f'status = "{node.addr}:{STATUS_PORT}"',
                           f'data_dir = "{node.name}-data"', ""]
             self.config.write_text("\n".join(lines))
+            for node in self.nodes:
+                self._disks.enter_context(small_disk(self.data_dir(node), data_disk_mb))
         except BaseException:
+            self._disks.close()
             self.hosts.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
@@ -404,6 +412,7 @@ class NetnsCluster(HostFaults, VipView):
                 reap(proc)
         for ex in self._executors.values():
             ex.shutdown(wait=False, cancel_futures=True)
+        self._disks.close()
         self.hosts.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -1,5 +1,6 @@
 """Faults of one host of a NetnsCluster (tests/netns_cluster.py), as methods mixed into it: its
-supervisor paused and resumed, its link cut and restored, its transport made flaky."""
+supervisor paused and resumed, its link cut and restored, its transport made flaky, the disk of
+its data_dir filled (each node's data_dir is a tmpfs of its own: tests/small_disk.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .small_disk import fill
 
 if TYPE_CHECKING:
     from .netns_cluster import NetnsNode
@@ -50,3 +53,13 @@ class HostFaults:
 
     def restore(self, key: int | str | NetnsNode) -> None:
         self.degrade(key, {})
+
+    def data_dir(self, node: NetnsNode) -> Path:
+        return self.workdir / f"{node.name}-data"
+
+    def fill_disk(self, key: int | str | NetnsNode) -> None:
+        """No byte left on the node's data_dir disk until ``clear_disk``."""
+        fill(self.data_dir(self.node(key)))
+
+    def clear_disk(self, key: int | str | NetnsNode) -> None:
+        (self.data_dir(self.node(key)) / "ballast").unlink(missing_ok=True)
