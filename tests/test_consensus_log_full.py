@@ -14,7 +14,7 @@ from consensus.codec import Entry
 from consensus.errors import LogWriteError
 from consensus.logstore import LogStore
 
-from .small_disk import small_disk
+from .small_disk import fill, small_disk
 
 
 def _batches(count: int, size: int = 3000) -> list[list[Entry]]:
@@ -51,7 +51,6 @@ def test_a_store_whose_disk_fills_fails_once_writes_nothing_after_and_reopens_as
         store.close()  # writes nothing either, and does not raise
         assert _files(data) == on_disk and failures == [raised.value]
 
-        (data / "promise.tmp").unlink(missing_ok=True)
         reopened = LogStore(data, fsync=fsync)  # its torn tail is cut
         assert durable <= reopened.last_index <= len(appended)
         assert reopened.entries(1, reopened.last_index, 1 << 30) == appended[:reopened.last_index]
@@ -63,3 +62,22 @@ def test_a_store_on_a_read_only_disk_says_where_it_cannot_write(tmp_path: Path) 
         subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
         with pytest.raises(LogWriteError, match=f"cannot write the log in {data}/node: Read-only"):
             LogStore(data / "node", fsync=True)
+
+
+def test_a_promise_the_disk_refuses_is_neither_kept_nor_taken_for_made(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "data", megabytes=1) as data:
+        store = LogStore(data, fsync=True)
+        store.save_promise(5)
+        fill(data)
+        with pytest.raises(LogWriteError, match="No space left on device"):
+            store.save_promise(6)
+        assert store.promised == 5
+        store.close()
+        (data / "ballast").unlink()
+        reopened = LogStore(data, fsync=True)  # beside the promise.tmp the failed write left
+        assert reopened.promised == 5
+        reopened.save_promise(7)
+        reopened.close()
+        again = LogStore(data, fsync=True)
+        assert again.promised == 7
+        again.close()
