@@ -24,7 +24,8 @@ def group_status(cluster: ClusterConfig) -> dict:
         doc = fetch(node.status)
         if doc is None:
             nodes[node.name] = {"role": "down", "committed": None, "applied": None,
-                                "diverged": False, "status": node.status}
+                                "diverged": False, "log_bytes": None, "log_disk_free_bytes": None,
+                                "status": node.status}
             continue
         role = doc["role"] if doc["role"] in ("leader", "follower", "candidate") else "candidate"
         if role == "leader" and doc.get("gating"):
@@ -32,6 +33,8 @@ def group_status(cluster: ClusterConfig) -> dict:
         ballot = max(ballot, doc["ballot"])
         nodes[node.name] = {"role": role, "committed": doc["committed"], "applied": doc["applied"],
                             "diverged": doc["diverged"], "gating": doc.get("gating", False),
+                            "log_bytes": doc.get("log_bytes"),
+                            "log_disk_free_bytes": doc.get("log_disk_free_bytes"),
                             "status": node.status}
     leader = max(leaders)[1] if leaders else None
     return {"leader": leader, "ballot": ballot, "nodes": nodes}
@@ -43,10 +46,23 @@ def run_status(cluster: ClusterConfig, as_json: bool) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"leader: {doc['leader'] or 'none'}   ballot: {doc['ballot']}")
-    print(f"{'node':<10} {'role':<10} {'committed':>10} {'applied':>10}  diverged  status")
+    print(f"{'node':<10} {'role':<10} {'committed':>10} {'applied':>10}  diverged  "
+          f"{'log':>7} {'free':>7}  status")
     for name, n in doc["nodes"].items():
         committed = "-" if n["committed"] is None else n["committed"]
         applied = "-" if n["applied"] is None else n["applied"]
         print(f"{name:<10} {n['role']:<10} {committed!s:>10} {applied!s:>10}  "
-              f"{'YES' if n['diverged'] else 'no':<8}  http://{n['status']}/status")
+              f"{'YES' if n['diverged'] else 'no':<8}  {_size(n['log_bytes']):>7} "
+              f"{_size(n['log_disk_free_bytes']):>7}  http://{n['status']}/status")
     return 0
+
+
+def _size(n: int | None) -> str:
+    """Bytes as df -h shows them (1024-based)."""
+    if n is None:
+        return "-"
+    size, unit = float(n), 0
+    while size >= 1024 and unit < 4:
+        size /= 1024
+        unit += 1
+    return f"{size:.{0 if unit == 0 or size >= 10 else 1}f}{'BKMGT'[unit]}"

@@ -116,6 +116,12 @@ def test_status_json_reports_leader_ballot_and_every_node(cluster):
         assert node["role"] == ("leader" if name == leader.name else "follower")
         assert node["committed"] >= node["applied"] >= 0
         assert node["diverged"] is False, cluster.node(name).status()["diverged_reason"]
+        assert node["log_bytes"] > 0 and node["log_disk_free_bytes"] > 0
+    table = subprocess.run([sys.executable, "-m", "supervise", "status", "--config",
+                            str(cluster.config)], capture_output=True, text=True, timeout=30)
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"leader: {leader.name}") and "log" in lines[1] and "free" in lines[1]
+    assert len(lines) == 2 + len(cluster.nodes), table.stdout
 
 
 def _spoil(cluster, leader, follower) -> None:
