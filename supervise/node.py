@@ -91,6 +91,9 @@ class Node(Leadership):
             self.server_pid = self.tracer.launch(command or [])
             self.address.wait(self.server_pid)
         self.listen_fds = self.address.listen_fds(self.server_pid)
+        if self.cluster.serialize:
+            tracer, pid = self.tracer, self.server_pid
+            self.replayer.watch_server(lambda: tracer.input_tally(pid), tracer.thread_busy)
 
     def start_replica(self) -> None:
         cfg = ReplicaConfig(

@@ -6,7 +6,10 @@ its bytes, so the server consumes inputs in log order across connections. Replie
 dropped by the same thread every few inputs (no thread wakes up for each reply); their digests
 come from the tracer's output events. With ``serialize`` (a multi-threaded server whose leader's
 tracer lets one input go at a time: tracer/serial.py) the next input waits, beyond that, until
-the thread that read this one has gone to sleep, as the leader's tracer waited.
+the thread that read this one has gone to sleep, as the leader's tracer waited. Catching up, it
+learns both from the probes' maps (``watch_server``): the bytes the server has read, the thread
+that read the last of them, and whether that thread is still busy; the tracer's reports of them
+(a wake-up of its thread for each input) are what it falls back on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tracer.events import ACCEPTS, CLOSES, READS, Call, Direction, SocketEvent
@@ -46,6 +50,10 @@ REPLY_BUFFER = 1 << 16
 # It yields the CPU between polls: where the copies share cores, a poller that held one kept its
 # own server, or another copy's, from running.
 CONSUME_SPIN = 0.0003
+# Serializing, the same for the server to have read an input and the thread that read it to have
+# gone to sleep for more (the probes' counts: _spin_until_finished). Longer: the thread runs the
+# input in between.
+SERIAL_SPIN = 0.002
 
 
 @dataclass
@@ -100,6 +108,8 @@ class Replayer:
         self._abandoned = False
         self.serialize = serialize
         self._slept: dict[int, int] = {}  # tid -> seq of its last sleep after input
+        self._tally: Callable[[], tuple[int, int] | None] | None = None
+        self._busy: Callable[[int], bool | None] | None = None
         self._sleeps = threading.Condition()
         self.serial_timeouts = 0  # inputs sent on before the thread that read the last one slept
 
@@ -129,6 +139,13 @@ class Replayer:
             with conn.cond:
                 conn.server_closed = True
                 conn.cond.notify_all()
+
+    def watch_server(self, tally: Callable[[], tuple[int, int] | None],
+                     busy: Callable[[int], bool | None]) -> None:
+        """Serializing: read, while catching up, what the probes count of the server's input
+        (``tally``: bytes read and the thread that read the last of them) and whether a thread
+        is still busy with its input, instead of waiting for the tracer's reports of them."""
+        self._tally, self._busy = tally, busy
 
     def open_connections(self) -> list[tuple[int, int]]:
         return list(self.conns)
@@ -194,6 +211,7 @@ class Replayer:
         self._sends += 1
         if self._sends % DRAIN_INPUTS == 0:
             self._drain_replies()
+        tally = self._tally() if spin and self.serialize and self._tally is not None else None
         try:
             self._write(conn.sock, data)
         except OSError as exc:
@@ -202,6 +220,8 @@ class Replayer:
             return
         conn.sent += len(data)
         if spin and not self.serialize and self._spin_until_read(conn):
+            return
+        if tally is not None and self._spin_until_finished(tally[0] + len(data)):
             return
         self._wait(conn, lambda: max(conn.consumed, conn.read_seen) >= conn.sent, CONSUME_TIMEOUT,
                    "consume")
@@ -221,6 +241,33 @@ class Replayer:
                 return False
             if conn.read_seen >= conn.sent:
                 return True
+            if time.perf_counter() > deadline:
+                return False
+            os.sched_yield()
+
+    def _spin_until_finished(self, target: int) -> bool:
+        """Serializing, catching up: True once the server has read ``target`` bytes in all and
+        the thread that read the last of them has gone to sleep for more, within SERIAL_SPIN.
+        Only this replayer's inputs are in flight, so the last reader is this input's."""
+        assert self._tally is not None and self._busy is not None
+        deadline = time.perf_counter() + SERIAL_SPIN
+        reader = 0
+        while True:
+            if not reader:
+                tally = self._tally()
+                if tally is None:
+                    return False
+                if tally[0] >= target:
+                    tally = self._tally()  # once more: its thread, written before the count
+                    if tally is None:
+                        return False
+                    reader = tally[1]
+            if reader:
+                busy = self._busy(reader)
+                if busy is None:
+                    return False
+                if not busy:
+                    return True
             if time.perf_counter() > deadline:
                 return False
             os.sched_yield()

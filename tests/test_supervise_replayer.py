@@ -179,3 +179,35 @@ def _hold_every_ephemeral_port_in_time_wait(ports: int) -> None:
             client.close()
             accepted.recv(1)  # the client's FIN
             accepted.close()
+
+
+def test_serialized_catch_up_sends_the_next_input_only_once_the_last_ones_thread_slept():
+    """A thread per connection; the first connection's adds take 3 ms (a nanosleep, which is no
+    wait for input), the second's none. Caught up from the probes' counts, without the tracer's
+    reports, the adds still land in log order: the next is sent only once the thread that read
+    the last has gone back to waiting for input."""
+    server = python_server("slow_appender.py")
+    replayer = Replayer("127.0.0.1", server.port, on_output=lambda *_: None, on_stray=lambda _: None,
+                        serialize=True)
+    try:
+        with traced(server.pid, Mode.OBSERVE, serialize=True) as (tracer, _):
+            tracer.on_event = replayer.on_server_event
+            tracer.set_batched_wakeups(True)  # as a follower catching up
+            replayer.watch_server(lambda: tracer.input_tally(server.pid), tracer.thread_busy)
+            for conn in (1, 2):
+                replayer.apply(Entry(Kind.CONNECT, 1, conn))
+            words = [str(k) for k in range(200)]
+            for k, word in enumerate(words):
+                conn, millis = (1, 3) if k % 2 == 0 else (2, 0)
+                replayer.apply(Entry(Kind.DATA, 1, conn, f"add {word} {millis}\n".encode()),
+                               catching_up=True)
+            assert replayer.serial_timeouts == 0
+            with socket.create_connection(("127.0.0.1", server.port)) as reader:
+                reader.sendall(b"list\n")
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    answer += reader.recv(65536)
+            assert answer.decode().split() == words
+    finally:
+        replayer.close()
+        server.stop()

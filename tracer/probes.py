@@ -71,6 +71,7 @@ class Probes:
         self.armed = self.bpf[b"armed"]
         self.top_fd = self.bpf[b"top_fd"]
         self.busy = self.bpf[b"busy"] if serialize else None
+        self.tallies = self.bpf[b"tallies"] if serialize else None
         self._prefill_next = PREFILL_CONN_BASE + 1
         self._slots_held: set[int] = set()
         self._reader: ringbuf.RingReader | None = None
@@ -146,6 +147,8 @@ class Probes:
         self.unsupervise_tgid(tgid)
         self.bpf[b"last_input"].pop(ctypes.c_uint32(tgid), None)
         self.top_fd.pop(ctypes.c_uint32(tgid), None)
+        if self.tallies is not None:
+            self.tallies.pop(ctypes.c_uint32(tgid), None)
         for key, _ in self._socket_entries():
             if key.tgid == tgid:
                 self.socks.pop(key, None)
@@ -158,6 +161,18 @@ class Probes:
         self.armed.pop(ctypes.c_uint32(tid), None)
         if self.busy is not None:
             self.busy.pop(ctypes.c_uint32(tid), None)
+
+    def input_tally(self, tgid: int) -> tuple[int, int] | None:
+        """Serializing: bytes the process has read from tracked connections, and the thread that
+        read the last of them; None before its first."""
+        assert self.tallies is not None
+        tally = self.tallies.get(ctypes.c_uint32(tgid))
+        return None if tally is None else (tally.bytes, tally.tid)
+
+    def thread_busy(self, tid: int) -> bool:
+        """Serializing: whether the thread took input and has not gone to sleep for more since."""
+        assert self.busy is not None
+        return self.busy.get(ctypes.c_uint32(tid)) is not None
 
     def set_armed(self, tid: int, armed: bool, committed_seq: int = 0) -> None:
         """Record whether ``tid``'s output breakpoints are on; when off, the seq of the last

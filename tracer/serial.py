@@ -17,7 +17,8 @@ lock that a held thread holds) is not waited for any longer, with a warning: the
 on beside it, as without serializing (output checking reports a copy that came out different).
 A thread that hands its input to another thread and goes back to waiting counts as finished.
 
-A mixin of ``Tracer`` (tracer/tracer.py), like holding.py: these methods run on the tracer thread.
+A mixin of ``Tracer`` (tracer/tracer.py), like holding.py: these methods run on the tracer thread,
+but for ``input_tally`` and ``thread_busy``, which read the probes' maps for a follower's replayer.
 """
 
 from __future__ import annotations
@@ -62,3 +63,27 @@ class Serializing:
             if self._resume_released(event):
                 self._serial_tid = event.tid
                 self._serial_since = now
+
+    # ---- for a replaying follower's thread (any thread may ask) --------------------------------
+
+    def input_tally(self, tgid: int) -> tuple[int, int] | None:
+        """Bytes ``tgid`` has read from its tracked connections since the probes loaded, and the
+        thread that read the last of them; None before its first read, or while the probes close."""
+        probes = self.probes
+        if probes is None or probes.tallies is None:
+            return None
+        try:
+            return probes.input_tally(tgid)
+        except (KeyError, OSError, ValueError):
+            return None
+
+    def thread_busy(self, tid: int) -> bool | None:
+        """Whether ``tid`` took input and has not gone to sleep for more since (it is finished
+        with its input once it has); None while the probes close."""
+        probes = self.probes
+        if probes is None or probes.busy is None:
+            return None
+        try:
+            return probes.thread_busy(tid)
+        except (KeyError, OSError, ValueError):
+            return None

@@ -130,6 +130,16 @@ BPF_HASH(top_fd, u32, u32, 1024);
 #ifdef SERIALIZE
 // tid -> 1 from the thread's last input until it next goes to sleep (tracer/serial.py)
 BPF_HASH(busy, u32, u8, 65536);
+// tgid -> the bytes its threads have read from tracked connections, and the thread that read
+// the last of them: a replaying follower that sent one input waits until the count covers it
+// and that thread is no longer busy (supervise/replayer.py), without a wake-up of its tracer.
+// The thread is written before the count, so a reader that sees the count sees the thread.
+struct input_tally {
+    u64 bytes;
+    u32 tid;
+    u32 pad;
+};
+BPF_HASH(tallies, u32, struct input_tally, 1024);
 #endif
 
 // The tgid's mode, 0 when it is not supervised.
@@ -326,6 +336,18 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
     if (input) {
         u8 one = 1;
         busy.update(&tid, &one);
+        if (dir == DIR_IN && ret > 0) {
+            struct input_tally *t = tallies.lookup(&tgid);
+            if (!t) {
+                struct input_tally first = {};
+                tallies.update(&tgid, &first);
+                t = tallies.lookup(&tgid);
+            }
+            if (t) {
+                t->tid = tid;
+                __sync_fetch_and_add(&t->bytes, (u64)ret);
+            }
+        }
     }
 #endif
     if (input && mode == MODE_GATE && tids.lookup(&tid)) {
@@ -369,7 +391,9 @@ static __always_inline int emit(u32 mode, u32 tgid, u32 tid, u64 conn, s64 ret,
             *n = 0;
             wake = RB_FORCE_WAKEUP;
         }
-        if (dir == DIR_CTL || (dir == DIR_IN && ret <= 0))
+        // but not a thread's sleep: a serializing follower that catches up reads the probes'
+        // maps for it (supervise/replayer.py), its tracer the event on its poll
+        if ((dir == DIR_CTL && call != C_SLEEP) || (dir == DIR_IN && ret <= 0))
             wake = RB_FORCE_WAKEUP;
     }
     u64 size = sizeof(struct event) - EVENT_DATA + e->data_len;
