@@ -25,8 +25,15 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from .events import SocketEvent
+
+if TYPE_CHECKING:
+    from .probes import Probes
+
+T = TypeVar("T")
 
 log = logging.getLogger("tracer")
 
@@ -69,21 +76,18 @@ class Serializing:
     def input_tally(self, tgid: int) -> tuple[int, int] | None:
         """Bytes ``tgid`` has read from its tracked connections since the probes loaded, and the
         thread that read the last of them; None before its first read, or while the probes close."""
-        probes = self.probes
-        if probes is None or probes.tallies is None:
-            return None
-        try:
-            return probes.input_tally(tgid)
-        except (KeyError, OSError, ValueError):
-            return None
+        return self._read_serial_maps(lambda probes: probes.input_tally(tgid))
 
     def thread_busy(self, tid: int) -> bool | None:
         """Whether ``tid`` took input and has not gone to sleep for more since (it is finished
         with its input once it has); None while the probes close."""
+        return self._read_serial_maps(lambda probes: probes.thread_busy(tid))
+
+    def _read_serial_maps(self, read: Callable[[Probes], T]) -> T | None:
         probes = self.probes
         if probes is None or probes.busy is None:
             return None
         try:
-            return probes.thread_busy(tid)
-        except (KeyError, OSError, ValueError):
+            return read(probes)
+        except (KeyError, OSError, ValueError):  # the tracer thread is closing them right now
             return None
