@@ -31,7 +31,7 @@ from .vip import LeaderVip
 log = logging.getLogger("supervise")
 
 DIGEST_INTERVAL = 0.5
-# A follower this many committed entries behind replays in catch-up mode (replayer.CONSUME_SPIN).
+# A follower this many committed entries behind replays in catch-up mode (supervise/catch_up.py).
 CATCH_UP_BACKLOG = 1000
 
 

@@ -6,10 +6,8 @@ its bytes, so the server consumes inputs in log order across connections. Replie
 dropped by the same thread every few inputs (no thread wakes up for each reply); their digests
 come from the tracer's output events. With ``serialize`` (a multi-threaded server whose leader's
 tracer lets one input go at a time: tracer/serial.py) the next input waits, beyond that, until
-the thread that read this one has gone to sleep, as the leader's tracer waited. Catching up, it
-learns both from the probes' maps (``watch_server``): the bytes the server has read, the thread
-that read the last of them, and whether that thread is still busy; the tracer's reports of them
-(a wake-up of its thread for each input) are what it falls back on.
+the thread that read this one has gone to sleep, as the leader's tracer waited. Far behind, it
+polls for both instead of waiting for the tracer's reports (supervise/catch_up.py).
 """
 
 from __future__ import annotations
@@ -22,13 +20,13 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tracer.events import ACCEPTS, CLOSES, READS, Call, Direction, SocketEvent
 from tracer.serial import SERIAL_TIMEOUT
 
-from .borrowed_socket import borrow_socket, bytes_read
+from .borrowed_socket import borrow_socket
+from .catch_up import CatchUp
 from .entries import Entry, Kind
 
 log = logging.getLogger("supervise.replayer")
@@ -43,17 +41,6 @@ DRAIN_EVERY = 0.02
 # buffers meanwhile, and one pass reads them all.
 DRAIN_INPUTS = 16
 REPLY_BUFFER = 1 << 16
-# While it catches up, the delivery thread polls the server's end of the connection after writing
-# an input, this long, for the server to have read it, before it sleeps until the tracer reports
-# the read: each of the two wake-ups of that report costs tens of microseconds on these VMs, most
-# of an input's replay. (Not when it keeps up: that CPU is the leader's, where nodes share cores.)
-# It yields the CPU between polls: where the copies share cores, a poller that held one kept its
-# own server, or another copy's, from running.
-CONSUME_SPIN = 0.0003
-# Serializing, the same for the server to have read an input and the thread that read it to have
-# gone to sleep for more (the probes' counts: _spin_until_finished). Longer: the thread runs the
-# input in between.
-SERIAL_SPIN = 0.002
 
 
 @dataclass
@@ -84,7 +71,7 @@ def _address(sockaddr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class Replayer:
+class Replayer(CatchUp):
     """Applies CONNECT, DATA and CLOSE entries to the local server.
 
     ``apply`` runs on the consensus delivery thread; ``on_server_event`` on the tracer thread.
@@ -108,8 +95,6 @@ class Replayer:
         self._abandoned = False
         self.serialize = serialize
         self._slept: dict[int, int] = {}  # tid -> seq of its last sleep after input
-        self._tally: Callable[[], tuple[int, int] | None] | None = None
-        self._busy: Callable[[int], bool | None] | None = None
         self._sleeps = threading.Condition()
         self.serial_timeouts = 0  # inputs sent on before the thread that read the last one slept
 
@@ -139,13 +124,6 @@ class Replayer:
             with conn.cond:
                 conn.server_closed = True
                 conn.cond.notify_all()
-
-    def watch_server(self, tally: Callable[[], tuple[int, int] | None],
-                     busy: Callable[[int], bool | None]) -> None:
-        """Serializing: read, while catching up, what the probes count of the server's input
-        (``tally``: bytes read and the thread that read the last of them) and whether a thread
-        is still busy with its input, instead of waiting for the tracer's reports of them."""
-        self._tally, self._busy = tally, busy
 
     def open_connections(self) -> list[tuple[int, int]]:
         return list(self.conns)
@@ -227,50 +205,6 @@ class Replayer:
                    "consume")
         if self.serialize:
             self._wait_finished(conn)
-
-    def _spin_until_read(self, conn: ReplayConn) -> bool:
-        """True once the server has read all that was sent, within CONSUME_SPIN."""
-        sock = conn.server_sock
-        if sock is None:
-            return False
-        deadline = time.perf_counter() + CONSUME_SPIN
-        while True:
-            try:
-                conn.read_seen = bytes_read(sock)
-            except OSError:
-                return False
-            if conn.read_seen >= conn.sent:
-                return True
-            if time.perf_counter() > deadline:
-                return False
-            os.sched_yield()
-
-    def _spin_until_finished(self, target: int) -> bool:
-        """Serializing, catching up: True once the server has read ``target`` bytes in all and
-        the thread that read the last of them has gone to sleep for more, within SERIAL_SPIN.
-        Only this replayer's inputs are in flight, so the last reader is this input's."""
-        assert self._tally is not None and self._busy is not None
-        deadline = time.perf_counter() + SERIAL_SPIN
-        reader = 0
-        while True:
-            if not reader:
-                tally = self._tally()
-                if tally is None:
-                    return False
-                if tally[0] >= target:
-                    tally = self._tally()  # once more: its thread, written before the count
-                    if tally is None:
-                        return False
-                    reader = tally[1]
-            if reader:
-                busy = self._busy(reader)
-                if busy is None:
-                    return False
-                if not busy:
-                    return True
-            if time.perf_counter() > deadline:
-                return False
-            os.sched_yield()
 
     def _write(self, sock: socket.socket, data: bytes) -> None:
         """Send all of ``data``, reading replies whenever the socket is full: a server that is
