@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tracer.probes import MAX_SNAPLEN
@@ -15,7 +16,7 @@ supervise status --config FILE [--json]               the group as seen by its n
 supervise demo                                        the main job on a built-in default
 supervise --pid PID --trace [--json] [--snaplen N]    print a process's socket events
 supervise --trace [--json] [--snaplen N] -- CMD [ARG...]
-supervise prometheus-config --config FILE             a Prometheus scrape config for the group
+supervise prometheus-config --config FILE [--rules F] a Prometheus scrape config for the group
 supervise doctor                                      what this machine has and lacks"""
 
 
@@ -61,6 +62,8 @@ def _run_config_command(command: str, argv: list[str]) -> int:
     p.add_argument("--config", required=True, help="the cluster file (TOML)")
     if command == "status":
         p.add_argument("--json", action="store_true", help="one JSON object")
+    else:
+        p.add_argument("--rules", help="an alerting rule file to load (dashboards/alerts.yml)")
     args = p.parse_args(argv)
     from .config import load
 
@@ -71,7 +74,12 @@ def _run_config_command(command: str, argv: list[str]) -> int:
         return run_status(cluster, args.json)
     from .prometheus_cfg import render
 
-    print(render(cluster), end="")
+    rules = None
+    if args.rules:
+        rules = os.path.abspath(args.rules)
+        if not os.path.isfile(rules):
+            raise UsageError(f"--rules {args.rules}: no such file")
+    print(render(cluster, rules=rules), end="")
     return 0
 
 

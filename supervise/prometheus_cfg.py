@@ -24,7 +24,9 @@ def target(endpoint: str) -> str:
     return f"{host}:{port}"
 
 
-def render(cluster: ClusterConfig, interval: str = "5s", job: str = "supervise") -> str:
+def render(cluster: ClusterConfig, interval: str = "5s", job: str = "supervise",
+           rules: str | None = None) -> str:
+    """``rules``: a rule file for Prometheus to load (dashboards/alerts.yml)."""
     # JSON strings are valid YAML scalars: names and paths are quoted safely whatever they hold.
     q = json.dumps
     nodes = "".join(
@@ -38,7 +40,7 @@ def render(cluster: ClusterConfig, interval: str = "5s", job: str = "supervise")
 global:
   scrape_interval: {interval}
   evaluation_interval: {interval}
-scrape_configs:
+{f"rule_files: [{q(rules)}]{chr(10)}" if rules else ""}scrape_configs:
   - job_name: {q(job)}
     metrics_path: /metrics
     honor_labels: true

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_py
+import yaml
 
 from rdma import ConnectError, connect, open_context
 from supervise.localcluster import free_ports, wait_port
@@ -25,6 +26,7 @@ from supervise.localcluster import free_ports, wait_port
 from .workload import redis_op
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+ALERTS = DASHBOARDS / "alerts.yml"
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
 
@@ -49,6 +51,12 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(m.group())
     return names
+
+
+def alert_rules() -> list[dict]:
+    rules = [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    assert rules, f"no alerting rules in {ALERTS}"
+    return rules
 
 
 def dashboards() -> dict[str, dict]:

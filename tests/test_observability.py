@@ -25,10 +25,12 @@ from supervise.localcluster import LocalCluster
 from supervise.prometheus_cfg import render
 
 from .observability import (
+    ALERTS,
     DASHBOARDS,
     PROMTOOL,
     Load,
     Prometheus,
+    alert_rules,
     dashboards,
     exported_samples,
     exprs,
@@ -73,7 +75,7 @@ def load(cluster: LocalCluster) -> Iterator[Load]:
 
 @pytest.fixture(scope="module")
 def prometheus(cluster: LocalCluster, load: Load) -> Iterator[Prometheus]:
-    server = Prometheus(render(load_config(cluster.config), interval="1s"))
+    server = Prometheus(render(load_config(cluster.config), interval="1s", rules=str(ALERTS)))
     try:
         yield server
     finally:
@@ -145,7 +147,8 @@ def test_metric_values_describe_the_cluster(cluster: LocalCluster, load: Load) -
 
 
 def test_prometheus_config_is_accepted_by_promtool(cluster: LocalCluster, tmp_path: Path) -> None:
-    out = subprocess.run([".venv/bin/supervise", "prometheus-config", "--config", str(cluster.config)],
+    out = subprocess.run([".venv/bin/supervise", "prometheus-config", "--config", str(cluster.config),
+                          "--rules", "dashboards/alerts.yml"],
                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=30)
     assert out.returncode == 0, out.stderr.decode()
     path = tmp_path / "prometheus.yml"
@@ -153,8 +156,44 @@ def test_prometheus_config_is_accepted_by_promtool(cluster: LocalCluster, tmp_pa
     doc = yaml.safe_load(out.stdout)
     targets = {c["labels"]["node"]: c["targets"] for c in doc["scrape_configs"][0]["static_configs"]}
     assert targets == {n.name: [f"127.0.0.1:{n.status_port}"] for n in cluster.nodes}
+    assert doc["rule_files"] == [str(ALERTS)]
     check = subprocess.run([PROMTOOL, "check", "config", str(path)], capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    assert "SUCCESS: 8 rules found" in check.stdout.decode()
+
+
+def test_each_alert_fires_when_its_unit_test_says() -> None:
+    """tests/alerts_test.yml: a timeline of faults, and which alerts fire when (promtool's own
+    rule evaluator)."""
+    out = subprocess.run([PROMTOOL, "test", "rules", str(Path(__file__).parent / "alerts_test.yml")],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+
+
+def test_every_metric_an_alert_uses_is_exported(cluster: LocalCluster, load: Load) -> None:
+    used = {metric for rule in alert_rules() for metric in metric_names(rule["expr"])} - {"up"}
+    assert len(used) >= 7
+    for node in cluster.nodes:
+        missing = used - exported_samples(scrape(node.status_port))
+        assert not missing, f"{node.name} does not export {sorted(missing)}"
+
+
+def test_a_real_prometheus_evaluates_every_alert_and_none_fires_on_a_healthy_group(
+        cluster: LocalCluster, load: Load, prometheus: Prometheus) -> None:
+    names = {rule["alert"] for rule in alert_rules()}
+
+    def rules() -> dict[str, dict]:
+        groups = prometheus.api("rules", type="alert")["groups"]  # type: ignore[index]
+        return {r["name"]: r for g in groups for r in g["rules"]}
+
+    deadline = time.monotonic() + 30
+    while any(r["health"] == "unknown" for r in rules().values()) and time.monotonic() < deadline:
+        time.sleep(0.5)  # not evaluated yet
+    got = rules()
+    assert set(got) == names
+    assert all(r["health"] == "ok" and not r.get("lastError") for r in got.values()), got
+    firing = [a for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"]  # type: ignore[index]
+    assert not firing, f"{firing}; {supervisors(cluster)}"
 
 
 def test_grafana_provisioning_files_fit_the_dashboards() -> None:
