@@ -14,7 +14,7 @@ from consensus.codec import Entry
 from consensus.errors import LogWriteError
 from consensus.logstore import LogStore
 
-from .small_disk import fill, small_disk
+from .small_disk import device_that_runs_out, fill, small_disk
 
 
 def _batches(count: int, size: int = 3000) -> list[list[Entry]]:
@@ -81,3 +81,24 @@ def test_a_promise_the_disk_refuses_is_neither_kept_nor_taken_for_made(tmp_path:
         again = LogStore(data, fsync=True)
         assert again.promised == 7
         again.close()
+
+
+def test_a_store_whose_fsync_fails_stops_there_and_counts_only_what_was_synced(tmp_path: Path) -> None:
+    """The device under the file system runs out: every write reaches the page cache, and the
+    fsync that would write it back fails. Nothing after counts as durable, nothing is retried."""
+    with device_that_runs_out(tmp_path / "data") as data:
+        failures: list[LogWriteError] = []
+        store = LogStore(data / "node", fsync=True, on_failure=failures.append)
+        synced, failed_in = 0, ""
+        with pytest.raises(LogWriteError) as raised:
+            for batch in _batches(2000):  # 60 MB for a 16 MiB device under a 256 MiB file system
+                failed_in = "write"
+                store.append(batch)
+                failed_in = "fsync"
+                synced = store.sync()
+        assert failed_in == "fsync" and synced > 0
+        assert failures == [raised.value] and store.durable_index == synced
+        with pytest.raises(LogWriteError) as again:
+            store.sync()
+        assert again.value is raised.value
+        store.close()
