@@ -6,10 +6,10 @@ users of consensus need not import rdma/.
 """
 
 from consensus.commit_future import CommitFuture
-from consensus.errors import LeadershipLost, LogWriteError, NotLeader, ReplicaClosed
+from consensus.errors import LeadershipLost, LogDirInUse, LogWriteError, NotLeader, ReplicaClosed
 from consensus.replica import Peer, Replica, ReplicaConfig
 from consensus.segments import SegmentCorruptError
 from rdma.cm import SecretFileError, read_secret
 
-__all__ = ["CommitFuture", "LeadershipLost", "LogWriteError", "NotLeader", "Peer", "Replica",
+__all__ = ["CommitFuture", "LeadershipLost", "LogDirInUse", "LogWriteError", "NotLeader", "Peer", "Replica",
            "ReplicaClosed", "ReplicaConfig", "SecretFileError", "SegmentCorruptError", "read_secret"]

@@ -29,3 +29,13 @@ class LogWriteError(Exception):
         super().__init__(f"cannot write the log in {directory}: {cause.strerror or cause}")
         self.directory = directory
         self.errno = cause.errno
+
+
+class LogDirInUse(Exception):
+    """Another process holds the log's directory: two replicas on one log would corrupt it."""
+
+    def __init__(self, directory: object, holder: str) -> None:
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        super().__init__(f"the log in {directory} is in use by another process{by}: each replica "
+                         f"needs a data directory of its own")
+        self.directory = directory

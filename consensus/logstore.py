@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import struct
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from consensus import codec
 from consensus.codec import Entry
-from consensus.errors import LogWriteError
+from consensus.errors import LogDirInUse, LogWriteError
 from consensus.segments import SegmentCorruptError, SegmentLog
 
 _PROMISE = struct.Struct("<QI")
@@ -59,6 +60,22 @@ class _Writing:
             store._lock.release()
 
 
+def _lock_directory(directory: Path) -> int:
+    """Hold ``directory/lock`` (flock, released when the fd closes, also by a crash) with this
+    process's pid in it; LogDirInUse when another process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise LogDirInUse(directory, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class LogStore:
     def __init__(self, directory: Path, fsync: bool, cache_bytes: int = 16 << 20,
                  segment_bytes: int = 64 << 20,
@@ -70,9 +87,16 @@ class LogStore:
         self._on_failure = on_failure
         self._guard = _Writing(self)
         try:
-            self.seg = SegmentLog(self.dir / "log", fsync=fsync, segment_bytes=segment_bytes)
+            self._dir_lock = _lock_directory(self.dir)
         except OSError as exc:
             raise LogWriteError(self.dir, exc) from exc
+        try:
+            self.seg = SegmentLog(self.dir / "log", fsync=fsync, segment_bytes=segment_bytes)
+        except BaseException as exc:
+            os.close(self._dir_lock)
+            if isinstance(exc, OSError):
+                raise LogWriteError(self.dir, exc) from exc
+            raise
         self._cache: dict[int, Entry] = {}
         self._recs: dict[int, bytes] = {}  # the same entries, encoded
         self._cache_first = self.seg.last_index + 1
@@ -250,3 +274,6 @@ class LogStore:
                 with contextlib.suppress(LogWriteError), self._writing():
                     self.seg.sync()
             self.seg.close(sync=False)
+            if self._dir_lock >= 0:
+                os.close(self._dir_lock)  # releases the lock
+                self._dir_lock = -1

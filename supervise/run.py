@@ -9,7 +9,7 @@ import resource
 import signal
 import sys
 
-from consensus import LogWriteError, SegmentCorruptError
+from consensus import LogDirInUse, LogWriteError, SegmentCorruptError
 
 from .config import ClusterConfig, ConfigError
 from .failpoints import FailpointFile
@@ -61,11 +61,11 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     _raise_fd_limit()  # likewise
     try:
         node.start_replica()
-    except (LogWriteError, SegmentCorruptError) as exc:
+    except (LogWriteError, SegmentCorruptError, LogDirInUse) as exc:
         log.error("%s: node %s cannot start from its data_dir (%s)", exc, name, me.data_dir)
         node.shutdown()
         http.shutdown()
-        return LOG_FAILED_EXIT
+        return 2 if isinstance(exc, LogDirInUse) else LOG_FAILED_EXIT
     log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",
              name, node.server_pid, me.server, me.replication, me.status)
     failpoints = FailpointFile.from_environment()

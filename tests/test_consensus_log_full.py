@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from consensus import codec
 from consensus.codec import Entry
-from consensus.errors import LogWriteError
+from consensus.errors import LogDirInUse, LogWriteError
 from consensus.logstore import LogStore
 
 from .small_disk import device_that_runs_out, fill, small_disk
@@ -102,3 +103,16 @@ def test_a_store_whose_fsync_fails_stops_there_and_counts_only_what_was_synced(t
             store.sync()
         assert again.value is raised.value
         store.close()
+
+
+def test_a_log_directory_serves_one_store_at_a_time_and_names_its_holder(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, fsync=False)
+    with pytest.raises(LogDirInUse, match=f"{tmp_path} is in use by another process"):
+        LogStore(tmp_path, fsync=False)
+    holder = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from consensus.logstore import "
+         "LogStore; LogStore(Path(sys.argv[1]), fsync=False)", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert f"(pid {os.getpid()})" in holder.stderr, holder.stderr
+    store.close()
+    LogStore(tmp_path, fsync=False).close()  # free again

@@ -13,7 +13,7 @@ import redis as redis_py
 from supervise.leadership import LOG_FAILED_EXIT
 from supervise.localcluster import LocalCluster, LocalNode
 
-from .procs import alive
+from .procs import alive, wait_until
 from .small_disk import fill, small_disk
 from .workload import fault_the_leader_under_writers, redis_snapshot
 
@@ -109,3 +109,23 @@ def test_a_node_whose_log_is_corrupt_says_which_file_and_leaves_its_server_untou
         assert alive(node.server.pid)
         status = open(f"/proc/{node.server.pid}/status").read()
         assert "TracerPid:\t0" in status
+
+
+def test_a_node_given_another_running_nodes_data_dir_is_refused_and_leaves_its_server_untouched():
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        cluster.config.write_text(cluster.config.read_text().replace('data_dir = "n2-data"',
+                                                                     'data_dir = "n1-data"'))
+        first, second = cluster.nodes[:2]
+        cluster.start_server(first)
+        cluster.start_supervisor(first)
+        wait_until(lambda: "status http://" in first.log_path.read_text(), 60, "n1 to start")
+        cluster.start_server(second)
+        cluster.start_supervisor(second)
+        assert second.supervisor.wait(60) == 2
+        last = second.log_path.read_text().strip().splitlines()[-1]
+        data_dir = cluster.workdir / "n1-data"
+        assert (f"the log in {data_dir} is in use by another process (pid {first.supervisor.pid}): "
+                f"each replica needs a data directory of its own") in last, last
+        assert first.supervisor.poll() is None
+        assert alive(second.server.pid)
+        assert "TracerPid:\t0" in open(f"/proc/{second.server.pid}/status").read()
