@@ -1,5 +1,5 @@
 """The Multi-Paxos state machine of one replica: replication and commit (elections: election.py;
-handing leadership on: transfer.py).
+handing leadership on: transfer.py; the proposal queue: proposals.py).
 
 Ballots are ``round * n + node_id``, unique per node. Phase 1 runs once per leadership and
 elects only a candidate whose log is at least as up to date as a majority's, so every entry that
@@ -17,20 +17,20 @@ outside it (group commit).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from consensus import codec, wire
 from consensus.codec import Entry
 from consensus.commit_future import CommitFuture
 from consensus.election import CANDIDATE, FOLLOWER, LAGGING_ENTRIES, LEADER, Elections
-from consensus.errors import LeadershipLost, LogWriteError, NotLeader, ReplicaClosed
+from consensus.errors import LeadershipLost
 from consensus.logstore import LogStore
+from consensus.proposals import Proposals
 from consensus.transfer import LeadershipTransfer
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ MAX_FRAME_PAYLOAD = 256 << 10
 UNKNOWN_LAG = 0xFFFFFFFF  # a follower's lag until its first acknowledgement to this leader
 
 
-class Core(Elections, LeadershipTransfer):
+class Core(Elections, LeadershipTransfer, Proposals):
     def __init__(self, name: str, names: list[str], store: LogStore, send: Callable[[str, int, bytes], bool],
                  heartbeat_s: float, election_s: float, max_frame: int,
                  on_role: Callable[[str, int, str | None], None], on_commit_advance: Callable[[int], None],
@@ -121,15 +121,6 @@ class Core(Elections, LeadershipTransfer):
         self._deadline = time.monotonic() + self._random_timeout()
         self._set_role(FOLLOWER, leader)
 
-    def _fail_pending(self, exc: Exception) -> None:
-        pend, self._pending = self._pending, {}
-        for fut, _ in pend.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        while self._queue:
-            _, fut, _ = self._queue.popleft()
-            fut.set_exception(exc)
-
     def _become_leader(self) -> None:
         now = time.monotonic()
         for p in self.peers:
@@ -148,81 +139,6 @@ class Core(Elections, LeadershipTransfer):
         for p in self.peers:
             self._replicate(p, now)
         self._advance_commit()
-
-    # ---- proposals ----------------------------------------------------------------------------
-    # Proposers never wait for the lock: they queue the payload and whoever holds the lock (or
-    # gets it without waiting) drains the queue into one batch. Every holder re-checks the queue
-    # after releasing (``locked``), so nothing queued is stranded.
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.mu.acquire()
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        self.mu.release()
-        while self._queue and self.mu.acquire(False):
-            try:
-                drained = self._drain()
-            finally:
-                self.mu.release()
-            if drained and self.store.fsync:
-                self.store.sync()  # group commit of the leader's own copy, outside the lock
-                with self.mu:
-                    self._advance_commit()
-
-    def submit(self, payload: bytes, defer: bool = False) -> CommitFuture:
-        """Queue a proposal; with ``defer``, leave it queued for the next proposal, ``flush`` or
-        tick to append, so that a caller with several at hand appends (and syncs) them as one."""
-        fut: CommitFuture = CommitFuture()
-        if len(payload) > self.max_payload:
-            fut.set_exception(ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}"))
-            return fut
-        if self.role != LEADER or self.transferring:
-            fut.set_exception(NotLeader(None if self.transferring else self.leader))
-            return fut
-        self._queue.append((payload, fut, time.perf_counter()))
-        if not defer:
-            self.flush()
-        return fut
-
-    def flush(self) -> None:
-        """Append what is queued, unless the lock's holder will."""
-        if self._queue and self.mu.acquire(False):
-            self._release()
-
-    def _drain(self) -> bool:
-        q = self._queue
-        batch = []
-        while q:
-            batch.append(q.popleft())
-        if not batch:
-            return False
-        if self.role != LEADER or self.transferring:
-            exc = NotLeader(None if self.transferring else self.leader)
-            for _, fut, _ in batch:
-                fut.set_exception(exc)
-            return False
-        first = self.store.last_index + 1
-        b = self.ballot
-        entries = [Entry(first + k, b, codec.KIND_DATA, p) for k, (p, _, _) in enumerate(batch)]
-        try:
-            self.store.append(entries)
-        except LogWriteError:
-            closed = ReplicaClosed("replica not running: its log cannot be written")
-            for _, fut, _ in batch:
-                fut.set_exception(closed)
-            raise
-        pend = self._pending
-        for k, (_, fut, t0) in enumerate(batch):
-            pend[first + k] = (fut, t0)
-        now = time.monotonic()
-        for p in self._eager(now):
-            if p not in self.inflight:
-                self._replicate(p, now)
-        return True
 
     # ---- replication (leader) -----------------------------------------------------------------
     def _eager(self, now: float) -> list[str]:
