@@ -40,24 +40,31 @@ def fill(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def device_that_runs_out(directory: Path, device_mb: int = 256, backing_mb: int = 16) -> Iterator[Path]:
+def device_that_runs_out(directory: Path, device_mb: int = 256, room_mb: int = 4) -> Iterator[Path]:
     """An ext4 file system of ``device_mb`` mounted at ``directory``, on a loop device whose
-    backing file lives on a tmpfs of only ``backing_mb``: writes reach the page cache as on any
-    disk with room, and fail only when written back, so it is an fsync that reports them."""
+    backing file lives on a tmpfs with only ``room_mb`` left once the file system's own blocks
+    are written: writes reach the page cache as on any disk with room, and fail only when
+    written back, so it is an fsync that reports them."""
     backing = directory.with_name(directory.name + "-backing")
     backing.mkdir(parents=True)
     directory.mkdir(parents=True, exist_ok=True)
     loop = ""
-    with small_disk(backing, backing_mb):
+    with small_disk(backing, device_mb):
         image = backing / "disk.img"
         with open(image, "wb") as f:
             f.truncate(device_mb << 20)
         try:
             loop = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
                                   capture_output=True, text=True).stdout.strip()
-            subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True, capture_output=True)
+            # inode tables and journal written now, not by a kernel thread after the mount
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                            loop], check=True, capture_output=True)
             subprocess.run(["mount", loop, str(directory)], check=True)
             try:
+                subprocess.run(["sync", "--file-system", str(directory)], check=True)
+                used = os.stat(image).st_blocks * 512
+                subprocess.run(["mount", "-o", f"remount,size={used + (room_mb << 20)}",
+                                str(backing)], check=True)
                 yield directory
             finally:
                 subprocess.run(["umount", "--lazy", str(directory)], check=False)

@@ -92,7 +92,7 @@ def test_a_store_whose_fsync_fails_stops_there_and_counts_only_what_was_synced(t
         store = LogStore(data / "node", fsync=True, on_failure=failures.append)
         synced, failed_in = 0, ""
         with pytest.raises(LogWriteError) as raised:
-            for batch in _batches(2000):  # 60 MB for a 16 MiB device under a 256 MiB file system
+            for batch in _batches(400):  # 12 MB for 4 MiB of room under a 256 MiB file system
                 failed_in = "write"
                 store.append(batch)
                 failed_in = "fsync"
