@@ -147,8 +147,9 @@ def test_clients_racing_on_shared_keys_leave_identical_copies_when_serialized():
         _run_clients(_shared_keys_worker, leader.server_port, 300)
         cluster.wait_applied(timeout=120)
         keys = [f"shared{i}" for i in range(SHARED_KEYS)]
+        # may be empty: a key whose last set or delete was a delete is gone, all five about one
+        # run in 32; every reply, whose value depends on the order, is compared by digest anyway
         reference = _read_items(leader.server_port, keys)
-        assert reference
         _assert_the_others_match(cluster, leader, reference, keys)
         # a copy restarted with an empty server replays the whole log, in catch-up mode
         follower = next(n for n in cluster.nodes if n is not leader)
