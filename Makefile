@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KREL := $(shell uname -r)
 DEB_PACKAGES := bpfcc-tools python3-bpfcc linux-headers-amd64 redis-server redis-tools \
-	memcached prometheus iproute2 strace python3-venv python3-pyverbs rdma-core ibverbs-utils
+	memcached prometheus iproute2 nftables strace python3-venv python3-pyverbs rdma-core ibverbs-utils
 
 .PHONY: setup demo test lint bench clean-setup
 
 setup: $(VENV)/.installed kernel-headers tracefs
 
-/var/lib/apt/.supervise-packages:
+/var/lib/apt/.supervise-packages: Makefile
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \

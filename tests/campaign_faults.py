@@ -1,7 +1,8 @@
 """The campaign's faults, as methods mixed into Campaign (tests/campaign.py): a schedule drawn
-from the seed, one fault at a time (kill -9, partition, SIGSTOP, a flaky transport) on the
-leader or on a follower, each healed after its hold, and every node whose supervisor or server
-died restarted with a fresh server on the same data directory.
+from the seed, one fault at a time (kill -9, partition, a partial or one-way partition, SIGSTOP,
+a flaky transport, a full disk) on the leader or on a follower, each healed after its hold, and
+every node whose supervisor or server died restarted with a fresh server on the same data
+directory.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .netns_cluster import NetnsCluster, NetnsNode
 
 FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-follower",
                "pause-leader", "pause-follower", "flaky-leader", "flaky-follower",
-               "fill-leader", "fill-follower")
+               "fill-leader", "fill-follower", "split-leader", "deaf-leader", "deaf-follower")
 LOG_FAILED_EXIT = 4  # supervise's status for a log it cannot write
 
 
@@ -62,7 +63,7 @@ class Faults:
         action, role = kind.split("-")
         what = self.rng.choice(["supervisor", "server", "both"])
         pause = self.rng.uniform(0.5, 3.0)
-        hold = self.rng.uniform(2.0, 6.0) if action in ("partition", "flaky", "fill") else \
+        hold = self.rng.uniform(2.0, 6.0) if action in ("partition", "flaky", "fill", "split", "deaf") else \
             self.rng.uniform(3, 8) * self.election_timeout_ms / 1000
         network = {"drop": round(self.rng.uniform(0.02, 0.2), 3),
                    "delay": round(self.rng.uniform(0.001, 0.02), 4),
@@ -84,6 +85,21 @@ class Faults:
             time.sleep(hold)
             cluster.heal(node)
             self.say(f"healed {node.name}")
+        elif action == "split":
+            peer = self.pick_rng.choice([n for n in cluster.nodes if n is not node])
+            record.update(seconds=round(hold, 2), peer=peer.name)
+            self.say(f"FAULT {role} {node.name} and {peer.name} cut from each other for {hold:.1f}s")
+            cluster.cut_between(node, peer)
+            time.sleep(hold)
+            cluster.heal_paths()
+            self.say(f"healed the path between {node.name} and {peer.name}")
+        elif action == "deaf":
+            record["seconds"] = round(hold, 2)
+            self.say(f"FAULT {role} {node.name} hears no peer (they still hear it) for {hold:.1f}s")
+            cluster.deafen(node)
+            time.sleep(hold)
+            cluster.heal_paths()
+            self.say(f"{node.name} hears its peers again")
         elif action == "flaky":
             record.update(seconds=round(hold, 2), **network)
             self.say(f"FAULT {role} {node.name}'s transport requests dropped, held and duplicated "

@@ -5,6 +5,7 @@
         hosts[1].run(["ping", "-c1", hosts[0].addr])
         p = hosts[2].popen([sys.executable, "server.py"])
         hosts.link_down(1); hosts.link_up(1)   # partition host 1 and heal it
+        hosts.block(0, 2); hosts.unblock_all()  # drop what host 0 sends host 2; let all through again
 
 Each host is a namespace with ``lo`` and ``eth0`` (address ``<subnet>.<i+1>/24``); every ``eth0``
 is one end of a veth pair whose other end sits on a bridge in a private hub namespace, so nothing
@@ -81,6 +82,7 @@ class Hosts:
         self.hub = f"{self.tag}-hub"
         self.hosts = [Host(i, f"{self.tag}-{i}", f"{subnet}.{i + 1}") for i in range(n)]
         self._created: list[str] = []
+        self._filtered: set[int] = set()  # hosts with a table of dropped sources
         try:
             self._build(subnet)
         except BaseException:
@@ -119,11 +121,41 @@ class Hosts:
     def link_up(self, i: int) -> None:
         self._port(i, "up")
 
+    def block(self, src: int, dst: int) -> None:
+        """Drop every IPv4 packet host ``src`` sends host ``dst``, on arrival (``src`` sends as if
+        nothing were wrong; the other way is untouched: call it twice for a cut between them).
+        An nftables rule in ``dst``'s namespace; ARP still passes, as behind a firewall."""
+        host = self.hosts[dst]
+        if dst not in self._filtered:
+            self._nft(host, "add table ip partition\n"
+                            "add chain ip partition input { type filter hook input priority 0 ; }\n")
+            self._filtered.add(dst)
+        self._nft(host, f"add rule ip partition input ip saddr {self.hosts[src].addr} drop\n")
+
+    def unblock_all(self) -> None:
+        for dst in sorted(self._filtered):
+            self._nft(self.hosts[dst], "delete table ip partition\n")
+        self._filtered.clear()
+
+    @staticmethod
+    def _nft(host: Host, script: str) -> None:
+        result = host.run(["nft", "-f", "-"], input=script, timeout=10)
+        if result.returncode != 0:
+            raise RuntimeError(f"nft in {host.name}: {result.stderr.strip()}")
+
     def close(self) -> None:
         for name in reversed(self._created):
             with contextlib.suppress(Exception):
                 netns.remove(name)
         self._created = []
+
+    @property
+    def addrs(self) -> list[str]:
+        return [h.addr for h in self.hosts]
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.hosts]
 
     def __getitem__(self, i: int) -> Host:
         return self.hosts[i]

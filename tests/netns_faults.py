@@ -1,6 +1,7 @@
 """Faults of one host of a NetnsCluster (tests/netns_cluster.py), as methods mixed into it: its
-supervisor paused and resumed, its link cut and restored, its transport made flaky, the disk of
-its data_dir filled (each node's data_dir is a tmpfs of its own: tests/small_disk.py)."""
+supervisor paused and resumed, its link cut and restored, its path to one peer cut, the packets
+its peers send it dropped (it still reaches them), its transport made flaky, the disk of its
+data_dir filled (each node's data_dir is a tmpfs of its own: tests/small_disk.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ class HostFaults:
         node = self.node(key)
         self.hosts.link_up(node.index)
         node.partitioned = False
+
+    def cut_between(self, a: int | str | NetnsNode, b: int | str | NetnsNode) -> None:
+        """A partial partition: ``a`` and ``b`` cannot reach each other; every other path works."""
+        i, j = self.node(a).index, self.node(b).index
+        self.hosts.block(i, j)
+        self.hosts.block(j, i)
+
+    def deafen(self, key: int | str | NetnsNode) -> None:
+        """What the other nodes send the node is dropped on arrival; what it sends still arrives,
+        and clients still reach it."""
+        node = self.node(key)
+        for other in self.nodes:
+            if other is not node:
+                self.hosts.block(other.index, node.index)
+
+    def heal_paths(self) -> None:
+        """Undo every ``cut_between`` and ``deafen``."""
+        self.hosts.unblock_all()
 
     def failpoints_file(self, node: NetnsNode) -> Path:
         return self.workdir / f"{node.name}-failpoints.json"

@@ -14,7 +14,7 @@ import time
 
 from tests.consensus_cluster import Cluster, Load, check_history, settle
 from tests.consensus_harness import Client
-from tests.consensus_netns import Hosts
+from tests.netns import Hosts
 
 
 def _call(c: Cluster, name: str, line: str) -> str | None:
@@ -68,12 +68,12 @@ def test_random_fault_schedule() -> None:
                     elif choice == "partition" and down < 2:
                         i = rng.randrange(5)
                         if i not in cut_off:
-                            hosts.down(i)
+                            hosts.link_down(i)
                             cut_off.add(i)
                             log.append(f"{t} partition {names[i]}")
                     elif choice == "heal" and cut_off:
                         i = rng.choice(sorted(cut_off))
-                        hosts.up(i)
+                        hosts.link_up(i)
                         cut_off.discard(i)
                         log.append(f"{t} heal {names[i]}")
                     elif choice in ("faults", "cut", "clear"):
@@ -95,7 +95,7 @@ def test_random_fault_schedule() -> None:
                         log.append(f"{t} kill_all+restart")
                     time.sleep(rng.uniform(0.2, 1.2))
                 for i in sorted(cut_off):
-                    hosts.up(i)
+                    hosts.link_up(i)
                 for n in sorted(killed):
                     c.reps[n].start()
                 for n in names:
