@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from tracer.tracer import AttachError
 
     from .config import ConfigError
+    from .server_record import ServerAlreadyUsed
 
     try:
         if argv and argv[0] == "doctor":
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(argv[1:])
         return _run_main_form(argv)
-    except (AttachError, ProbeError, UsageError, ConfigError) as exc:
+    except (AttachError, ProbeError, UsageError, ConfigError, ServerAlreadyUsed) as exc:
         print(f"supervise: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from .config import ClusterConfig, ConfigError
 from .failpoints import FailpointFile
 from .metrics import NodeMetrics
 from .node import LOG_FAILED_EXIT, LOST_LEADERSHIP_EXIT, Node
+from .server_record import ServerRecord
 from .stop_signals import catch_stop_signals
 
 log = logging.getLogger("supervise")
@@ -47,6 +48,9 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     me = cluster.node(name)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    record = ServerRecord(name, me.data_dir)
+    if pid is not None:
+        record.check(pid)
     node = Node(cluster, me, NodeMetrics(name))
     from .http_status import serve
 
@@ -66,6 +70,11 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
         node.shutdown()
         http.shutdown()
         return 2 if isinstance(exc, LogDirInUse) else LOG_FAILED_EXIT
+    try:
+        record.write(node.server_pid)
+    except OSError as exc:
+        log.warning("%s: cannot record which process is this node's server (%s): a later "
+                    "attach to pid %d will not be refused", record.path, exc, node.server_pid)
     log.info("node %s: server pid %d on %s, replication %s, status http://%s/status",
              name, node.server_pid, me.server, me.replication, me.status)
     failpoints = FailpointFile.from_environment()

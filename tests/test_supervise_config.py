@@ -1,6 +1,7 @@
 """Configuration and start-up errors: one line naming file, key and expectation; exit status 2."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -165,3 +166,38 @@ def test_a_node_with_the_wrong_secret_is_refused_and_the_others_carry_on():
         assert redis_py.Redis(port=cluster.nodes[2].server_port).dbsize() == 0
         assert cluster.wait_leader().name == leader.name
         assert client.get("k49") == b"49"
+
+
+def test_attaching_again_to_a_server_the_node_already_ran_is_refused():
+    # a follower's supervisor that stops leaves its server running with the log applied to it;
+    # attaching to that process again would apply every entry a second time
+    with LocalCluster(n=3, server="redis", transport="shm") as cluster:
+        cluster.start(timeout=60)
+        leader = cluster.wait_leader(timeout=60)
+        follower = next(n for n in cluster.nodes if n is not leader)
+        import redis as redis_py
+
+        redis_py.Redis(port=leader.server_port).set("k", "v")
+        cluster.wait_applied()
+        follower.supervisor.send_signal(signal.SIGTERM)
+        assert follower.supervisor.wait(30) == 0
+        pid = follower.server.pid
+        result = subprocess.run([sys.executable, "-m", "supervise", "--pid", str(pid),
+                                 "--config", str(cluster.config), "--node", follower.name],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"supervise: error: pid {pid} has been node {follower.name!r}'s server since")
+        assert "start a fresh (empty) server" in line
+        assert follower.server.poll() is None
+        assert _tracer_of(pid) == 0
+        assert redis_py.Redis(port=follower.server_port).get("k") == b"v"
+        cluster.restart(follower)  # a fresh server is taken, and catches up
+        assert cluster.wait_leader(timeout=60).name == leader.name
+        cluster.wait_applied()
+        assert redis_py.Redis(port=follower.server_port).get("k") == b"v"
+
+
+def _tracer_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("TracerPid:")).split()[1])

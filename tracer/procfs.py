@@ -34,6 +34,14 @@ def _stat_fields(pid: int) -> list[str]:
         return f.read().rsplit(b")", 1)[1].decode().split()
 
 
+def identity(pid: int) -> str:
+    """What names this process and no other, ever: the boot, and its start time in clock ticks
+    since boot (a pid alone is reused)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return f"{boot}/{_stat_fields(pid)[19]}"
+
+
 def is_kernel_thread(pid: int) -> bool:
     return bool(int(_stat_fields(pid)[6]) & PF_KTHREAD)
 
