@@ -1,7 +1,9 @@
 """The leader's proposal queue, as methods mixed into Core: proposers never wait for the
 consensus lock. They queue the payload, and whoever holds the lock (or gets it without waiting)
 drains the queue into one batch, appended (and with fsync, synced) as one. Every holder re-checks
-the queue after releasing (``locked``), so nothing queued is stranded.
+the queue after releasing (``locked``), so nothing queued is stranded. While the leader hands
+leadership on (transfer.py), the queue is held: a successor caught up with a log that still grew
+would never be caught up.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class Proposals:
 
     def _release(self) -> None:
         self.mu.release()
-        while self._queue and self.mu.acquire(False):
+        # while a hand-over runs, what is queued waits: appended if it is abandoned, failed if
+        # leadership passes (_set_role)
+        while self._queue and not self.transferring and self.mu.acquire(False):
             try:
                 drained = self._drain()
             finally:
@@ -47,8 +51,8 @@ class Proposals:
         if len(payload) > self.max_payload:
             fut.set_exception(ValueError(f"payload of {len(payload)} bytes exceeds {self.max_payload}"))
             return fut
-        if self.role != LEADER or self.transferring:
-            fut.set_exception(NotLeader(None if self.transferring else self.leader))
+        if self.role != LEADER:
+            fut.set_exception(NotLeader(self.leader))
             return fut
         self._queue.append((payload, fut, time.perf_counter()))
         if not defer:
@@ -61,14 +65,16 @@ class Proposals:
             self._release()
 
     def _drain(self) -> bool:
+        if self.transferring:
+            return False
         q = self._queue
         batch = []
         while q:
             batch.append(q.popleft())
         if not batch:
             return False
-        if self.role != LEADER or self.transferring:
-            exc = NotLeader(None if self.transferring else self.leader)
+        if self.role != LEADER:
+            exc = NotLeader(self.leader)
             for _, fut, _ in batch:
                 fut.set_exception(exc)
             return False

@@ -252,12 +252,14 @@ class Replica:
         if self.core.role == LEADER:
             self.step_down(timeout)
 
-    def step_down(self, timeout: float) -> bool:
-        """Hand leadership to a reachable peer (LeadershipTransfer._successor); True once another
-        leads."""
+    def step_down(self, timeout: float, to: str | None = None) -> bool:
+        """Hand leadership to peer ``to``, or to a reachable peer (LeadershipTransfer._successor);
+        True once another leads. Proposals made meanwhile wait: if the hand-over does not happen
+        within ``timeout``, this replica leads on and appends them; if it does, they fail with
+        LeadershipLost (never appended). ValueError if ``to`` is not a peer."""
         if self.failed is not None:
             return False
-        target = self.core.transfer()
+        target = self.core.transfer(to)
         if target is None:
             return False
         deadline = time.monotonic() + timeout

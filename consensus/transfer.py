@@ -1,7 +1,8 @@
 """Handing leadership on, as methods mixed into Core: a leader that leaves (Replica.step_down)
 or withdraws (Replica.withdraw) brings its successor up to its whole log, then sends it
-TIMEOUT_NOW, and that peer starts an election at once instead of waiting out its timer. The
-successor is the live peer that lags least in applying the log, as each says in its
+TIMEOUT_NOW, and that peer starts an election at once instead of waiting out its timer.
+Proposals wait meanwhile (proposals.py). The successor is the one named to step_down, or else
+the live peer that lags least in applying the log, as each says in its
 acknowledgements (under LAGGING_ENTRIES counts as not at all), then the one with the longest log:
 a copy that is replaying the log could serve only once it has delivered all of it.
 """
@@ -59,16 +60,19 @@ class LeadershipTransfer:
         if ready:
             self._hand_to = self._successor(ready)
 
-    def transfer(self) -> str | None:
-        """Begin a graceful hand-over to the successor among the reachable peers (leader only)."""
+    def transfer(self, to: str | None = None) -> str | None:
+        """Begin a graceful hand-over (leader only) to ``to``, or to the successor among the
+        reachable peers; None if there is none, or ``to`` is not reachable."""
+        if to is not None and to not in self.peers:
+            raise ValueError(f"{to!r} is not a peer of {self.name} (peers: {', '.join(self.peers)})")
         with self.locked():
             if self.role != LEADER:
                 return None
             now = time.monotonic()
             live = [p for p in self.peers if now - self.last_heard[p] < self.election_s]
-            if 1 + len(live) < self.majority or not live:
+            if 1 + len(live) < self.majority or not live or (to is not None and to not in live):
                 return None
-            target = self._successor(live)
+            target = to or self._successor(live)
             self.transferring = True
             self._replicate(target, now)
             self._hand_over_if_caught_up(target)

@@ -13,6 +13,7 @@ USAGE = """\
 supervise --pid PID --config FILE --node NAME         attach to a running server, join its group
 supervise --config FILE --node NAME -- CMD [ARG...]   start the server under supervision, join
 supervise status --config FILE [--json]               the group as seen by its nodes
+supervise handover --config FILE [--to NODE]          move leadership, stopping nothing
 supervise demo                                        the main job on a built-in default
 supervise --pid PID --trace [--json] [--snaplen N]    print a process's socket events
 supervise --trace [--json] [--snaplen N] -- CMD [ARG...]
@@ -62,6 +63,8 @@ def _run_config_command(command: str, argv: list[str]) -> int:
     p.add_argument("--config", required=True, help="the cluster file (TOML)")
     if command == "status":
         p.add_argument("--json", action="store_true", help="one JSON object")
+    elif command == "handover":
+        p.add_argument("--to", help="the node to lead (default: the one best placed to)")
     else:
         p.add_argument("--rules", help="an alerting rule file to load (dashboards/alerts.yml)")
     args = p.parse_args(argv)
@@ -72,6 +75,14 @@ def _run_config_command(command: str, argv: list[str]) -> int:
         from .status_cmd import run_status
 
         return run_status(cluster, args.json)
+    if command == "handover":
+        from .handover import HandoverError, run_handover
+
+        try:
+            return run_handover(cluster, args.to)
+        except HandoverError as exc:
+            print(f"supervise: {exc}", file=sys.stderr)
+            return 1
     from .prometheus_cfg import render
 
     rules = None
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             from .doctor import run_doctor
 
             return run_doctor(argv[1:])
-        if argv and argv[0] in ("status", "prometheus-config"):
+        if argv and argv[0] in ("status", "handover", "prometheus-config"):
             return _run_config_command(argv[0], argv[1:])
         if argv and argv[0] == "demo":
             from .demo import run_demo

@@ -1,4 +1,5 @@
-"""The node's HTTP endpoint: /metrics for Prometheus, /status for `supervise status`."""
+"""The node's HTTP endpoint: /metrics for Prometheus, /status for `supervise status`, and the
+POST actions its caller names (/handover for `supervise handover`)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,28 @@ class Exposition:
             return self._body
 
 
-def serve(endpoint: str, status: Callable[[], dict]) -> ThreadingHTTPServer:
+Action = Callable[[bytes, str], tuple[int, dict]]  # (body, client host) -> (status, document)
+MAX_BODY = 4096
+
+
+def serve(endpoint: str, status: Callable[[], dict],
+          actions: dict[str, Action] | None = None) -> ThreadingHTTPServer:
     host, _, port = endpoint.rpartition(":")
     exposition = Exposition()
+    actions = actions or {}
 
     class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            action = actions.get(self.path.split("?")[0])
+            length = int(self.headers.get("Content-Length") or 0)
+            if action is None:
+                code, doc = 404, {"error": f"POST only to {', '.join(actions) or 'nothing'}"}
+            elif not 0 < length <= MAX_BODY:
+                code, doc = 400, {"error": f"expected a JSON body of at most {MAX_BODY} bytes"}
+            else:
+                code, doc = action(self.rfile.read(length), self.client_address[0])
+            self._send(code, json.dumps(doc).encode(), "application/json")
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.split("?")[0]
             if path == "/metrics":
@@ -47,8 +65,11 @@ def serve(endpoint: str, status: Callable[[], dict]) -> ThreadingHTTPServer:
             else:
                 self.send_error(404, "try /metrics or /status")
                 return
+            self._send(200, body, ctype)
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
             try:
-                self.send_response(200)
+                self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

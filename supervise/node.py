@@ -20,6 +20,7 @@ from tracer.tracer import Mode, Tracer
 from .config import ClusterConfig, NodeConfig
 from .digest import Divergence, OutputChecker
 from .entries import EntryError, Kind, decode
+from .handover import HandoverError
 from .leader_inputs import LeaderInputs
 from .leadership import LOG_FAILED_EXIT, LOST_LEADERSHIP_EXIT, Leadership
 from .metrics import NodeMetrics
@@ -33,6 +34,7 @@ log = logging.getLogger("supervise")
 DIGEST_INTERVAL = 0.5
 # A follower this many committed entries behind replays in catch-up mode (supervise/catch_up.py).
 CATCH_UP_BACKLOG = 1000
+HANDOVER_TIMEOUT_S = 2.0  # for the successor to catch up with the whole log and be elected
 
 
 class Node(Leadership):
@@ -61,6 +63,7 @@ class Node(Leadership):
         self._barrier: tuple[bytes, threading.Event] | None = None
         self.vip = LeaderVip(cluster.vip, cluster.vip_interface)
         self._stepping_down = False
+        self._handover_lock = threading.Lock()
         self._taking_over = False
         self._takeover_lock = threading.Lock()
         self._lost_reported = 0
@@ -142,6 +145,24 @@ class Node(Leadership):
         if self.tracer is not None:
             self.tracer.detach()
         self.replayer.close()
+
+    def hand_over(self, to: str | None) -> str:
+        """`supervise handover`: hand leadership to ``to`` (or the best peer) and follow the
+        log, the server kept; the successor's name, or HandoverError."""
+        with self._handover_lock:
+            if not self.leading or self.replica is None or self._stepping_down:
+                raise HandoverError(f"{self.me.name} does not lead (its leader: "
+                                    f"{self.replica.leader if self.replica else None})")
+            log.info("handing leadership to %s, as asked", to or "the peer best placed to lead")
+            try:
+                handed = self.replica.step_down(timeout=HANDOVER_TIMEOUT_S, to=to)
+            except ValueError as exc:
+                raise HandoverError(str(exc)) from None
+            if not handed:
+                who = f"{to} could not" if to else "no peer could"
+                raise HandoverError(f"{who} take over within {HANDOVER_TIMEOUT_S:.0f} s (unreachable, "
+                                    f"or not caught up): {self.me.name} leads on")
+            return self.replica.leader or to or "?"
 
     # ---- status -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from consensus import LogDirInUse, LogWriteError, SegmentCorruptError
 
 from .config import ClusterConfig, ConfigError
 from .failpoints import FailpointFile
+from .handover import PATH, handle
 from .metrics import NodeMetrics
 from .node import LOG_FAILED_EXIT, LOST_LEADERSHIP_EXIT, Node
 from .server_record import ServerRecord
@@ -54,8 +55,10 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     node = Node(cluster, me, NodeMetrics(name))
     from .http_status import serve
 
+    secret = cluster.secret()
+    actions = {PATH: lambda body, client: handle(name, secret, node.hand_over, body, client)}
     try:
-        http = serve(me.status, node.status)
+        http = serve(me.status, node.status, actions)
     except OSError as exc:
         raise ConfigError(f"{cluster.path}: node {name!r}.status: cannot listen on {me.status}: "
                           f"{exc.strerror}") from None

@@ -7,7 +7,7 @@ protocol on a unix socket::
 
     P <id> <hex>   -> "<id> OK <index>" | "<id> NL <leader|->" | "<id> ERR <text>"   (async)
     S              -> one JSON line of status
-    D <timeout>    -> "OK 1|0" after step_down
+    D <timeout> [<peer>] -> "OK 1|0" after step_down (to ``peer``)
     Q              -> closes the replica and exits
 
 Parent side: :class:`ReplicaProc` and :class:`Cluster` start, kill, restart and talk to them, and
@@ -124,7 +124,8 @@ def _child(cfg_path: str) -> None:
                 rep.transport.inject(json.loads(" ".join(parts[1:])))
                 reply("OK")
             elif op == "D":
-                reply(f"OK {int(rep.step_down(float(parts[1])))}")
+                to = parts[2] if len(parts) > 2 else None
+                reply(f"OK {int(rep.step_down(float(parts[1]), to))}")
             elif op == "W":
                 rep.withdraw(float(parts[1]))
                 reply("OK")

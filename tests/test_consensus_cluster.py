@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -122,6 +123,53 @@ def test_step_down_hands_over_and_memory_durability() -> None:
         assert any(r == "follower" for r, _, _ in old_roles[first_lead:])
         old_ballot = old_roles[first_lead][1]
         assert any(r == "leader" and b > old_ballot and who == new for r, b, who in new_roles)
+
+
+def test_step_down_to_a_named_peer_hands_leadership_to_that_peer() -> None:
+    with Cluster(3, "shm", "memory") as c:
+        c.start()
+        lead = c.leader()
+        with Load(c, threads=4) as load:
+            for to in [n for n in c.names if n != lead] * 2:  # each follower, twice over
+                load.wait_acks(100)
+                cl = Client(c.reps[lead].socket_path)
+                assert cl.call(f"D 20 {to}") == "OK 1"
+                cl.close()
+                assert c.leader(exclude={lead}) == to
+                lead = to
+            load.wait_acks(100)
+        settle(c, load)
+        check_history(c, load.acked, require_all=c.names)
+
+
+def test_proposals_made_during_a_hand_over_that_times_out_are_committed_by_the_leader() -> None:
+    # the named successor is stopped (SIGSTOP) just after it was last heard, so it never catches
+    # up: the hand-over is abandoned, and what was proposed meanwhile is appended, not refused
+    with Cluster(3, "shm", "memory") as c:
+        c.start()
+        lead = c.leader()
+        to = next(n for n in c.names if n != lead)
+        ballot = c.reps[lead].status()["ballot"]
+        stepper, proposer = Client(c.reps[lead].socket_path), Client(c.reps[lead].socket_path)
+        assert proposer.propose(b"before")[0] == "OK"
+        os.killpg(c.reps[to].proc.pid, signal.SIGSTOP)
+        try:
+            answers: list[str] = []
+            thread = threading.Thread(target=lambda: answers.append(stepper.call(f"D 1.0 {to}")))
+            thread.start()
+            time.sleep(0.3)
+            verdict, index = proposer.propose(b"during")
+            thread.join(10)
+        finally:
+            os.killpg(c.reps[to].proc.pid, signal.SIGCONT)
+        assert answers == ["OK 0"]
+        assert verdict == "OK", (verdict, index)
+        st = c.reps[lead].status()
+        assert st["role"] == "leader" and st["ballot"] == ballot, st
+        stepper.close()
+        proposer.close()
+        c.wait_applied(int(index))
+        check_history(c, {b"during": int(index)}, require_all=c.names)
 
 
 def test_a_thrifty_leader_commits_while_either_follower_is_stopped_and_both_get_every_entry() -> None:
