@@ -1,6 +1,6 @@
 """The campaign's faults, as methods mixed into Campaign (tests/campaign.py): a schedule drawn
 from the seed, one fault at a time (kill -9, partition, a partial or one-way partition, SIGSTOP,
-a flaky transport, a full disk) on the leader or on a follower, each healed after its hold, and
+a flaky transport, a full disk, a hand-over) on the leader or on a follower, each healed after its hold, and
 every node whose supervisor or server died restarted with a fresh server on the same data
 directory.
 """
@@ -15,7 +15,8 @@ from .netns_cluster import NetnsCluster, NetnsNode
 
 FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-follower",
                "pause-leader", "pause-follower", "flaky-leader", "flaky-follower",
-               "fill-leader", "fill-follower", "split-leader", "deaf-leader", "deaf-follower")
+               "fill-leader", "fill-follower", "split-leader", "deaf-leader", "deaf-follower",
+               "handover-leader")
 LOG_FAILED_EXIT = 4  # supervise's status for a log it cannot write
 
 
@@ -100,6 +101,12 @@ class Faults:
             time.sleep(hold)
             cluster.heal_paths()
             self.say(f"{node.name} hears its peers again")
+        elif action == "handover":
+            self.say(f"FAULT supervise handover, {node.name} leading")
+            result = cluster.handover()
+            said = (result.stdout.strip() or result.stderr.strip()).splitlines()
+            record.update(status=result.returncode, said=said[-1] if said else "")
+            self.say(f"handover: exit {result.returncode}: {record['said']}")
         elif action == "flaky":
             record.update(seconds=round(hold, 2), **network)
             self.say(f"FAULT {role} {node.name}'s transport requests dropped, held and duplicated "

@@ -1,12 +1,15 @@
 """Faults of one host of a NetnsCluster (tests/netns_cluster.py), as methods mixed into it: its
 supervisor paused and resumed, its link cut and restored, its path to one peer cut, the packets
 its peers send it dropped (it still reaches them), its transport made flaky, the disk of its
-data_dir filled (each node's data_dir is a tmpfs of its own: tests/small_disk.py)."""
+data_dir filled (each node's data_dir is a tmpfs of its own: tests/small_disk.py), its
+leadership handed on by `supervise handover`."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +61,12 @@ class HostFaults:
     def heal_paths(self) -> None:
         """Undo every ``cut_between`` and ``deafen``."""
         self.hosts.unblock_all()
+
+    def handover(self) -> subprocess.CompletedProcess:
+        """`supervise handover` as an operator on the client host runs it: a signed request over
+        the network to whichever node leads."""
+        return self.client_host.run([sys.executable, "-m", "supervise", "handover", "--config",
+                                     str(self.config)], timeout=90)
 
     def failpoints_file(self, node: NetnsNode) -> Path:
         return self.workdir / f"{node.name}-failpoints.json"
