@@ -47,7 +47,8 @@ def serve(endpoint: str, status: Callable[[], dict],
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             action = actions.get(self.path.split("?")[0])
-            length = int(self.headers.get("Content-Length") or 0)
+            length = self.headers.get("Content-Length", "")
+            length = int(length) if length.isdigit() else 0
             if action is None:
                 code, doc = 404, {"error": f"POST only to {', '.join(actions) or 'nothing'}"}
             elif not 0 < length <= MAX_BODY:

@@ -12,8 +12,10 @@ import urllib.error
 import urllib.request
 
 import redis as redis_py
+from hypothesis import given
+from hypothesis import strategies as st
 
-from supervise.handover import PATH, request_body
+from supervise.handover import PATH, handle, request_body
 from supervise.localcluster import LocalCluster
 
 from .workload import fault_the_leader_under_writers
@@ -100,3 +102,21 @@ def test_a_handover_request_not_signed_with_the_groups_secret_is_refused():
                 assert exc.code == 403, exc
         doc = leader.status()
         assert doc["role"] == "leader" and doc["ballot"] == ballot, doc
+
+
+def _never(to):
+    raise AssertionError(f"a hand-over to {to} was obeyed")
+
+
+@given(st.one_of(st.binary(max_size=200),
+                 st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=20),
+                              lambda kids: st.lists(kids, max_size=4)
+                              | st.dictionaries(st.sampled_from(["to", "ts", "mac", "x"]), kids,
+                                                max_size=4),
+                              max_leaves=8).map(lambda doc: json.dumps(doc).encode())),
+       st.sampled_from(["10.0.0.9", "127.0.0.1", "::1"]))
+def test_hostile_handover_requests_are_answered_and_never_obeyed(body, client):
+    code, doc = handle("n1", b"secret", _never, body, client)
+    assert code in (400, 403) and isinstance(doc["error"], str)
+    code, doc = handle("n1", b"", _never, body, "10.0.0.9")  # no secret: only loopback
+    assert code in (400, 403)
