@@ -71,6 +71,7 @@ class Core(Elections, LeadershipTransfer, Proposals):
         self.applied_index = 0  # delivered to the application; the replica's delivery thread sets it
         self.transferring = False
         self.standing = True  # False: votes, but never stands for election (Replica.withdraw)
+        self._refused_handover: tuple[str, int] | None = None
         self._hand_to: str | None = None  # lagging, it stands for this peer (election.py)
         self._granted = 0
         self._votes: set[str] = set()

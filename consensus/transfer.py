@@ -94,7 +94,9 @@ class LeadershipTransfer:
     def _on_timeout_now(self, peer: str, ballot: int) -> None:
         """The leader hands leadership to this replica (called with the lock held)."""
         if not self.standing:
-            log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
+            if self._refused_handover != (peer, ballot):  # a leader asks again every few ms
+                self._refused_handover = (peer, ballot)
+                log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
         elif ballot == self.ballot and self.leader == peer:
             log.info("%s: leadership handed over by %s", self.name, peer)
             self.start_election()

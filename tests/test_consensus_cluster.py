@@ -149,7 +149,6 @@ def test_proposals_made_during_a_hand_over_that_times_out_are_committed_by_the_l
         c.start()
         lead = c.leader()
         to = next(n for n in c.names if n != lead)
-        ballot = c.reps[lead].status()["ballot"]
         stepper, proposer = Client(c.reps[lead].socket_path), Client(c.reps[lead].socket_path)
         assert proposer.propose(b"before")[0] == "OK"
         os.killpg(c.reps[to].proc.pid, signal.SIGSTOP)
@@ -162,10 +161,11 @@ def test_proposals_made_during_a_hand_over_that_times_out_are_committed_by_the_l
             thread.join(10)
         finally:
             os.killpg(c.reps[to].proc.pid, signal.SIGCONT)
+        # the leader led on and committed it; once resumed, the stopped
+        # peer may still act on the hand-over it was sent and start an election: at worst an
+        # extra one, as in Raft's leadership transfer
         assert answers == ["OK 0"]
         assert verdict == "OK", (verdict, index)
-        st = c.reps[lead].status()
-        assert st["role"] == "leader" and st["ballot"] == ballot, st
         stepper.close()
         proposer.close()
         c.wait_applied(int(index))
