@@ -129,10 +129,11 @@ class Node(Leadership):
         holds its own clients' connections, leaves the service with it (PTRACE_O_EXITKILL), as
         does the server of a former leader whose held inputs the log has not decided yet."""
         self.replayer.abandon()
-        if self.leading and self.replica is not None and self.replica.failed is None:
-            self._stepping_down = True
-            handed = self.replica.step_down(timeout=2.0)
-            log.info("stepping down: %s", "another node leads" if handed else "no majority to hand to")
+        with self._handover_lock:  # one asked for by `supervise handover` finishes first
+            if self.leading and self.replica is not None and self.replica.failed is None:
+                self._stepping_down = True
+                handed = self.replica.step_down(timeout=2.0)
+                log.info("stepping down: %s", "another node leads" if handed else "no majority to hand to")
         if self.replica is not None:
             self.replica.close()
         self.vip.drop()
