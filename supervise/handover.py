@@ -101,12 +101,17 @@ def run_handover(cluster: ClusterConfig, to: str | None) -> int:
     except OSError as exc:
         raise HandoverError(f"cannot reach {leader}'s status endpoint {endpoint}: {exc}") from None
     successor = answer.get("leader")
+    ballot = before["nodes"][leader]["ballot"]
     deadline = time.monotonic() + TAKEOVER_WAIT_S
     while time.monotonic() < deadline:
         now = group_status(cluster)
         if now["leader"] is not None and now["leader"] != leader:
             print(f"leader: {leader} -> {now['leader']} (ballot {now['ballot']})")
             return 0
+        if now["leader"] == leader and now["nodes"][leader]["ballot"] > ballot:
+            # a successor far behind in applying the log hands leadership to a peer that is not
+            raise HandoverError(f"{successor} took over and handed leadership back: {leader} leads "
+                                f"again (ballot {now['nodes'][leader]['ballot']})")
         time.sleep(0.1)
     raise HandoverError(f"{leader} handed leadership to {successor}, but no other node gates its "
                         f"clients after {TAKEOVER_WAIT_S:.0f} s (see `supervise status`)")

@@ -23,7 +23,7 @@ def group_status(cluster: ClusterConfig) -> dict:
     for node in cluster.nodes:
         doc = fetch(node.status)
         if doc is None:
-            nodes[node.name] = {"role": "down", "committed": None, "applied": None,
+            nodes[node.name] = {"role": "down", "ballot": None, "committed": None, "applied": None,
                                 "diverged": False, "log_bytes": None, "log_disk_free_bytes": None,
                                 "status": node.status}
             continue
@@ -31,7 +31,8 @@ def group_status(cluster: ClusterConfig) -> dict:
         if role == "leader" and doc.get("gating"):
             leaders.append((doc["ballot"], node.name))
         ballot = max(ballot, doc["ballot"])
-        nodes[node.name] = {"role": role, "committed": doc["committed"], "applied": doc["applied"],
+        nodes[node.name] = {"role": role, "ballot": doc["ballot"],
+                            "committed": doc["committed"], "applied": doc["applied"],
                             "diverged": doc["diverged"], "gating": doc.get("gating", False),
                             "log_bytes": doc.get("log_bytes"),
                             "log_disk_free_bytes": doc.get("log_disk_free_bytes"),

@@ -114,6 +114,7 @@ def test_status_json_reports_leader_ballot_and_every_node(cluster):
     assert set(doc["nodes"]) == {n.name for n in cluster.nodes}
     for name, node in doc["nodes"].items():
         assert node["role"] == ("leader" if name == leader.name else "follower")
+        assert node["ballot"] == doc["ballot"]
         assert node["committed"] >= node["applied"] >= 0
         assert node["diverged"] is False, cluster.node(name).status()["diverged_reason"]
         assert node["log_bytes"] > 0 and node["log_disk_free_bytes"] > 0
