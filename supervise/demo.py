@@ -1,14 +1,17 @@
 """`supervise demo`: three Redis copies become one highly available service, on this machine.
 
 Starts three Redis servers and three supervisors (shm transport), runs a mixed write workload
-from several clients through the leader, shows that the three copies hold identical data, kills
-the leader (supervisor and server, kill -9), shows a follower taking over with every
-acknowledged write present, brings the old node back with an empty server and shows it converge.
+from several clients through the leader, shows that the three copies hold identical data, moves
+leadership with `supervise handover`, kills the leader (supervisor and server, kill -9), shows a
+follower taking over with every acknowledged write present, brings the old node back with an
+empty server and shows it converge.
 Everything it started is stopped and removed at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 import socket
 import threading
@@ -16,6 +19,7 @@ import time
 
 from .cli import UsageError
 from .config import load
+from .handover import HandoverError, run_handover
 from .localcluster import LocalCluster, LocalNode
 from .status_cmd import run_status
 
@@ -131,7 +135,24 @@ def run_demo(argv: list[str]) -> int:
         print("3. the three copies (DEBUG DIGEST of each whole dataset):")
         ok = _show_digests(cluster, leader)
 
-        print(f"4. kill -9 of the leader {leader.name}: its supervisor and its Redis")
+        to = next(n for n in cluster.nodes if n is not leader)
+        print(f"4. supervise handover --to {to.name}: leadership moves, nothing stops")
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(said):
+                run_handover(load(cluster.config), to.name)
+        except HandoverError as exc:
+            said.write(f"{exc}\n")
+            ok = False
+        print(f"   {said.getvalue().strip()}")
+        leader = cluster.wait_leader(timeout=30)
+        running = all(p is not None and p.poll() is None
+                      for n in cluster.nodes for p in (n.supervisor, n.server))
+        print(f"   {leader.name} leads; every supervisor and Redis still runs" if running
+              else "   A PROCESS STOPPED")
+        ok = ok and running and leader is to
+
+        print(f"5. kill -9 of the leader {leader.name}: its supervisor and its Redis")
         killed = time.monotonic()
         cluster.kill(leader)
         new = cluster.wait_leader(timeout=30, exclude=leader.name)
@@ -142,12 +163,12 @@ def run_demo(argv: list[str]) -> int:
         print(f"   {present} of {len(acked)} acknowledged SETs are on the new leader")
         ok = ok and present == len(acked)
 
-        print(f"5. {leader.name} comes back with an empty Redis and replays the log")
+        print(f"6. {leader.name} comes back with an empty Redis and replays the log")
         cluster.restart(leader)
         cluster.wait_applied(timeout=120)
         ok = _show_digests(cluster, new) and ok
 
-        print("6. supervise status:")
+        print("7. supervise status:")
         run_status(load(cluster.config), as_json=False)
         print("   metrics: " + ", ".join(f"http://127.0.0.1:{n.status_port}/metrics"
                                          for n in cluster.nodes))
