@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import threading
+import time
 
 from consensus import LogWriteError, Peer, Replica, ReplicaConfig
 from tracer.events import ACCEPTS, READS, SocketEvent
@@ -155,15 +156,35 @@ class Node(Leadership):
                 raise HandoverError(f"{self.me.name} does not lead (its leader: "
                                     f"{self.replica.leader if self.replica else None})")
             log.info("handing leadership to %s, as asked", to or "the peer best placed to lead")
+            holding_outputs = self.tracer is not None and self.tracer.mode is Mode.HOLD_OUTPUT
+            if holding_outputs:
+                self._hold_inputs_until_logged()
             try:
                 handed = self.replica.step_down(timeout=HANDOVER_TIMEOUT_S, to=to)
             except ValueError as exc:
-                raise HandoverError(str(exc)) from None
+                handed, error = False, HandoverError(str(exc))
+            else:
+                error = None
+            if not handed and holding_outputs and self.leading and self.tracer is not None:
+                self.tracer.set_mode(Mode.HOLD_OUTPUT)  # for connections accepted from now on
+            if error is not None:
+                raise error
             if not handed:
                 who = f"{to} could not" if to else "no peer could"
                 raise HandoverError(f"{who} take over within {HANDOVER_TIMEOUT_S:.0f} s (unreachable, "
                                     f"or not caught up): {self.me.name} leads on")
             return self.replica.leader or to or "?"
+
+    def _hold_inputs_until_logged(self, timeout: float = HANDOVER_TIMEOUT_S) -> None:
+        """A leader holding outputs lets its server run inputs before they commit; one whose
+        leadership ends before the log took them must leave (status 3). Before a hand-over it
+        holds inputs instead, and waits until what the server ran is committed."""
+        assert self.tracer is not None
+        self.tracer.set_mode(Mode.GATE)
+        deadline = time.monotonic() + timeout
+        time.sleep(0.02)  # the tracer thread reports what was read before the switch
+        while self.own.executed_unlogged() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     # ---- status -------------------------------------------------------------------------------
 

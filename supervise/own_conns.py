@@ -187,6 +187,12 @@ class OwnConnections:
                         "shut down: %s", len(open_), open_)
         return len(owns) - len(open_)
 
+    def executed_unlogged(self) -> int:
+        """Proposals of inputs the server went on with before their commit (outputs held), not
+        yet delivered: if leadership ended now, the log might never take them."""
+        with self._lock:
+            return sum(1 for o in self.by_conn.values() for _, held in o.inflight if held is None)
+
     @property
     def unsettled(self) -> bool:
         return self.deposed is not None and bool(self.by_conn)

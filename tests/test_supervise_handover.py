@@ -84,6 +84,38 @@ def test_handover_moves_leadership_under_writers_and_the_old_leader_keeps_its_se
             raise
 
 
+def test_a_leader_holding_outputs_hands_over_and_keeps_its_server():
+    # its server runs inputs before they commit: before the hand-over it holds inputs instead
+    # and waits for what ran to be logged, or it would have to leave with status 3
+    with LocalCluster(n=3, server="redis", transport="shm", hold="outputs") as cluster:
+        try:
+            cluster.start(timeout=120)
+            assert cluster.wait_leader().status()["holding"] == "outputs"
+
+            def hand_over(old):
+                result = _supervise("handover", "--config", str(cluster.config))
+                assert result.returncode == 0, result.stderr
+                return cluster.wait_leader(timeout=30, exclude=old.name)
+
+            old, new, acked, _ = fault_the_leader_under_writers(cluster, hand_over)
+            cluster.wait_applied(timeout=60)
+            assert old.supervisor.poll() is None, old.log_path.read_text()[-3000:]
+            assert old.status()["role"] == "follower"
+            assert all(not n.status()["diverged"] for n in cluster.nodes)
+            client = redis_py.Redis(port=new.server_port, protocol=2)
+            values = client.mget(acked)
+            assert all(v is not None for v in values)
+            digests = {client.execute_command("DEBUG", "DIGEST")}
+            cluster.wait_applied()
+            for node in cluster.nodes:
+                if node is not new:
+                    digests.add(redis_py.Redis(port=node.server_port).execute_command("DEBUG", "DIGEST"))
+            assert len(digests) == 1, digests
+        except BaseException:
+            print(cluster.logs())
+            raise
+
+
 def test_a_handover_request_not_signed_with_the_groups_secret_is_refused():
     with LocalCluster(n=3, server="redis", transport="shm") as cluster:
         cluster.start(timeout=120)
