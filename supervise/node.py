@@ -155,20 +155,16 @@ class Node(Leadership):
             if not self.leading or self.replica is None or self._stepping_down:
                 raise HandoverError(f"{self.me.name} does not lead (its leader: "
                                     f"{self.replica.leader if self.replica else None})")
+            peers = [n.name for n in self.cluster.nodes if n is not self.me]
+            if to is not None and to not in peers:
+                raise HandoverError(f"{to!r} is not a peer of {self.me.name} (peers: {', '.join(peers)})")
             log.info("handing leadership to %s, as asked", to or "the peer best placed to lead")
             holding_outputs = self.tracer is not None and self.tracer.mode is Mode.HOLD_OUTPUT
             if holding_outputs:
                 self._hold_inputs_until_logged()
-            try:
-                handed = self.replica.step_down(timeout=HANDOVER_TIMEOUT_S, to=to)
-            except ValueError as exc:
-                handed, error = False, HandoverError(str(exc))
-            else:
-                error = None
+            handed = self.replica.step_down(timeout=HANDOVER_TIMEOUT_S, to=to)
             if not handed and holding_outputs and self.leading and self.tracer is not None:
                 self.tracer.set_mode(Mode.HOLD_OUTPUT)  # for connections accepted from now on
-            if error is not None:
-                raise error
             if not handed:
                 who = f"{to} could not" if to else "no peer could"
                 raise HandoverError(f"{who} take over within {HANDOVER_TIMEOUT_S:.0f} s (unreachable, "
