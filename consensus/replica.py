@@ -110,6 +110,7 @@ class Replica:
         self._closed = False
         self._on_failure = on_failure
         self.failed: LogWriteError | None = None
+        self.successor: str | None = None  # the peer the last step_down handed leadership to
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -201,7 +202,9 @@ class Replica:
 
     def peer_status(self) -> dict[str, dict]:
         """Per peer: reachable (connected both ways and heard lately when leading), match_index,
-        lag (entries behind our last index; meaningful on the leader)."""
+        lag (entries behind our last index; meaningful on the leader), ready (leading: heard
+        lately, and fewer than LAGGING_ENTRIES behind in applying the log, as it said: a peer
+        that could lead at once)."""
         now = time.monotonic()
         out = {}
         with self.core.locked():
@@ -212,7 +215,8 @@ class Replica:
                 reach = self.transport.connected(p) and (heard or not leading)
                 match = self.core.match[p] if leading else None
                 out[p] = {"reachable": reach, "match_index": match,
-                          "lag": (last - match) if match is not None else None}
+                          "lag": (last - match) if match is not None else None,
+                          "ready": leading and self.core._ready(p, now)}
         return out
 
     # ---- proposals ----------------------------------------------------------------------------
@@ -262,6 +266,7 @@ class Replica:
         target = self.core.transfer(to)
         if target is None:
             return False
+        self.successor = target
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.core.role != LEADER:

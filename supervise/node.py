@@ -158,6 +158,13 @@ class Node(Leadership):
             peers = [n.name for n in self.cluster.nodes if n is not self.me]
             if to is not None and to not in peers:
                 raise HandoverError(f"{to!r} is not a peer of {self.me.name} (peers: {', '.join(peers)})")
+            ready = [p for p, st in self.replica.peer_status().items() if st["ready"]]
+            if not ready or (to is not None and to not in ready):
+                who = f"{to} is not" if to else "no peer is"
+                raise HandoverError(
+                    f"{who} ready to lead (unreachable, or far behind in applying the log: it would "
+                    f"hand leadership straight back); {self.me.name} leads on (ready: "
+                    f"{', '.join(ready) or 'none'}; see `supervise status`)")
             log.info("handing leadership to %s, as asked", to or "the peer best placed to lead")
             holding_outputs = self.tracer is not None and self.tracer.mode is Mode.HOLD_OUTPUT
             if holding_outputs:
@@ -169,7 +176,7 @@ class Node(Leadership):
                 who = f"{to} could not" if to else "no peer could"
                 raise HandoverError(f"{who} take over within {HANDOVER_TIMEOUT_S:.0f} s (unreachable, "
                                     f"or not caught up): {self.me.name} leads on")
-            return self.replica.leader or to or "?"
+            return self.replica.successor or "?"
 
     def _hold_inputs_until_logged(self, timeout: float = HANDOVER_TIMEOUT_S) -> None:
         """A leader holding outputs lets its server run inputs before they commit; one whose

@@ -1,10 +1,11 @@
 """`supervise handover`: leadership moves under writers, nothing stops, nothing acknowledged is
-lost, the old leader keeps its server and follows; a request not signed with the group's secret
-is refused."""
+lost, the old leader keeps its server and follows; a request not signed with the group's secret,
+or naming a peer that could not lead at once, is refused."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -132,6 +133,19 @@ def test_a_handover_request_not_signed_with_the_groups_secret_is_refused():
                 raise AssertionError("an unsigned hand-over was obeyed")
             except urllib.error.HTTPError as exc:
                 assert exc.code == 403, exc
+        doc = leader.status()
+        assert doc["role"] == "leader" and doc["ballot"] == ballot, doc
+
+        # a peer that could not lead at once (here: stopped) is not handed leadership
+        stopped = next(n for n in cluster.nodes if n is not leader)
+        stopped.supervisor.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(0.5)
+            result = _supervise("handover", "--config", str(cluster.config), "--to", stopped.name)
+        finally:
+            stopped.supervisor.send_signal(signal.SIGCONT)
+        assert result.returncode == 1
+        assert f"{stopped.name} is not ready to lead" in result.stderr.strip().splitlines()[-1]
         doc = leader.status()
         assert doc["role"] == "leader" and doc["ballot"] == ballot, doc
 
