@@ -11,6 +11,7 @@ import pytest
 
 from supervise.config import ConfigError, load
 from supervise.localcluster import LocalCluster
+from tracer import procfs
 
 GOOD = """\
 [cluster]
@@ -190,14 +191,9 @@ def test_attaching_again_to_a_server_the_node_already_ran_is_refused():
         assert line.startswith(f"supervise: error: pid {pid} has been node {follower.name!r}'s server since")
         assert "start a fresh (empty) server" in line
         assert follower.server.poll() is None
-        assert _tracer_of(pid) == 0
+        assert procfs.tracer_pid(pid) == 0
         assert redis_py.Redis(port=follower.server_port).get("k") == b"v"
         cluster.restart(follower)  # a fresh server is taken, and catches up
         assert cluster.wait_leader(timeout=60).name == leader.name
         cluster.wait_applied()
         assert redis_py.Redis(port=follower.server_port).get("k") == b"v"
-
-
-def _tracer_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("TracerPid:")).split()[1])

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from supervise.handover import PATH, handle, request_body
 from supervise.localcluster import LocalCluster
 
-from .workload import fault_the_leader_under_writers
+from .workload import assert_copies_answer_alike, fault_the_leader_under_writers
 
 
 def _supervise(*args: str) -> subprocess.CompletedProcess:
@@ -69,17 +69,10 @@ def test_handover_moves_leadership_under_writers_and_the_old_leader_keeps_its_se
             cluster.wait_applied(timeout=60)
             docs = {n.name: n.status() for n in cluster.nodes}
             assert all(not d["diverged"] for d in docs.values()), docs
-            client = redis_py.Redis(port=leader.server_port, protocol=2)
-            values = client.mget(acked)
+            values = redis_py.Redis(port=leader.server_port, protocol=2).mget(acked)
             missing = [k for k, v in zip(acked, values, strict=True) if v is None]
             assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
-            digests = {leader.name: client.execute_command("DEBUG", "DIGEST")}
-            cluster.wait_applied()
-            for node in cluster.nodes:
-                if node is not leader:
-                    direct = redis_py.Redis(port=node.server_port)
-                    digests[node.name] = direct.execute_command("DEBUG", "DIGEST")
-            assert len(set(digests.values())) == 1, digests
+            assert_copies_answer_alike(cluster, leader, "DEBUG", "DIGEST")
         except BaseException:
             print(cluster.logs())
             raise
@@ -103,15 +96,9 @@ def test_a_leader_holding_outputs_hands_over_and_keeps_its_server():
             assert old.supervisor.poll() is None, old.log_path.read_text()[-3000:]
             assert old.status()["role"] == "follower"
             assert all(not n.status()["diverged"] for n in cluster.nodes)
-            client = redis_py.Redis(port=new.server_port, protocol=2)
-            values = client.mget(acked)
+            values = redis_py.Redis(port=new.server_port, protocol=2).mget(acked)
             assert all(v is not None for v in values)
-            digests = {client.execute_command("DEBUG", "DIGEST")}
-            cluster.wait_applied()
-            for node in cluster.nodes:
-                if node is not new:
-                    digests.add(redis_py.Redis(port=node.server_port).execute_command("DEBUG", "DIGEST"))
-            assert len(digests) == 1, digests
+            assert_copies_answer_alike(cluster, new, "DEBUG", "DIGEST")
         except BaseException:
             print(cluster.logs())
             raise

@@ -11,7 +11,7 @@ import redis as redis_py
 
 from supervise.localcluster import LocalCluster
 
-from .workload import assert_mixed_writes_leave_identical_copies, run_clients
+from .workload import assert_copies_answer_alike, assert_mixed_writes_leave_identical_copies, run_clients
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +29,6 @@ def test_twenty_clients_mixed_writes_leave_identical_copies(cluster):
     assert_mixed_writes_leave_identical_copies(cluster)
 
 
-def _assert_copies_answer_alike(cluster, leader, *command: str) -> None:
-    """The leader's answer to ``command`` (asked through its gate, in RESP2) is each follower's
-    once it has applied the log, and no node reports divergence."""
-    through_gate = redis_py.Redis(port=leader.server_port, protocol=2)
-    answer = through_gate.execute_command(*command)
-    through_gate.close()
-    cluster.wait_applied(timeout=120)
-    for node in cluster.nodes:
-        assert node.status()["diverged"] is False, node.status()["diverged_reason"]
-        if node is not leader:
-            direct = redis_py.Redis(port=node.server_port)
-            assert direct.execute_command(*command) == answer, node.name
-            direct.close()
-
-
 def test_values_past_the_snap_length_and_the_socket_buffers_replicate_whole(cluster):
     """An input longer than the probes copy is read from the held thread, however large."""
     leader = cluster.wait_leader()
@@ -56,7 +41,7 @@ def test_values_past_the_snap_length_and_the_socket_buffers_replicate_whole(clus
         client.set(key, value)
         client.append(key, b"+tail")
     client.close()
-    _assert_copies_answer_alike(cluster, leader, "DEBUG", "DIGEST-VALUE", *values)
+    assert_copies_answer_alike(cluster, leader, "DEBUG", "DIGEST-VALUE", *values)
     direct = redis_py.Redis(port=next(n for n in cluster.nodes if n is not leader).server_port)
     assert direct.get("big:70000") == values["big:70000"] + b"+tail"
     direct.close()
@@ -84,7 +69,7 @@ def test_pipelined_clients_and_commands_split_across_reads_leave_identical_copie
             replies += chunk
     expected = [f":{i // 2 + 1}" if i % 2 else f":{(i // 2) * (i // 2 + 1)}" for i in range(200)]
     assert replies.decode().split("\r\n")[:-1] == expected
-    _assert_copies_answer_alike(cluster, leader, "DEBUG", "DIGEST")
+    assert_copies_answer_alike(cluster, leader, "DEBUG", "DIGEST")
 
 
 def test_leader_refuses_nothing_and_followers_count_stray_clients(cluster):

@@ -93,6 +93,21 @@ class Counter:
             self.n += 1
 
 
+def assert_copies_answer_alike(cluster, leader, *command: str) -> None:
+    """The leader's answer to ``command`` (asked through its gate, in RESP2) is each follower's
+    once it has applied the log, and no node reports divergence."""
+    through_gate = redis_py.Redis(port=leader.server_port, protocol=2)
+    answer = through_gate.execute_command(*command)
+    through_gate.close()
+    cluster.wait_applied(timeout=120)
+    for node in cluster.nodes:
+        assert node.status()["diverged"] is False, node.status()["diverged_reason"]
+        if node is not leader:
+            direct = redis_py.Redis(port=node.server_port)
+            assert direct.execute_command(*command) == answer, node.name
+            direct.close()
+
+
 def assert_mixed_writes_leave_identical_copies(cluster) -> None:
     """20 clients of 1,000 mixed writes through the leader leave every copy the same."""
     leader = cluster.wait_leader()
