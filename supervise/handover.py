@@ -3,10 +3,11 @@ without stopping anything. The leader brings its successor up to its whole log, 
 over, and follows the log from then on, its server kept (as a leader deposed by an election
 does: leadership.py).
 
-The request is a POST of ``{"to", "ts", "mac"}`` to the leader's status endpoint. With a cluster
-secret, ``mac`` is an HMAC-SHA256 of the request under it and ``ts`` must be within
-``MAX_SKEW_S`` of the node's clock; without one, only a client on the node's own host (loopback)
-is obeyed."""
+The request is a POST of ``{"to", "ballot", "ts", "mac"}`` to the leader's status endpoint. It
+names the ballot the node leads at, so it is void once leadership has moved. With a cluster
+secret, ``mac`` is an HMAC-SHA256 of the request under it, ``ts`` must be within ``MAX_SKEW_S`` of
+the node's clock, and a request is taken once: a copy sent again is refused. Without one, only a
+client on the node's own host (loopback) is obeyed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,48 +33,66 @@ class HandoverError(Exception):
     """The hand-over did not happen: one line, exit status 1."""
 
 
-def _mac(secret: bytes, node: str, to: str | None, ts: float) -> str:
-    return hmac.new(secret, f"handover {node} {to or '-'} {ts!r}".encode(), hashlib.sha256).hexdigest()
+def _mac(secret: bytes, node: str, to: str | None, ballot: int, ts: float) -> str:
+    message = f"handover {node} {to or '-'} {ballot} {ts!r}"
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 
-def request_body(secret: bytes, node: str, to: str | None, ts: float | None = None) -> bytes:
+def request_body(secret: bytes, node: str, to: str | None, ballot: int, ts: float | None = None) -> bytes:
     ts = time.time() if ts is None else ts
-    return json.dumps({"to": to, "ts": ts, "mac": _mac(secret, node, to, ts) if secret else None}).encode()
+    mac = _mac(secret, node, to, ballot, ts) if secret else None
+    return json.dumps({"to": to, "ballot": ballot, "ts": ts, "mac": mac}).encode()
 
 
-def authorised(secret: bytes, node: str, body: dict, client_host: str) -> str | None:
-    """None if the request may be obeyed, else why not."""
-    if not secret:
-        if ipaddress.ip_address(client_host.split("%")[0]).is_loopback:
-            return None
-        return "this group has no secret_file: only a client on the node's own host may ask"
-    ts, mac = body.get("ts"), body.get("mac")
-    if not isinstance(ts, (int, float)) or not isinstance(mac, str):
-        return "the request is not signed"
-    if abs(time.time() - ts) > MAX_SKEW_S:
-        return f"the request's time is more than {MAX_SKEW_S:.0f} s from this node's clock"
-    if not hmac.compare_digest(mac, _mac(secret, node, body.get("to"), ts)):
-        return "the request is not signed with this group's secret"
-    return None
+HandOver = Callable[[str | None, int], str]  # (to, ballot) -> the successor, or HandoverError
 
 
-def handle(node: str, secret: bytes, hand_over: Callable[[str | None], str],
-           body: bytes, client_host: str) -> tuple[int, dict]:
-    """The status endpoint's POST /handover: (HTTP status, JSON document)."""
-    try:
-        doc = json.loads(body)
-        to = doc.get("to")
-        if to is not None and not isinstance(to, str):
-            raise ValueError("to")
-    except (ValueError, AttributeError):
-        return 400, {"error": 'expected {"to": NODE or null, "ts": ..., "mac": ...}'}
-    refused = authorised(secret, node, doc, client_host)
-    if refused is not None:
-        return 403, {"error": refused}
-    try:
-        return 200, {"leader": hand_over(to)}
-    except HandoverError as exc:
-        return 409, {"error": str(exc)}
+class HandoverEndpoint:
+    """The status endpoint's POST /handover: (body, client host) -> (HTTP status, document)."""
+
+    def __init__(self, node: str, secret: bytes, hand_over: HandOver) -> None:
+        self._node = node
+        self._secret = secret
+        self._hand_over = hand_over
+        self._taken: dict[str, float] = {}  # mac -> ts of each signed request taken lately
+        self._lock = threading.Lock()  # the server answers each request on a thread of its own
+
+    def __call__(self, body: bytes, client_host: str) -> tuple[int, dict]:
+        try:
+            doc = json.loads(body)
+            to, ballot = doc.get("to"), doc.get("ballot")
+            if (to is not None and not isinstance(to, str)) or type(ballot) is not int:
+                raise ValueError("to, ballot")
+        except (ValueError, AttributeError):
+            return 400, {"error": 'expected {"to": NODE or null, "ballot": N, "ts": ..., "mac": ...}'}
+        refused = self._refusal(doc, to, ballot, client_host)
+        if refused is not None:
+            return 403, {"error": refused}
+        try:
+            return 200, {"leader": self._hand_over(to, ballot)}
+        except HandoverError as exc:
+            return 409, {"error": str(exc)}
+
+    def _refusal(self, doc: dict, to: str | None, ballot: int, client_host: str) -> str | None:
+        """None if the request may be obeyed, else why not."""
+        if not self._secret:
+            if ipaddress.ip_address(client_host.split("%")[0]).is_loopback:
+                return None
+            return "this group has no secret_file: only a client on the node's own host may ask"
+        ts, mac = doc.get("ts"), doc.get("mac")
+        if not isinstance(ts, (int, float)) or not isinstance(mac, str):
+            return "the request is not signed"
+        now = time.time()
+        if not abs(now - ts) <= MAX_SKEW_S:
+            return f"the request's time is more than {MAX_SKEW_S:.0f} s from this node's clock"
+        if not hmac.compare_digest(mac, _mac(self._secret, self._node, to, ballot, ts)):
+            return "the request is not signed with this group's secret"
+        with self._lock:
+            self._taken = {m: t for m, t in self._taken.items() if now - t <= MAX_SKEW_S}
+            if mac in self._taken:
+                return "this request was taken already: a copy of a request is never obeyed"
+            self._taken[mac] = ts
+        return None
 
 
 def run_handover(cluster: ClusterConfig, to: str | None) -> int:
@@ -86,8 +106,9 @@ def run_handover(cluster: ClusterConfig, to: str | None) -> int:
         print(f"{leader} leads already (ballot {before['ballot']})")
         return 0
     endpoint = cluster.node(leader).status
+    ballot = before["nodes"][leader]["ballot"]
     req = urllib.request.Request(f"http://{endpoint}{PATH}", method="POST",
-                                 data=request_body(cluster.secret(), leader, to),
+                                 data=request_body(cluster.secret(), leader, to, ballot),
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=TAKEOVER_WAIT_S) as resp:
@@ -101,7 +122,6 @@ def run_handover(cluster: ClusterConfig, to: str | None) -> int:
     except OSError as exc:
         raise HandoverError(f"cannot reach {leader}'s status endpoint {endpoint}: {exc}") from None
     successor = answer.get("leader")
-    ballot = before["nodes"][leader]["ballot"]
     deadline = time.monotonic() + TAKEOVER_WAIT_S
     while time.monotonic() < deadline:
         now = group_status(cluster)

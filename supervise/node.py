@@ -148,13 +148,17 @@ class Node(Leadership):
             self.tracer.detach()
         self.replayer.close()
 
-    def hand_over(self, to: str | None) -> str:
+    def hand_over(self, to: str | None, ballot: int) -> str:
         """`supervise handover`: hand leadership to ``to`` (or the best peer) and follow the
-        log, the server kept; the successor's name, or HandoverError."""
+        log, the server kept; the successor's name, or HandoverError. ``ballot`` is the one the
+        request saw this node lead at: a request from before a change of leadership is void."""
         with self._handover_lock:
             if not self.leading or self.replica is None or self._stepping_down:
                 raise HandoverError(f"{self.me.name} does not lead (its leader: "
                                     f"{self.replica.leader if self.replica else None})")
+            if ballot != self.replica.ballot:
+                raise HandoverError(f"the request was for ballot {ballot}; {self.me.name} leads at "
+                                    f"ballot {self.replica.ballot} now: ask again")
             peers = [n.name for n in self.cluster.nodes if n is not self.me]
             if to is not None and to not in peers:
                 raise HandoverError(f"{to!r} is not a peer of {self.me.name} (peers: {', '.join(peers)})")

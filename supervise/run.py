@@ -13,7 +13,7 @@ from consensus import LogDirInUse, LogWriteError, SegmentCorruptError
 
 from .config import ClusterConfig, ConfigError
 from .failpoints import FailpointFile
-from .handover import PATH, handle
+from .handover import PATH, HandoverEndpoint
 from .metrics import NodeMetrics
 from .node import LOG_FAILED_EXIT, LOST_LEADERSHIP_EXIT, Node
 from .server_record import ServerRecord
@@ -56,7 +56,7 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     from .http_status import serve
 
     secret = cluster.secret()
-    actions = {PATH: lambda body, client: handle(name, secret, node.hand_over, body, client)}
+    actions = {PATH: HandoverEndpoint(name, secret, node.hand_over)}
     try:
         http = serve(me.status, node.status, actions)
     except OSError as exc:

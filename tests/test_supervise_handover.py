@@ -1,6 +1,7 @@
 """`supervise handover`: leadership moves under writers, nothing stops, nothing acknowledged is
 lost, the old leader keeps its server and follows; a request not signed with the group's secret,
-or naming a peer that could not lead at once, is refused."""
+for a ballot the node no longer leads at, sent a second time, or naming a peer that could not
+lead at once, is refused."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import redis as redis_py
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervise.handover import PATH, handle, request_body
+from supervise.handover import PATH, HandoverEndpoint, request_body
 from supervise.localcluster import LocalCluster
 
 from .workload import assert_copies_answer_alike, fault_the_leader_under_writers
@@ -104,52 +105,65 @@ def test_a_leader_holding_outputs_hands_over_and_keeps_its_server():
             raise
 
 
-def test_a_handover_request_not_signed_with_the_groups_secret_is_refused():
+def _post_handover(node, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{node.status_port}{PATH}", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())["leader"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["error"]
+
+
+def test_a_handover_request_unsigned_stale_or_sent_again_is_refused():
     with LocalCluster(n=3, server="redis", transport="shm") as cluster:
         cluster.start(timeout=120)
+        secret = cluster.workdir.joinpath("cluster.key").read_bytes()
         leader = cluster.wait_leader()
         ballot = leader.status()["ballot"]
-        for body in (request_body(b"not the secret", leader.name, None),
-                     request_body(cluster.workdir.joinpath("cluster.key").read_bytes(), leader.name,
-                                  None, ts=time.time() - 3600),
-                     json.dumps({"to": None}).encode()):
-            req = urllib.request.Request(f"http://127.0.0.1:{leader.status_port}{PATH}", data=body,
-                                         method="POST")
-            try:
-                urllib.request.urlopen(req, timeout=10)
-                raise AssertionError("an unsigned hand-over was obeyed")
-            except urllib.error.HTTPError as exc:
-                assert exc.code == 403, exc
+        for body in (request_body(b"not the secret", leader.name, None, ballot),
+                     request_body(secret, leader.name, None, ballot, ts=time.time() - 3600),
+                     json.dumps({"to": None, "ballot": ballot}).encode()):
+            code, why = _post_handover(leader, body)
+            assert code == 403, (code, why)
+        code, why = _post_handover(leader, request_body(secret, leader.name, None, ballot - 1))
+        assert code == 409 and f"leads at ballot {ballot} now" in why, (code, why)
         doc = leader.status()
         assert doc["role"] == "leader" and doc["ballot"] == ballot, doc
 
-        # a peer that could not lead at once (here: stopped) is not handed leadership
+        # a peer that could not lead at once (here: stopped) is not handed leadership; the same
+        # request sent again once it could is refused all the same
         stopped = next(n for n in cluster.nodes if n is not leader)
+        to_stopped = request_body(secret, leader.name, stopped.name, ballot)
         stopped.supervisor.send_signal(signal.SIGSTOP)
         try:
             time.sleep(0.5)
             result = _supervise("handover", "--config", str(cluster.config), "--to", stopped.name)
+            code, why = _post_handover(leader, to_stopped)
         finally:
             stopped.supervisor.send_signal(signal.SIGCONT)
         assert result.returncode == 1
         assert f"{stopped.name} is not ready to lead" in result.stderr.strip().splitlines()[-1]
+        assert code == 409 and f"{stopped.name} is not ready to lead" in why, (code, why)
+        cluster.wait_applied(timeout=60)
+        code, why = _post_handover(leader, to_stopped)
+        assert code == 403 and "taken already" in why, (code, why)
         doc = leader.status()
         assert doc["role"] == "leader" and doc["ballot"] == ballot, doc
 
 
-def _never(to):
-    raise AssertionError(f"a hand-over to {to} was obeyed")
+def _never(to, ballot):
+    raise AssertionError(f"a hand-over to {to} at ballot {ballot} was obeyed")
 
 
 @given(st.one_of(st.binary(max_size=200),
                  st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=20),
                               lambda kids: st.lists(kids, max_size=4)
-                              | st.dictionaries(st.sampled_from(["to", "ts", "mac", "x"]), kids,
+                              | st.dictionaries(st.sampled_from(["to", "ballot", "ts", "mac", "x"]), kids,
                                                 max_size=4),
                               max_leaves=8).map(lambda doc: json.dumps(doc).encode())),
        st.sampled_from(["10.0.0.9", "127.0.0.1", "::1"]))
 def test_hostile_handover_requests_are_answered_and_never_obeyed(body, client):
-    code, doc = handle("n1", b"secret", _never, body, client)
+    code, doc = HandoverEndpoint("n1", b"secret", _never)(body, client)
     assert code in (400, 403) and isinstance(doc["error"], str)
-    code, doc = handle("n1", b"", _never, body, "10.0.0.9")  # no secret: only loopback
+    code, doc = HandoverEndpoint("n1", b"", _never)(body, "10.0.0.9")  # no secret: only loopback
     assert code in (400, 403)
