@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KREL := $(shell uname -r)
 DEB_PACKAGES := bpfcc-tools python3-bpfcc linux-headers-amd64 redis-server redis-tools \
-	memcached prometheus iproute2 nftables strace python3-venv python3-pyverbs rdma-core ibverbs-utils
+	memcached prometheus iproute2 nftables strace python3-venv python3-pyverbs rdma-core ibverbs-utils \
+	python3-fusepy
 
 .PHONY: setup demo test lint bench clean-setup
 

@@ -43,6 +43,7 @@ class ReplicaConfig:
     heartbeat_ms: int = 20
     election_timeout_ms: int = 300
     log_region_bytes: int = 64 << 20
+    segment_bytes: int = 64 << 20  # the log's files on disk start a new one past this size
     # How long the receive thread keeps polling after its last message before it sleeps,
     # yielding the core and the GIL between polls, so that a steady stream of proposals meets
     # no sleeping thread on its way (on a 2-core host, bench_consensus.py's shm p50 66-68
@@ -118,7 +119,7 @@ class Replica:
         n = len(self._names)
         cache = max(1 << 20, cfg.log_region_bytes // 4)
         self.store = LogStore(Path(cfg.data_dir), fsync=self._fsync, cache_bytes=cache,
-                              on_failure=self._log_failed)
+                              segment_bytes=cfg.segment_bytes, on_failure=self._log_failed)
         endpoints = {cfg.name: cfg.endpoint, **{p.name: p.endpoint for p in cfg.peers}}
         area = cfg.log_region_bytes // max(1, n - 1)
         poll_s = None if cfg.poll_us is None else cfg.poll_us / 1e6

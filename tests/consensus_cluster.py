@@ -22,7 +22,8 @@ class Cluster:
     def __init__(self, n: int = 3, transport: str = "shm", durability: str = "fsync",
                  hosts: list[str] | None = None, netns: list[str] | None = None,
                  election_timeout_ms: int = 300, heartbeat_ms: int = 20, log_region_bytes: int = 4 << 20,
-                 record: bool = True, env: dict[str, str] | None = None, thrifty: bool = False) -> None:
+                 record: bool = True, env: dict[str, str] | None = None, thrifty: bool = False,
+                 segment_bytes: int = 64 << 20) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="consensus-test-"))
         self.names = [f"r{i}" for i in range(n)]
         hosts = hosts or ["127.0.0.1"] * n
@@ -35,7 +36,8 @@ class Cluster:
                     "data_dir": str(self.dir / f"data-{nm}"), "transport": transport, "secret": SECRET,
                     "durability": durability, "heartbeat_ms": heartbeat_ms,
                     "election_timeout_ms": election_timeout_ms, "log_region_bytes": log_region_bytes,
-                    "record": record, "env": env or {}, "thrifty": thrifty}
+                    "record": record, "env": env or {}, "thrifty": thrifty,
+                    "segment_bytes": segment_bytes}
             self.reps[nm] = ReplicaProc(nm, spec, self.dir, netns[i] if netns else None)
 
     def start(self) -> Cluster:

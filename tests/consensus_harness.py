@@ -65,7 +65,8 @@ def _child(cfg_path: str) -> None:
         peers=[Peer(n, e) for n, e in spec["peers"].items()], data_dir=Path(spec["data_dir"]),
         transport=spec["transport"], secret=bytes.fromhex(spec["secret"]), durability=spec["durability"],
         heartbeat_ms=spec.get("heartbeat_ms", 20), election_timeout_ms=spec.get("election_timeout_ms", 300),
-        log_region_bytes=spec.get("log_region_bytes", 8 << 20), thrifty=spec.get("thrifty", False))
+        log_region_bytes=spec.get("log_region_bytes", 8 << 20), thrifty=spec.get("thrifty", False),
+        segment_bytes=spec.get("segment_bytes", 64 << 20))
     rfd = os.open(spec["roles"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def on_role(role: str, ballot: int, leader: str | None) -> None:

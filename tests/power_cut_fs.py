@@ -1,0 +1,288 @@
+"""A disk that can lose power: a FUSE filesystem, kept in memory, that knows what a power cut
+would leave of what its files and directories hold.
+
+    python -m tests.power_cut_fs MOUNTPOINT STATE [--seed N]
+
+serves MOUNTPOINT until it is unmounted; then the power goes. What survives is what fsync made
+durable: a file's bytes as of its last fsync (of the file), a directory's entries as of its last
+fsync (of the directory). Bytes appended since a file's last fsync are lost, or a prefix of them
+survives, or a prefix's length survives filled with zeros, as the seed draws for each file (what
+filesystems leave after a crash: the data written, part of it, or a size extended over blocks
+never written). The survivors are written to STATE, which the next mount starts from.
+
+:class:`PowerCutDisk` mounts one for a test and cuts its power.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import pickle
+import random
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Inode:
+    is_dir: bool
+    mode: int
+    data: bytearray = field(default_factory=bytearray)
+    synced: bytes = b""
+    entries: dict[str, Inode] = field(default_factory=dict)
+    synced_entries: dict[str, Inode] = field(default_factory=dict)
+    mtime_ns: int = field(default_factory=time.time_ns)
+
+
+def cut_power(root: Inode, rng: random.Random) -> None:
+    """Leave only what a power cut would: see the module's docstring."""
+    seen: set[int] = set()
+
+    def visit(node: Inode) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if node.is_dir:
+            node.entries = dict(node.synced_entries)
+            for child in node.entries.values():
+                visit(child)
+            return
+        synced, now = node.synced, bytes(node.data)
+        tail = len(now) - len(synced) if now.startswith(synced) else 0
+        kept = rng.randint(0, tail) if tail > 0 else 0
+        fate = rng.choice(("lost", "prefix", "zeros")) if kept else "lost"
+        if fate == "prefix":
+            node.data = bytearray(now[:len(synced) + kept])
+        elif fate == "zeros":
+            node.data = bytearray(synced + bytes(kept))
+        else:
+            node.data = bytearray(synced)
+        node.synced = bytes(node.data)
+
+    visit(root)
+
+
+def _operations_class():
+    import fusepy
+
+    class PowerCutOperations(fusepy.Operations):
+        use_ns = True
+
+        def __init__(self, root: Inode) -> None:
+            self.root = root
+            self.lock = threading.Lock()
+
+        def _lookup(self, path: str) -> Inode:
+            node = self.root
+            for part in filter(None, path.split("/")):
+                if not node.is_dir or part not in node.entries:
+                    raise fusepy.FuseOSError(errno.ENOENT)
+                node = node.entries[part]
+            return node
+
+        def _parent(self, path: str) -> tuple[Inode, str]:
+            head, _, name = path.rstrip("/").rpartition("/")
+            parent = self._lookup(head or "/")
+            if not parent.is_dir:
+                raise fusepy.FuseOSError(errno.ENOTDIR)
+            return parent, name
+
+        def getattr(self, path, fh=None):
+            with self.lock:
+                node = self._lookup(path)
+                kind = stat.S_IFDIR if node.is_dir else stat.S_IFREG
+                return {"st_mode": kind | node.mode, "st_nlink": 2 if node.is_dir else 1,
+                        "st_size": len(node.data), "st_uid": os.getuid(), "st_gid": os.getgid(),
+                        "st_mtime": node.mtime_ns / 1e9, "st_atime": node.mtime_ns / 1e9,
+                        "st_ctime": node.mtime_ns / 1e9}
+
+        def readdir(self, path, fh):
+            with self.lock:
+                return [".", "..", *self._lookup(path).entries]
+
+        def _add(self, path: str, node: Inode) -> None:
+            parent, name = self._parent(path)
+            if name in parent.entries:
+                raise fusepy.FuseOSError(errno.EEXIST)
+            parent.entries[name] = node
+
+        def mkdir(self, path, mode):
+            with self.lock:
+                self._add(path, Inode(is_dir=True, mode=mode & 0o7777))
+
+        def create(self, path, mode, fi=None):
+            with self.lock:
+                self._add(path, Inode(is_dir=False, mode=mode & 0o7777))
+            return 0
+
+        def open(self, path, flags):
+            with self.lock:
+                self._lookup(path)
+            return 0
+
+        def read(self, path, size, offset, fh):
+            with self.lock:
+                return bytes(self._lookup(path).data[offset:offset + size])
+
+        def write(self, path, data, offset, fh):
+            with self.lock:
+                node = self._lookup(path)
+                if offset > len(node.data):
+                    node.data.extend(bytes(offset - len(node.data)))
+                node.data[offset:offset + len(data)] = data
+                node.mtime_ns = time.time_ns()
+                return len(data)
+
+        def truncate(self, path, length, fh=None):
+            with self.lock:
+                node = self._lookup(path)
+                del node.data[length:]
+                node.data.extend(bytes(length - len(node.data)))
+
+        def fsync(self, path, datasync, fh):
+            with self.lock:
+                node = self._lookup(path)
+                node.synced = bytes(node.data)
+            return 0
+
+        def fsyncdir(self, path, datasync, fh):
+            with self.lock:
+                node = self._lookup(path)
+                node.synced_entries = dict(node.entries)
+            return 0
+
+        def rename(self, old, new):
+            with self.lock:
+                src, old_name = self._parent(old)
+                dst, new_name = self._parent(new)
+                if old_name not in src.entries:
+                    raise fusepy.FuseOSError(errno.ENOENT)
+                dst.entries[new_name] = src.entries.pop(old_name)
+
+        def unlink(self, path):
+            with self.lock:
+                parent, name = self._parent(path)
+                if name not in parent.entries or parent.entries[name].is_dir:
+                    raise fusepy.FuseOSError(errno.ENOENT)
+                del parent.entries[name]
+
+        def rmdir(self, path):
+            with self.lock:
+                parent, name = self._parent(path)
+                if parent.entries.get(name) is None or parent.entries[name].entries:
+                    raise fusepy.FuseOSError(errno.ENOTEMPTY)
+                del parent.entries[name]
+
+        def chmod(self, path, mode):
+            with self.lock:
+                self._lookup(path).mode = mode & 0o7777
+
+        def utimens(self, path, times=None):
+            return 0
+
+        def statfs(self, path):
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 1 << 20, "f_bfree": 1 << 19,
+                    "f_bavail": 1 << 19, "f_files": 1 << 16, "f_ffree": 1 << 15, "f_namemax": 255}
+
+    return PowerCutOperations
+
+
+def main() -> None:
+    import fusepy
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mountpoint")
+    ap.add_argument("state")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    state = Path(args.state)
+    root = pickle.loads(state.read_bytes()) if state.exists() else Inode(is_dir=True, mode=0o755)
+    ops = _operations_class()(root)
+    fusepy.FUSE(ops, args.mountpoint, foreground=True, nothreads=False, big_writes=True,
+                fsname="powercut")
+    cut_power(root, random.Random(args.seed))
+    state.write_bytes(pickle.dumps(root))
+
+
+class PowerCutDisk:
+    """One mounted :mod:`tests.power_cut_fs` at ``mountpoint`` (created if need be), its state in
+    ``state``; :meth:`cut_power` (every process using it killed first) unmounts it and keeps what
+    survives, :meth:`mount` serves that again."""
+
+    def __init__(self, mountpoint: Path, state: Path, seed: int = 0) -> None:
+        self.mountpoint = mountpoint
+        self.state = state
+        self.seed = seed
+        self.cuts = 0
+        self._proc: subprocess.Popen | None = None
+
+    def mount(self) -> None:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.power_cut_fs", str(self.mountpoint), str(self.state),
+             "--seed", str(self.seed * 1000 + self.cuts)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(self.mountpoint):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                why = self._proc.stderr.read().decode() if self._proc.poll() is not None else "timeout"
+                raise RuntimeError(f"power_cut_fs did not mount {self.mountpoint}: {why}")
+            time.sleep(0.02)
+
+    def cut_power(self) -> None:
+        assert self._proc is not None, "not mounted"
+        subprocess.run(["umount", str(self.mountpoint)], check=True, capture_output=True)
+        _, err = self._proc.communicate(timeout=30)
+        assert self._proc.returncode == 0, err.decode()
+        self._proc = None
+        self.cuts += 1
+
+    def close(self) -> None:
+        if self._proc is not None:
+            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        self.state.unlink(missing_ok=True)
+
+    def __enter__(self) -> PowerCutDisk:
+        self.mount()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextmanager
+def power_cut_disks(directories: list[Path], stop_users: Callable[[], None]) -> Iterator[list[PowerCutDisk]]:
+    """A :class:`PowerCutDisk` mounted on each directory (its state beside it); on the way out,
+    ``stop_users`` first (a disk in use unmounts only lazily), then every disk is unmounted."""
+    disks = [PowerCutDisk(d, d.with_name(d.name + ".power-cut-state"), seed=k)
+             for k, d in enumerate(directories)]
+    try:
+        for disk in disks:
+            disk.mount()
+        yield disks
+    finally:
+        try:
+            stop_users()
+        finally:
+            for disk in disks:
+                disk.close()
+
+
+if __name__ == "__main__":
+    main()

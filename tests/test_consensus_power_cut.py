@@ -1,0 +1,78 @@
+"""Power cuts: every replica's log on a disk that keeps only what fsync made durable
+(tests/power_cut_fs.py), all three losing power at once mid-load, again and again. With
+``durability = "fsync"`` nothing acknowledged is lost and every replica starts again from what
+its disk kept; with ``"memory"`` the same cut loses what was acknowledged (what that setting
+trades away)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.consensus_cluster import Cluster, Load, check_history, settle
+from tests.power_cut_fs import PowerCutDisk, power_cut_disks
+
+
+def _on_power_cut_disks(c: Cluster):
+    def kill_replicas() -> None:
+        for r in c.reps.values():
+            r.kill()
+
+    return power_cut_disks([c.dir / f"data-{name}" for name in c.names], kill_replicas)
+
+
+def _cut_everything(c: Cluster, disks: list[PowerCutDisk]) -> None:
+    for r in c.reps.values():
+        r.kill()
+    for disk in disks:
+        disk.cut_power()
+    for disk in disks:
+        disk.mount()
+
+
+def _log_files(data_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file())
+
+
+def test_acknowledged_entries_survive_every_replica_losing_power_at_once_again_and_again() -> None:
+    # small segments, so that cuts also fall around a new segment's creation
+    with Cluster(3, "shm", "fsync", segment_bytes=16 << 10) as c, _on_power_cut_disks(c) as disks:
+        c.start()
+        c.leader()
+        acked: dict[bytes, int] = {}
+        for _ in range(4):
+            with Load(c, threads=8) as load:
+                load.wait_acks(300)
+                _cut_everything(c, disks)  # mid-load
+            load.stop()
+            acked.update(load.acked)
+            for r in c.reps.values():
+                r.start()
+            c.leader(timeout=30)
+        with Load(c, threads=4) as load:
+            load.wait_acks(50)
+        settle(c, load)
+        acked.update(load.acked)
+        assert len(acked) >= 1250
+        check_history(c, acked, require_all=c.names)
+        segments = [f for f in _log_files(c.dir / "data-r0") if f.startswith("log/seg-")]
+        assert len(segments) > 2, segments
+
+
+def test_with_memory_durability_a_power_cut_loses_what_was_acknowledged() -> None:
+    with Cluster(3, "shm", "memory") as c, _on_power_cut_disks(c) as disks:
+        c.start()
+        c.leader()
+        with Load(c, threads=8) as load:
+            load.wait_acks(300)
+        load.stop()
+        assert all(any(f.startswith("log/seg-") for f in _log_files(Path(r.spec["data_dir"])))
+                   for r in c.reps.values())
+        _cut_everything(c, disks)
+        kept = {r.name: _log_files(Path(r.spec["data_dir"])) for r in c.reps.values()}
+        assert not any(kept.values()), kept  # nothing was ever synced, not even a file's name
+        for r in c.reps.values():
+            r.start()
+        c.leader(timeout=30)
+        st = c.statuses()
+        assert all(s is not None and s["last"] < len(load.acked) for s in st.values()), st
+
