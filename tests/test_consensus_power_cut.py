@@ -1,11 +1,13 @@
 """Power cuts: every replica's log on a disk that keeps only what fsync made durable
-(tests/power_cut_fs.py), all three losing power at once mid-load, again and again. With
+(tests/power_cut_fs.py), all three losing power at once mid-load, again and again, or one at a
+time while the others go on. With
 ``durability = "fsync"`` nothing acknowledged is lost and every replica starts again from what
 its disk kept; with ``"memory"`` the same cut loses what was acknowledged (what that setting
 trades away)."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from tests.consensus_cluster import Cluster, Load, check_history, settle
@@ -56,6 +58,25 @@ def test_acknowledged_entries_survive_every_replica_losing_power_at_once_again_a
         check_history(c, acked, require_all=c.names)
         segments = [f for f in _log_files(c.dir / "data-r0") if f.startswith("log/seg-")]
         assert len(segments) > 2, segments
+
+
+def test_a_replica_that_loses_power_rejoins_from_what_its_disk_kept_however_often() -> None:
+    rng = random.Random(5)
+    with Cluster(3, "shm", "fsync", segment_bytes=16 << 10) as c, _on_power_cut_disks(c) as disks:
+        c.start()
+        c.leader()
+        disk_of = dict(zip(c.names, disks, strict=True))
+        with Load(c, threads=8) as load:
+            for k in range(8):
+                load.wait_acks(150)
+                victim = c.leader() if k % 2 == 0 else rng.choice(c.names)  # the leader every other time
+                c.reps[victim].kill()
+                disk_of[victim].cut_power()
+                disk_of[victim].mount()
+                c.reps[victim].start()
+        settle(c, load)
+        assert len(load.acked) >= 1200
+        check_history(c, load.acked, require_all=c.names)
 
 
 def test_with_memory_durability_a_power_cut_loses_what_was_acknowledged() -> None:
