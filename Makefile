@@ -47,7 +47,7 @@ demo: setup
 
 test: setup
 	@$(VENV)/bin/ruff check .
-	@$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q --durations=15 tests
 
 lint: setup
 	@$(VENV)/bin/ruff check .
