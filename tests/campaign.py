@@ -18,7 +18,9 @@ paused with SIGSTOP for longer than the election timeout (then SIGCONT). A node 
 (1 after its server died; 3 when its copy could not be kept after it lost leadership) is
 restarted with a fresh server. A node's transport can be made flaky for a while (its requests
 dropped, delayed and duplicated, through the failpoints file that ``SUPERVISE_FAILPOINTS`` names:
-supervise/failpoints.py); this kernel has no netem.
+supervise/failpoints.py); this kernel has no netem. With ``--power-cuts`` every data_dir is on a
+disk that keeps only what was synced (tests/power_cut_fs.py), and a host can lose power: its
+supervisor and server killed, its disk left with what fsync made durable.
 
 A tenth of the operations instead add an element unique to the campaign to one set (SADD;
 memcached: an append to one key). At
@@ -71,6 +73,7 @@ class Campaign(Faults):
     logs_dir: str | None = None
     hold: str = "inputs"
     server: str = "redis"
+    power_cuts: bool = False
     log: Any = None
     history: list[Op] = field(default_factory=list)
     failed: Counter = field(default_factory=Counter)
@@ -244,7 +247,7 @@ class Campaign(Faults):
     def run(self) -> dict:
         with NetnsCluster(vip=True, election_timeout_ms=self.election_timeout_ms,
                           launch_restarts=True, hold=self.hold, server=self.server,
-                          serialize=self.store.serialize) as cluster:
+                          serialize=self.store.serialize, power_cuts=self.power_cuts) as cluster:
             try:
                 return self._run(cluster)
             except BaseException:
@@ -437,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="what leaders hold until its commit (cluster.hold)")
     p.add_argument("--server", choices=sorted(STORES), default="redis",
                    help="the replicated server (memcached: four worker threads, serialized)")
+    p.add_argument("--power-cuts", action="store_true",
+                   help="data_dirs on disks that keep only what was synced, and power-leader / "
+                        "power-follower faults (tests/power_cut_fs.py)")
     args = p.parse_args(argv)
     from tracer.signalfd import block_sigchld
 
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     campaign = Campaign(seed=args.seed, duration=args.duration, clients=args.clients, keys=args.keys,
                         timeout=args.timeout, check_seconds=args.check_seconds,
                         clear_stale_vip=args.clear_stale_vip, logs_dir=args.logs, hold=args.hold,
-                        server=args.server)
+                        server=args.server, power_cuts=args.power_cuts)
     summary = campaign.run()
     if args.history:
         with open(args.history, "w") as f:

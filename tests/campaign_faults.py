@@ -1,8 +1,8 @@
 """The campaign's faults, as methods mixed into Campaign (tests/campaign.py): a schedule drawn
 from the seed, one fault at a time (kill -9, partition, a partial or one-way partition, SIGSTOP,
-a flaky transport, a full disk, a hand-over) on the leader or on a follower, each healed after its hold, and
-every node whose supervisor or server died restarted with a fresh server on the same data
-directory.
+a flaky transport, a full disk, a hand-over, and with --power-cuts a power cut) on the leader or
+on a follower, each healed after its hold, and every node whose supervisor or server died
+restarted with a fresh server on the same data directory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ FAULT_KINDS = ("kill-leader", "kill-follower", "partition-leader", "partition-fo
                "pause-leader", "pause-follower", "flaky-leader", "flaky-follower",
                "fill-leader", "fill-follower", "split-leader", "deaf-leader", "deaf-follower",
                "handover-leader")
+POWER_CUT_KINDS = ("power-leader", "power-follower")  # with --power-cuts
 LOG_FAILED_EXIT = 4  # supervise's status for a log it cannot write
 
 
@@ -78,6 +79,10 @@ class Faults:
             record["what"] = what
             self.say(f"FAULT kill -9 {what} of {role} {node.name}")
             cluster.kill(node, what)
+            time.sleep(pause)
+        elif action == "power":
+            self.say(f"FAULT power cut of {role} {node.name}: of its data_dir only what was synced is left")
+            cluster.cut_power(node)
             time.sleep(pause)
         elif action == "partition":
             record["seconds"] = round(hold, 2)
@@ -150,7 +155,7 @@ class Faults:
                 self._repair(cluster)
                 continue
             if not self._deck:  # every kind once per round, in a seeded order
-                self._deck = list(FAULT_KINDS)
+                self._deck = list(FAULT_KINDS) + list(POWER_CUT_KINDS if self.power_cuts else ())
                 self.rng.shuffle(self._deck)
             kind = self._deck.pop()
             try:

@@ -38,6 +38,7 @@ from typing import Any
 from .netns import Hosts, enter_netns
 from .netns_faults import HostFaults
 from .netns_vip import VipView
+from .power_cut_fs import PowerCutDisk
 from .procs import LaunchedServer, kill_process, reap
 from .small_disk import small_disk
 
@@ -81,12 +82,14 @@ class NetnsCluster(HostFaults, VipView):
     def __init__(self, n: int = 3, vip: bool = True, heartbeat_ms: int = 20,
                  election_timeout_ms: int = 300, durability: str = "fsync",
                  subnet: str = "10.77.0", launch_restarts: bool = False, hold: str = "inputs",
-                 server: str = "redis", serialize: bool = False, data_disk_mb: int = 512) -> None:
+                 server: str = "redis", serialize: bool = False, data_disk_mb: int = 512,
+                 power_cuts: bool = False) -> None:
         """``launch_restarts``: restart nodes as an operator should, with the launch form
         (`supervise ... -- redis-server ...`): the supervisor removes a VIP left on the host by a
         killed leader before the fresh server exists, so no client reaches a copy nobody holds.
         Each node's data_dir is a tmpfs of ``data_disk_mb`` (``fill_disk``), so fsync costs
-        nothing there."""
+        nothing there; with ``power_cuts``, a disk of that size that can lose power instead
+        (``cut_power``: tests/power_cut_fs.py)."""
         if server not in ("redis", "memcached"):
             raise ValueError(f"server: redis or memcached, not {server!r}")
         self.n = n
@@ -125,8 +128,14 @@ class NetnsCluster(HostFaults, VipView):
                           f'status = "{node.addr}:{STATUS_PORT}"',
                           f'data_dir = "{node.name}-data"', ""]
             self.config.write_text("\n".join(lines))
+            self.power_disks: dict[str, PowerCutDisk] = {}
             for node in self.nodes:
-                self._disks.enter_context(small_disk(self.data_dir(node), data_disk_mb))
+                if power_cuts:
+                    disk = PowerCutDisk(self.data_dir(node), self.workdir / f"{node.name}-disk.state",
+                                        seed=node.index, capacity_mb=data_disk_mb)
+                    self.power_disks[node.name] = self._disks.enter_context(disk)
+                else:
+                    self._disks.enter_context(small_disk(self.data_dir(node), data_disk_mb))
         except BaseException:
             self._disks.close()
             self.hosts.close()

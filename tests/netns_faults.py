@@ -2,7 +2,8 @@
 supervisor paused and resumed, its link cut and restored, its path to one peer cut, the packets
 its peers send it dropped (it still reaches them), its transport made flaky, the disk of its
 data_dir filled (each node's data_dir is a tmpfs of its own: tests/small_disk.py), its
-leadership handed on by `supervise handover`."""
+power cut (a disk that keeps only what was synced: tests/power_cut_fs.py), its leadership handed
+on by `supervise handover`."""
 
 from __future__ import annotations
 
@@ -91,3 +92,12 @@ class HostFaults:
 
     def clear_disk(self, key: int | str | NetnsNode) -> None:
         (self.data_dir(self.node(key)) / "ballast").unlink(missing_ok=True)
+
+    def cut_power(self, key: int | str | NetnsNode) -> None:
+        """The host loses power: supervisor and server killed, and of its data_dir only what was
+        synced is left. Restart it with ``restart``."""
+        node = self.node(key)
+        self.kill(node, "both")
+        disk = self.power_disks[node.name]
+        disk.cut_power()
+        disk.mount()

@@ -1,14 +1,15 @@
 """A disk that can lose power: a FUSE filesystem, kept in memory, that knows what a power cut
 would leave of what its files and directories hold.
 
-    python -m tests.power_cut_fs MOUNTPOINT STATE [--seed N]
+    python -m tests.power_cut_fs MOUNTPOINT STATE [--seed N] [--capacity-mb N]
 
 serves MOUNTPOINT until it is unmounted; then the power goes. What survives is what fsync made
 durable: a file's bytes as of its last fsync (of the file), a directory's entries as of its last
 fsync (of the directory). Bytes appended since a file's last fsync are lost, or a prefix of them
 survives, or a prefix's length survives filled with zeros, as the seed draws for each file (what
 filesystems leave after a crash: the data written, part of it, or a size extended over blocks
-never written). The survivors are written to STATE, which the next mount starts from.
+never written). The survivors are written to STATE, which the next mount starts from. With a
+capacity, a write past it fails with ENOSPC, as on a full disk.
 
 :class:`PowerCutDisk` mounts one for a test and cuts its power.
 """
@@ -72,15 +73,35 @@ def cut_power(root: Inode, rng: random.Random) -> None:
     visit(root)
 
 
+def _bytes_held(root: Inode) -> int:
+    seen: set[int] = set()
+
+    def size(node: Inode) -> int:
+        if id(node) in seen:
+            return 0
+        seen.add(id(node))
+        return sum(size(c) for c in node.entries.values()) if node.is_dir else len(node.data)
+
+    return size(root)
+
+
 def _operations_class():
     import fusepy
 
     class PowerCutOperations(fusepy.Operations):
         use_ns = True
 
-        def __init__(self, root: Inode) -> None:
+        def __init__(self, root: Inode, capacity: int) -> None:
             self.root = root
+            self.capacity = capacity
+            self.used = _bytes_held(root)
             self.lock = threading.Lock()
+
+        def _resize(self, node: Inode, size: int) -> None:
+            grow = size - len(node.data)
+            if grow > 0 and self.used + grow > self.capacity:
+                raise fusepy.FuseOSError(errno.ENOSPC)
+            self.used += grow
 
         def _lookup(self, path: str) -> Inode:
             node = self.root
@@ -137,6 +158,7 @@ def _operations_class():
         def write(self, path, data, offset, fh):
             with self.lock:
                 node = self._lookup(path)
+                self._resize(node, max(len(node.data), offset + len(data)))
                 if offset > len(node.data):
                     node.data.extend(bytes(offset - len(node.data)))
                 node.data[offset:offset + len(data)] = data
@@ -146,6 +168,7 @@ def _operations_class():
         def truncate(self, path, length, fh=None):
             with self.lock:
                 node = self._lookup(path)
+                self._resize(node, length)
                 del node.data[length:]
                 node.data.extend(bytes(length - len(node.data)))
 
@@ -167,6 +190,9 @@ def _operations_class():
                 dst, new_name = self._parent(new)
                 if old_name not in src.entries:
                     raise fusepy.FuseOSError(errno.ENOENT)
+                replaced = dst.entries.get(new_name)
+                if replaced is not None and not replaced.is_dir:
+                    self.used -= len(replaced.data)
                 dst.entries[new_name] = src.entries.pop(old_name)
 
         def unlink(self, path):
@@ -174,7 +200,7 @@ def _operations_class():
                 parent, name = self._parent(path)
                 if name not in parent.entries or parent.entries[name].is_dir:
                     raise fusepy.FuseOSError(errno.ENOENT)
-                del parent.entries[name]
+                self.used -= len(parent.entries.pop(name).data)
 
         def rmdir(self, path):
             with self.lock:
@@ -191,8 +217,11 @@ def _operations_class():
             return 0
 
         def statfs(self, path):
-            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 1 << 20, "f_bfree": 1 << 19,
-                    "f_bavail": 1 << 19, "f_files": 1 << 16, "f_ffree": 1 << 15, "f_namemax": 255}
+            with self.lock:
+                free = (self.capacity - self.used) // 4096
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": self.capacity // 4096,
+                    "f_bfree": free, "f_bavail": free, "f_files": 1 << 16, "f_ffree": 1 << 15,
+                    "f_namemax": 255}
 
     return PowerCutOperations
 
@@ -204,10 +233,11 @@ def main() -> None:
     ap.add_argument("mountpoint")
     ap.add_argument("state")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--capacity-mb", type=int, default=4096)
     args = ap.parse_args()
     state = Path(args.state)
     root = pickle.loads(state.read_bytes()) if state.exists() else Inode(is_dir=True, mode=0o755)
-    ops = _operations_class()(root)
+    ops = _operations_class()(root, args.capacity_mb << 20)
     fusepy.FUSE(ops, args.mountpoint, foreground=True, nothreads=False, big_writes=True,
                 fsname="powercut")
     cut_power(root, random.Random(args.seed))
@@ -219,10 +249,11 @@ class PowerCutDisk:
     ``state``; :meth:`cut_power` (every process using it killed first) unmounts it and keeps what
     survives, :meth:`mount` serves that again."""
 
-    def __init__(self, mountpoint: Path, state: Path, seed: int = 0) -> None:
+    def __init__(self, mountpoint: Path, state: Path, seed: int = 0, capacity_mb: int = 4096) -> None:
         self.mountpoint = mountpoint
         self.state = state
         self.seed = seed
+        self.capacity_mb = capacity_mb
         self.cuts = 0
         self._proc: subprocess.Popen | None = None
 
@@ -230,7 +261,7 @@ class PowerCutDisk:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.power_cut_fs", str(self.mountpoint), str(self.state),
-             "--seed", str(self.seed * 1000 + self.cuts)],
+             "--seed", str(self.seed * 1000 + self.cuts), "--capacity-mb", str(self.capacity_mb)],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while not os.path.ismount(self.mountpoint):
