@@ -8,8 +8,10 @@ durable: a file's bytes as of its last fsync (of the file), a directory's entrie
 fsync (of the directory). Bytes appended since a file's last fsync are lost, or a prefix of them
 survives, or a prefix's length survives filled with zeros, as the seed draws for each file (what
 filesystems leave after a crash: the data written, part of it, or a size extended over blocks
-never written). The survivors are written to STATE, which the next mount starts from. With a
-capacity, a write past it fails with ENOSPC, as on a full disk.
+never written). Not drawn: a hole inside what survives (a later block written, an earlier one
+not), which the log refuses to guess about (consensus/segments.py). The survivors are written
+to STATE, which the next mount starts from. With a capacity, a write past it fails with ENOSPC,
+as on a full disk.
 
 :class:`PowerCutDisk` mounts one for a test and cuts its power.
 """
