@@ -131,8 +131,7 @@ class NetnsCluster(HostFaults, VipView):
             self.power_disks: dict[str, PowerCutDisk] = {}
             for node in self.nodes:
                 if power_cuts:
-                    disk = PowerCutDisk(self.data_dir(node), self.workdir / f"{node.name}-disk.state",
-                                        seed=node.index, capacity_mb=data_disk_mb)
+                    disk = PowerCutDisk(self.data_dir(node), seed=node.index, capacity_mb=data_disk_mb)
                     self.power_disks[node.name] = self._disks.enter_context(disk)
                 else:
                     self._disks.enter_context(small_disk(self.data_dir(node), data_disk_mb))

@@ -98,6 +98,4 @@ class HostFaults:
         synced is left. Restart it with ``restart``."""
         node = self.node(key)
         self.kill(node, "both")
-        disk = self.power_disks[node.name]
-        disk.cut_power()
-        disk.mount()
+        self.power_disks[node.name].cut_power()

@@ -1,17 +1,16 @@
 """A disk that can lose power: a FUSE filesystem, kept in memory, that knows what a power cut
 would leave of what its files and directories hold.
 
-    python -m tests.power_cut_fs MOUNTPOINT STATE [--seed N] [--capacity-mb N]
+    python -m tests.power_cut_fs MOUNTPOINT [--seed N] [--capacity-mb N]
 
-serves MOUNTPOINT until it is unmounted; then the power goes. What survives is what fsync made
-durable: a file's bytes as of its last fsync (of the file), a directory's entries as of its last
-fsync (of the directory). Bytes appended since a file's last fsync are lost, or a prefix of them
-survives, or a prefix's length survives filled with zeros, as the seed draws for each file (what
-filesystems leave after a crash: the data written, part of it, or a size extended over blocks
-never written). Not drawn: a hole inside what survives (a later block written, an earlier one
-not), which the log refuses to guess about (consensus/segments.py). The survivors are written
-to STATE, which the next mount starts from. With a capacity, a write past it fails with ENOSPC,
-as on a full disk.
+serves MOUNTPOINT until it is killed; each line ``cut`` on its stdin cuts the power. What
+survives is what fsync made durable: a file's bytes as of its last fsync (of the file), a
+directory's entries as of its last fsync (of the directory). Bytes appended since a file's last
+fsync are lost, or a prefix of them survives, or a prefix's length survives filled with zeros,
+as the seed draws for each file (what filesystems leave after a crash: the data written, part of
+it, or a size extended over blocks never written). Not drawn: a hole inside what survives (a
+later block written, an earlier one not), which the log refuses to guess about
+(consensus/segments.py). With a capacity, a write past it fails with ENOSPC, as on a full disk.
 
 :class:`PowerCutDisk` mounts one for a test and cuts its power.
 """
@@ -21,8 +20,8 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import pickle
 import random
+import select
 import stat
 import subprocess
 import sys
@@ -97,7 +96,7 @@ def _operations_class():
             self.root = root
             self.capacity = capacity
             self.used = _bytes_held(root)
-            self.lock = threading.Lock()
+            self.mutex = threading.Lock()  # not "lock": fusepy would take it for the POSIX-lock call
 
         def _resize(self, node: Inode, size: int) -> None:
             grow = size - len(node.data)
@@ -121,7 +120,7 @@ def _operations_class():
             return parent, name
 
         def getattr(self, path, fh=None):
-            with self.lock:
+            with self.mutex:
                 node = self._lookup(path)
                 kind = stat.S_IFDIR if node.is_dir else stat.S_IFREG
                 return {"st_mode": kind | node.mode, "st_nlink": 2 if node.is_dir else 1,
@@ -130,7 +129,7 @@ def _operations_class():
                         "st_ctime": node.mtime_ns / 1e9}
 
         def readdir(self, path, fh):
-            with self.lock:
+            with self.mutex:
                 return [".", "..", *self._lookup(path).entries]
 
         def _add(self, path: str, node: Inode) -> None:
@@ -140,25 +139,25 @@ def _operations_class():
             parent.entries[name] = node
 
         def mkdir(self, path, mode):
-            with self.lock:
+            with self.mutex:
                 self._add(path, Inode(is_dir=True, mode=mode & 0o7777))
 
         def create(self, path, mode, fi=None):
-            with self.lock:
+            with self.mutex:
                 self._add(path, Inode(is_dir=False, mode=mode & 0o7777))
             return 0
 
         def open(self, path, flags):
-            with self.lock:
+            with self.mutex:
                 self._lookup(path)
             return 0
 
         def read(self, path, size, offset, fh):
-            with self.lock:
+            with self.mutex:
                 return bytes(self._lookup(path).data[offset:offset + size])
 
         def write(self, path, data, offset, fh):
-            with self.lock:
+            with self.mutex:
                 node = self._lookup(path)
                 self._resize(node, max(len(node.data), offset + len(data)))
                 if offset > len(node.data):
@@ -168,26 +167,26 @@ def _operations_class():
                 return len(data)
 
         def truncate(self, path, length, fh=None):
-            with self.lock:
+            with self.mutex:
                 node = self._lookup(path)
                 self._resize(node, length)
                 del node.data[length:]
                 node.data.extend(bytes(length - len(node.data)))
 
         def fsync(self, path, datasync, fh):
-            with self.lock:
+            with self.mutex:
                 node = self._lookup(path)
                 node.synced = bytes(node.data)
             return 0
 
         def fsyncdir(self, path, datasync, fh):
-            with self.lock:
+            with self.mutex:
                 node = self._lookup(path)
                 node.synced_entries = dict(node.entries)
             return 0
 
         def rename(self, old, new):
-            with self.lock:
+            with self.mutex:
                 src, old_name = self._parent(old)
                 dst, new_name = self._parent(new)
                 if old_name not in src.entries:
@@ -198,28 +197,28 @@ def _operations_class():
                 dst.entries[new_name] = src.entries.pop(old_name)
 
         def unlink(self, path):
-            with self.lock:
+            with self.mutex:
                 parent, name = self._parent(path)
                 if name not in parent.entries or parent.entries[name].is_dir:
                     raise fusepy.FuseOSError(errno.ENOENT)
                 self.used -= len(parent.entries.pop(name).data)
 
         def rmdir(self, path):
-            with self.lock:
+            with self.mutex:
                 parent, name = self._parent(path)
                 if parent.entries.get(name) is None or parent.entries[name].entries:
                     raise fusepy.FuseOSError(errno.ENOTEMPTY)
                 del parent.entries[name]
 
         def chmod(self, path, mode):
-            with self.lock:
+            with self.mutex:
                 self._lookup(path).mode = mode & 0o7777
 
         def utimens(self, path, times=None):
             return 0
 
         def statfs(self, path):
-            with self.lock:
+            with self.mutex:
                 free = (self.capacity - self.used) // 4096
             return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": self.capacity // 4096,
                     "f_bfree": free, "f_bavail": free, "f_files": 1 << 16, "f_ffree": 1 << 15,
@@ -228,68 +227,73 @@ def _operations_class():
     return PowerCutOperations
 
 
+def _take_cuts(ops, rng: random.Random) -> None:
+    """Each line ``cut`` on stdin cuts the power, answered ``cut`` on stdout once done."""
+    for line in sys.stdin:
+        if line.strip() == "cut":
+            with ops.mutex:
+                cut_power(ops.root, rng)
+                ops.used = _bytes_held(ops.root)
+            print("cut", flush=True)
+
+
 def main() -> None:
     import fusepy
 
     ap = argparse.ArgumentParser()
     ap.add_argument("mountpoint")
-    ap.add_argument("state")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--capacity-mb", type=int, default=4096)
     args = ap.parse_args()
-    state = Path(args.state)
-    root = pickle.loads(state.read_bytes()) if state.exists() else Inode(is_dir=True, mode=0o755)
-    ops = _operations_class()(root, args.capacity_mb << 20)
+    ops = _operations_class()(Inode(is_dir=True, mode=0o755), args.capacity_mb << 20)
+    threading.Thread(target=_take_cuts, args=(ops, random.Random(args.seed)), daemon=True).start()
+    # nothing cached by the kernel but file pages, which each open of a file drops
     fusepy.FUSE(ops, args.mountpoint, foreground=True, nothreads=False, big_writes=True,
-                fsname="powercut")
-    cut_power(root, random.Random(args.seed))
-    state.write_bytes(pickle.dumps(root))
+                fsname="powercut", entry_timeout=0, attr_timeout=0, negative_timeout=0)
 
 
 class PowerCutDisk:
-    """One mounted :mod:`tests.power_cut_fs` at ``mountpoint`` (created if need be), its state in
-    ``state``; :meth:`cut_power` (every process using it killed first) unmounts it and keeps what
-    survives, :meth:`mount` serves that again."""
+    """One :mod:`tests.power_cut_fs` mounted at ``mountpoint`` (created if need be) while in
+    use as a context manager; :meth:`cut_power` (every process using the disk killed first)
+    leaves on it only what survives a power cut."""
 
-    def __init__(self, mountpoint: Path, state: Path, seed: int = 0, capacity_mb: int = 4096) -> None:
+    def __init__(self, mountpoint: Path, seed: int = 0, capacity_mb: int = 4096) -> None:
         self.mountpoint = mountpoint
-        self.state = state
         self.seed = seed
         self.capacity_mb = capacity_mb
-        self.cuts = 0
+        self.log_path = mountpoint.with_name(mountpoint.name + ".power-cut-fs.log")
         self._proc: subprocess.Popen | None = None
 
     def mount(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.power_cut_fs", str(self.mountpoint), str(self.state),
-             "--seed", str(self.seed * 1000 + self.cuts), "--capacity-mb", str(self.capacity_mb)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.log_path, "ab") as log:  # a pipe nobody reads would stop it once full
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.power_cut_fs", str(self.mountpoint),
+                 "--seed", str(self.seed), "--capacity-mb", str(self.capacity_mb)],
+                cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
         deadline = time.monotonic() + 20
         while not os.path.ismount(self.mountpoint):
             if self._proc.poll() is not None or time.monotonic() > deadline:
-                why = self._proc.stderr.read().decode() if self._proc.poll() is not None else "timeout"
-                raise RuntimeError(f"power_cut_fs did not mount {self.mountpoint}: {why}")
+                raise RuntimeError(f"power_cut_fs did not mount {self.mountpoint}: "
+                                   f"{self.log_path.read_text()[-2000:] or 'timeout'}")
             time.sleep(0.02)
 
     def cut_power(self) -> None:
-        assert self._proc is not None, "not mounted"
-        subprocess.run(["umount", str(self.mountpoint)], check=True, capture_output=True)
-        _, err = self._proc.communicate(timeout=30)
-        assert self._proc.returncode == 0, err.decode()
-        self._proc = None
-        self.cuts += 1
+        """The mount stays (copies of it in other mount namespaces, made by `ip netns exec`,
+        would keep an unmounted one alive); what it serves from now on is what survived."""
+        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(b"cut\n")
+        self._proc.stdin.flush()
+        ready, _, _ = select.select([self._proc.stdout], [], [], 30)
+        answer = self._proc.stdout.readline() if ready else b""
+        assert answer == b"cut\n", f"power_cut_fs at {self.mountpoint} did not cut: {answer!r}"
 
     def close(self) -> None:
         if self._proc is not None:
             subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            self._proc.kill()  # the kernel ends the connection, also for copies of the mount
+            self._proc.wait()
             self._proc = None
-        self.state.unlink(missing_ok=True)
 
     def __enter__(self) -> PowerCutDisk:
         self.mount()
@@ -303,8 +307,7 @@ class PowerCutDisk:
 def power_cut_disks(directories: list[Path], stop_users: Callable[[], None]) -> Iterator[list[PowerCutDisk]]:
     """A :class:`PowerCutDisk` mounted on each directory (its state beside it); on the way out,
     ``stop_users`` first (a disk in use unmounts only lazily), then every disk is unmounted."""
-    disks = [PowerCutDisk(d, d.with_name(d.name + ".power-cut-state"), seed=k)
-             for k, d in enumerate(directories)]
+    disks = [PowerCutDisk(d, seed=k) for k, d in enumerate(directories)]
     try:
         for disk in disks:
             disk.mount()

@@ -61,8 +61,6 @@ def test_every_write_acknowledged_before_all_three_machines_lose_power_is_kept()
                     for w in writers:
                         w.join(30)
                 assert len(acked) >= 500
-                for disk in disks:
-                    disk.mount()
                 for node in cluster.nodes:
                     cluster.restart(node)  # a fresh, empty server
                 leader = cluster.wait_leader(timeout=120)
