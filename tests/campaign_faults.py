@@ -82,6 +82,7 @@ class Faults:
             time.sleep(pause)
         elif action == "power":
             self.say(f"FAULT power cut of {role} {node.name}: of its data_dir only what was synced is left")
+            self._filled.add(node.name)  # its disk fails its last calls: it may exit with status 4
             cluster.cut_power(node)
             time.sleep(pause)
         elif action == "partition":

@@ -97,5 +97,7 @@ class HostFaults:
         """The host loses power: supervisor and server killed, and of its data_dir only what was
         synced is left. Restart it with ``restart``."""
         node = self.node(key)
+        disk = self.power_disks[node.name]
+        disk.power_off()
         self.kill(node, "both")
-        self.power_disks[node.name].cut_power()
+        disk.power_on()

@@ -23,10 +23,12 @@ def _on_power_cut_disks(c: Cluster):
 
 
 def _cut_everything(c: Cluster, disks: list[PowerCutDisk]) -> None:
+    for disk in disks:
+        disk.power_off()
     for r in c.reps.values():
         r.kill()
     for disk in disks:
-        disk.cut_power()
+        disk.power_on()
 
 
 def _log_files(data_dir: Path) -> list[str]:
@@ -68,8 +70,9 @@ def test_a_replica_that_loses_power_rejoins_from_what_its_disk_kept_however_ofte
             for k in range(8):
                 load.wait_acks(150)
                 victim = c.leader() if k % 2 == 0 else rng.choice(c.names)  # the leader every other time
+                disk_of[victim].power_off()
                 c.reps[victim].kill()
-                disk_of[victim].cut_power()
+                disk_of[victim].power_on()
                 c.reps[victim].start()
         settle(c, load)
         assert len(load.acked) >= 1200

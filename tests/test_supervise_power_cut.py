@@ -53,9 +53,11 @@ def test_every_write_acknowledged_before_all_three_machines_lose_power_is_kept()
                 try:
                     while len(acked) < 500 and all(w.is_alive() for w in writers):
                         time.sleep(0.02)
-                    kill_all()  # mid-write: supervisors and servers, then the disks
+                    for disk in disks:  # mid-write
+                        disk.power_off()
+                    kill_all()
                     for disk in disks:
-                        disk.cut_power()
+                        disk.power_on()
                 finally:
                     stop.set()
                     for w in writers:
