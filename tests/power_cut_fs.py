@@ -4,13 +4,13 @@ would leave of what its files and directories hold.
     python -m tests.power_cut_fs MOUNTPOINT [--seed N] [--capacity-mb N]
 
 serves MOUNTPOINT until it is killed; a line ``off`` on its stdin cuts the power, ``on`` brings
-it back (a call made meanwhile fails with EIO: its caller is to be killed). What survives
-the cut is what fsync had made durable when it came: a file's bytes as of its last fsync (of the file), a
-directory's entries as of its last fsync (of the directory). Bytes appended since a file's last
-fsync are lost, or a prefix of them survives, or a prefix's length survives filled with zeros,
-as the seed draws for each file (what filesystems leave after a crash: the data written, part of
-it, or a size extended over blocks never written). Not drawn: a hole inside what survives (a
-later block written, an earlier one not), which the log refuses to guess about
+it back (a call made meanwhile fails with EIO: its caller is to be killed). What survives the
+cut is what fsync had made durable when it came: a file's bytes as of its last fsync (of the
+file), a directory's entries as of its last fsync (of the directory). Bytes appended since a
+file's last fsync are lost, or a prefix of them survives, or a prefix's length survives filled
+with zeros, as the seed draws for each file (what filesystems leave after a crash: the data
+written, part of it, or a size extended over blocks never written). Not drawn: a hole inside
+what survives (a later block written, an earlier one not), which the log refuses to guess about
 (consensus/segments.py). With a capacity, a write past it fails with ENOSPC, as on a full disk.
 
 :class:`PowerCutDisk` mounts one for a test and cuts its power: while the processes that use it
@@ -316,8 +316,8 @@ class PowerCutDisk:
 
 @contextmanager
 def power_cut_disks(directories: list[Path], stop_users: Callable[[], None]) -> Iterator[list[PowerCutDisk]]:
-    """A :class:`PowerCutDisk` mounted on each directory (its state beside it); on the way out,
-    ``stop_users`` first (a disk in use unmounts only lazily), then every disk is unmounted."""
+    """A :class:`PowerCutDisk` mounted on each directory (its daemon's log beside it); on the way
+    out, ``stop_users`` first (a disk in use unmounts only lazily), then every disk is unmounted."""
     disks = [PowerCutDisk(d, seed=k) for k, d in enumerate(directories)]
     try:
         for disk in disks:
