@@ -145,15 +145,15 @@ class Core(Elections, LeadershipTransfer, Proposals):
     def _eager(self, now: float) -> list[str]:
         """The followers that new entries go to at once: as many as a commit needs besides the
         leader, those furthest along (in name order on a tie), first among those that could lead
-        at once (``_ready``). The others get them in batches on the leader's tick
+        at once (``ready``). The others get them in batches on the leader's tick
         (``_tick_bound``), so that they are not woken for every entry; one that stops answering
         falls behind and is replaced by the next. Without ``thrifty``, every follower."""
         if not self.thrifty:
             return self.peers
-        return sorted(self.peers, key=lambda p: (not self._ready(p, now), -self.match[p]))[
+        return sorted(self.peers, key=lambda p: (not self.ready(p, now), -self.match[p]))[
             :self.majority - 1]
 
-    def _ready(self, p: str, now: float) -> bool:
+    def ready(self, p: str, now: float) -> bool:
         """The follower answers and does not lag in applying the log: it could lead at once."""
         return self.peer_lag[p] < LAGGING_ENTRIES and now - self.last_heard[p] < self.retry_s
 
@@ -165,7 +165,7 @@ class Core(Elections, LeadershipTransfer, Proposals):
         last = self.store.last_index
         if not self.thrifty or self.peer_lag[p] < LAGGING_ENTRIES or p in eager:
             return last
-        acked = [self.match[e] for e in eager if self._ready(e, now)]
+        acked = [self.match[e] for e in eager if self.ready(e, now)]
         return min(acked) if acked else last
 
     def _replicate(self, p: str, now: float, upto: int | None = None) -> None:

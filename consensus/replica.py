@@ -217,7 +217,7 @@ class Replica:
                 match = self.core.match[p] if leading else None
                 out[p] = {"reachable": reach, "match_index": match,
                           "lag": (last - match) if match is not None else None,
-                          "ready": leading and self.core._ready(p, now)}
+                          "ready": leading and self.core.ready(p, now)}
         return out
 
     # ---- proposals ----------------------------------------------------------------------------

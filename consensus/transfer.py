@@ -56,7 +56,7 @@ class LeadershipTransfer:
         """A replica that came to lead far behind in applying its log (one restarted with a fresh
         copy does not know how far the log was committed, so nothing kept it from standing)
         hands leadership to a peer that could lead at once, as soon as one answers."""
-        ready = [p for p in self.peers if self._ready(p, now)]
+        ready = [p for p in self.peers if self.ready(p, now)]
         if ready:
             self._hand_to = self._successor(ready)
 

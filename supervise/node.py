@@ -173,10 +173,9 @@ class Node(Leadership):
             holding_outputs = self.tracer is not None and self.tracer.mode is Mode.HOLD_OUTPUT
             if holding_outputs:
                 self._hold_inputs_until_logged()
-            handed = self.replica.step_down(timeout=HANDOVER_TIMEOUT_S, to=to)
-            if not handed and holding_outputs and self.leading and self.tracer is not None:
-                self.tracer.set_mode(Mode.HOLD_OUTPUT)  # for connections accepted from now on
-            if not handed:
+            if not self.replica.step_down(timeout=HANDOVER_TIMEOUT_S, to=to):
+                if holding_outputs and self.leading:
+                    self.tracer.set_mode(Mode.HOLD_OUTPUT)  # for connections accepted from now on
                 who = f"{to} could not" if to else "no peer could"
                 raise HandoverError(f"{who} take over within {HANDOVER_TIMEOUT_S:.0f} s (unreachable, "
                                     f"or not caught up): {self.me.name} leads on")
