@@ -175,7 +175,7 @@ class Node(Leadership):
                 self._hold_inputs_until_logged()
             if not self.replica.step_down(timeout=HANDOVER_TIMEOUT_S, to=to):
                 if holding_outputs and self.leading:
-                    self.tracer.set_mode(Mode.HOLD_OUTPUT)  # for connections accepted from now on
+                    self.tracer.set_mode(Mode.HOLD_OUTPUT, resume_outputs_held=True)
                 who = f"{to} could not" if to else "no peer could"
                 raise HandoverError(f"{who} take over within {HANDOVER_TIMEOUT_S:.0f} s (unreachable, "
                                     f"or not caught up): {self.me.name} leads on")

@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -100,6 +101,49 @@ def test_a_leader_holding_outputs_hands_over_and_keeps_its_server():
             values = redis_py.Redis(port=new.server_port, protocol=2).mget(acked)
             assert all(v is not None for v in values)
             assert_copies_answer_alike(cluster, new, "DEBUG", "DIGEST")
+        except BaseException:
+            print(cluster.logs())
+            raise
+
+
+def test_a_leader_holding_outputs_whose_hand_over_fails_holds_its_clients_outputs_again():
+    # while it tries, it holds inputs; after, its clients' connections are output-held again,
+    # and the inputs they sent meanwhile (held until committed) make no output an escape
+    with LocalCluster(n=3, server="redis", transport="shm", hold="outputs") as cluster:
+        try:
+            cluster.start(timeout=120)
+            secret = cluster.workdir.joinpath("cluster.key").read_bytes()
+            leader = cluster.wait_leader()
+            ballot = leader.status()["ballot"]
+            client = redis_py.Redis(port=leader.server_port, socket_timeout=30)
+            for i in range(100):
+                client.set(f"k{i}", i)
+            target = next(n for n in cluster.nodes if n is not leader)
+            for _ in range(10):  # asked within a heartbeat or so of the stop, it still looks ready
+                body = request_body(secret, leader.name, target.name, ballot)
+                writes = threading.Thread(target=lambda: [client.incr("during") for _ in range(50)])
+                target.supervisor.send_signal(signal.SIGSTOP)
+                try:
+                    writes.start()
+                    code, why = _post_handover(leader, body)
+                    writes.join()
+                finally:
+                    target.supervisor.send_signal(signal.SIGCONT)
+                if "could not take over" in why:
+                    break
+                assert "not ready to lead" in why, (code, why)
+                time.sleep(1)
+            assert code == 409 and "leads on" in why, (code, why)
+            for i in range(100, 200):
+                client.set(f"k{i}", i)
+            assert client.mget([f"k{i}" for i in range(200)]) == [str(i).encode() for i in range(200)]
+            doc = leader.status()
+            assert (doc["role"], doc["ballot"], doc["holding"], doc["escapes"]) == \
+                ("leader", ballot, "outputs", 0), doc
+            cluster.wait_applied(timeout=60)
+            assert all(not n.status()["diverged"] for n in cluster.nodes)
+            assert_copies_answer_alike(cluster, leader, "DEBUG", "DIGEST")
+            client.close()
         except BaseException:
             print(cluster.logs())
             raise

@@ -108,6 +108,36 @@ def test_a_thread_stopped_at_its_output_is_let_go_by_detach(redis):
     assert redis_py.Redis(port=redis.port, socket_timeout=5).ping()
 
 
+def test_resuming_after_a_spell_of_gating_holds_the_outputs_of_the_connections_held_before(redis):
+    # a leader that fails to hand over goes on holding outputs for its clients' connections; a
+    # new leadership holds them only for connections accepted from its start. An input that
+    # holds its thread makes no output suspect: it is committed before the thread runs on.
+    def ping(client: socket.socket) -> Hold:
+        client.sendall(PING)
+        event = rec.next_input()
+        assert client.recv(100) == b"+PONG\r\n"
+        return event.hold
+
+    with traced(redis.pid, Mode.HOLD_OUTPUT) as (tracer, rec):
+        client = socket.create_connection(("127.0.0.1", redis.port), timeout=5)
+        assert rec.next_input().holds_outputs
+        assert ping(client) is Hold.OUTPUTS
+        tracer.set_mode(Mode.GATE)
+        assert ping(client) is Hold.THREAD
+        gated = socket.create_connection(("127.0.0.1", redis.port), timeout=5)
+        assert not rec.next_input().holds_outputs
+        tracer.set_mode(Mode.HOLD_OUTPUT, resume_outputs_held=True)
+        for _ in range(3):
+            assert ping(client) in (Hold.OUTPUTS, Hold.OUTPUTS_STOP)
+            assert ping(gated) is Hold.THREAD
+        tracer.set_mode(Mode.GATE)
+        tracer.set_mode(Mode.HOLD_OUTPUT)
+        assert ping(client) is Hold.THREAD
+        client.close()
+        gated.close()
+    assert tracer.stats.escapes == 0
+
+
 @contextlib.contextmanager
 def _holding_outputs_of(script: str) -> Iterator[tuple]:
     """A test server traced in hold-output mode: (port, tracer, recorder, escapes reported)."""

@@ -151,11 +151,13 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
                 pass
         return self.stats.bpf_lost
 
-    def set_mode(self, mode: Mode) -> None:
+    def set_mode(self, mode: Mode, *, resume_outputs_held: bool = False) -> None:
         """Start or stop gating. A supervisor that may gate later attaches with exitkill=True,
         since PTRACE_O_EXITKILL can only be set while every thread is stopped. Hold-output mode
-        holds only connections accepted from now on, and falls back to gate mode (with a
-        warning) for a process whose output calls cannot be found."""
+        holds only connections accepted from now on (a new leadership's), unless
+        ``resume_outputs_held``: then also those it held before a spell in gate mode (the same
+        leadership going on). It falls back to gate mode (with a warning) for a process whose
+        output calls cannot be found."""
         if mode.holds and not self.exitkill:
             raise ValueError("gating needs a tracer attached with exitkill")
         with self._mode_lock:  # the tracer thread may be closing the probes as the server exits
@@ -164,7 +166,7 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
                 if why is not None:
                     log.warning("cannot hold outputs (%s): holding inputs instead", why)
                     mode = Mode.GATE
-                else:
+                elif not resume_outputs_held:
                     self.probes.end_outputs_held()
             self.mode = mode
             self._apply_bpf_mode()

@@ -272,19 +272,21 @@ static __always_inline u32 copy_payload(struct call_args *a, s64 ret, u8 *data) 
 // MODE_HOLD_OUTPUT: how an event of a traced thread is held. An input on a connection accepted
 // in this mode runs on, unless its thread must first be armed (its breakpoints off) or the probe
 // could not copy the input whole; an input on any other connection holds its thread as in
-// MODE_GATE. An output must come from a disarmed thread, with no input of another thread since
-// the tracer disarmed it.
+// MODE_GATE. An output must come from a disarmed thread, with no input that ran on in another
+// thread since the tracer disarmed it (one that held its thread was released, so committed, by
+// the time that thread could share it).
 static __always_inline u8 hold_output(u32 tgid, u32 tid, struct event *e, u8 input, u32 outputs_held) {
     u64 *state = armed.lookup(&tid);
     u64 st = state ? *state : 0;
     if (input) {
-        u64 seq = e->seq;
-        last_input.update(&tgid, &seq);
-        u8 hold = HOLD_OUTPUTS;
-        if (!outputs_held)
-            hold = HOLD_THREAD;
-        else if (!(st & ARMED) || (e->dir == DIR_IN && e->ret > 0 && e->data_len < e->ret))
-            hold = HOLD_OUTPUTS_STOP;
+        u8 hold = HOLD_THREAD;
+        if (outputs_held) {
+            u64 seq = e->seq;
+            last_input.update(&tgid, &seq);
+            hold = HOLD_OUTPUTS;
+            if (!(st & ARMED) || (e->dir == DIR_IN && e->ret > 0 && e->data_len < e->ret))
+                hold = HOLD_OUTPUTS_STOP;
+        }
         if (hold != HOLD_OUTPUTS)
             bpf_send_signal_thread(SIGSTOP_NR);
         return hold;
