@@ -231,7 +231,10 @@ class Core(Elections, LeadershipTransfer, Proposals):
                 self._on_timeout_now(peer, wire.dec_timeout_now(body))
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
-        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, self._lag())
+        # a withdrawn replica will never lead: it says it lags without end, so that no leader
+        # counts it ready to, nor hands leadership to it while a standing peer could take it
+        lag = self._lag() if self.standing else UNKNOWN_LAG
+        m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, lag)
         self._send(peer, wire.APPEND_RESP, wire.enc_append_resp(m))
 
     def _on_append(self, peer: str, m: wire.Append) -> None:

@@ -396,6 +396,29 @@ def test_a_replica_that_came_to_lead_far_behind_in_applying_its_log_hands_leader
         assert len(led) == 1, c.reps[slow].roles()  # it led first, and only once
 
 
+def test_a_withdrawn_follower_is_never_counted_ready_nor_handed_leadership() -> None:
+    """Up to date, it still could not lead: a hand-over to it would be refused and wait out its
+    timeout. The leader's step-down goes to the standing peer, even the one it would choose last
+    on a tie (the peer it lists first is the withdrawn one)."""
+    with Cluster(3, "shm", "fsync") as c:
+        c.start()
+        lead = c.leader()
+        withdrawn, standing = [n for n in c.names if n != lead]
+        cl = Client(c.reps[withdrawn].socket_path)
+        assert cl.call("W 2") == "OK"
+        cl.close()
+        deadline = time.monotonic() + 10
+        while c.reps[lead].status()["peers"][withdrawn]["ready"]:
+            assert time.monotonic() < deadline, c.statuses()
+            time.sleep(0.05)
+        cl = Client(c.reps[lead].socket_path)
+        assert cl.call("D 5") == "OK 1"
+        cl.close()
+        assert c.leader(exclude={lead}) == standing
+        peers = c.reps[standing].status()["peers"]
+        assert not peers[withdrawn]["ready"], peers
+
+
 def test_a_withdrawn_replica_with_the_longest_log_hands_leadership_to_a_peer_that_lacked_it() -> None:
     """The only live peer missed entries while it was down, so it cannot win without the
     withdrawn replica's log: that replica stands after a while, brings it up to date and hands
