@@ -166,8 +166,8 @@ class Node(Leadership):
             if not ready or (to is not None and to not in ready):
                 who = f"{to} is not" if to else "no peer is"
                 raise HandoverError(
-                    f"{who} ready to lead (unreachable, or far behind in applying the log: it would "
-                    f"hand leadership straight back); {self.me.name} leads on (ready: "
+                    f"{who} ready to lead (unreachable, withdrawn since its copy diverged, or far "
+                    f"behind in applying the log); {self.me.name} leads on (ready: "
                     f"{', '.join(ready) or 'none'}; see `supervise status`)")
             log.info("handing leadership to %s, as asked", to or "the peer best placed to lead")
             holding_outputs = self.tracer is not None and self.tracer.mode is Mode.HOLD_OUTPUT

@@ -144,6 +144,16 @@ def test_a_diverged_copy_never_serves_and_the_healthy_one_takes_over():
         _spoil(fresh, leader, spoiled)
         assert spoiled.status()["diverged"] is True
         assert healthy.status()["diverged"] is False
+        # caught up, it still could not lead: it is not offered leadership
+        deadline = time.monotonic() + 10
+        while leader.status()["peers"][spoiled.name]["ready"]:
+            assert time.monotonic() < deadline, leader.status()["peers"]
+            time.sleep(0.05)
+        result = subprocess.run([sys.executable, "-m", "supervise", "handover", "--config",
+                                 str(fresh.config), "--to", spoiled.name],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and f"{spoiled.name} is not ready to lead" in result.stderr, \
+            result.stderr
         # the leader dies: the healthy copy takes over with the diverged one's vote. The diverged
         # one never gates, since it would serve clients from a copy the log does not hold; it
         # leads only if the healthy one lacks entries it has, and then only to hand them over.
