@@ -172,6 +172,34 @@ def test_proposals_made_during_a_hand_over_that_times_out_are_committed_by_the_l
         check_history(c, {b"during": int(index)}, require_all=c.names)
 
 
+def test_a_successor_resumed_after_its_hand_over_timed_out_does_not_take_over() -> None:
+    # stopped once caught up, it was told to take over every few ms until the leader gave up;
+    # resumed, it finds the requests queued, and behind them the entry the leader appended as
+    # it led on: it lets leadership be
+    with Cluster(3, "shm", "memory") as c:
+        c.start()
+        lead = c.leader()
+        to = next(n for n in c.names if n != lead)
+        ballot = c.reps[lead].status()["ballot"]
+        stepper = Client(c.reps[lead].socket_path)
+        verdict, first = stepper.propose(b"before")
+        assert verdict == "OK", (verdict, first)
+        c.wait_applied(c.reps[lead].status()["last"], [to])
+        os.killpg(c.reps[to].proc.pid, signal.SIGSTOP)
+        try:
+            assert stepper.call(f"D 1.0 {to}") == "OK 0"
+        finally:
+            os.killpg(c.reps[to].proc.pid, signal.SIGCONT)
+        verdict, index = stepper.propose(b"after")
+        assert verdict == "OK", (verdict, index)
+        time.sleep(2.0)
+        st = c.reps[lead].status()
+        assert (st["role"], st["ballot"]) == ("leader", ballot), c.statuses()
+        stepper.close()
+        c.wait_applied(int(index))
+        check_history(c, {b"before": int(first), b"after": int(index)}, require_all=c.names)
+
+
 def test_a_thrifty_leader_commits_while_either_follower_is_stopped_and_both_get_every_entry() -> None:
     """A thrifty leader sends new entries at once to one follower only, the other getting them
     on its tick. Commits must go on while either follower is stopped, and in the end every
