@@ -161,9 +161,8 @@ def test_proposals_made_during_a_hand_over_that_times_out_are_committed_by_the_l
             thread.join(10)
         finally:
             os.killpg(c.reps[to].proc.pid, signal.SIGCONT)
-        # the leader led on and committed it; once resumed, the stopped
-        # peer may still act on the hand-over it was sent and start an election: at worst an
-        # extra one, as in Raft's leadership transfer
+        # the leader led on and committed it (that the resumed peer then lets leadership be is
+        # test_a_successor_resumed_after_its_hand_over_timed_out_does_not_take_over)
         assert answers == ["OK 0"]
         assert verdict == "OK", (verdict, index)
         stepper.close()
