@@ -120,7 +120,7 @@ class LeadershipTransfer:
         over two heartbeats later, if its log has not grown meanwhile (_take_over_if_due). Time
         enough to read a backlog of requests and the no-op behind it."""
         if not self.standing:
-            if self._refused_handover != (peer, ballot):  # a leader asks again every few ms
+            if self._refused_handover != (peer, ballot):  # a leader asks again every heartbeat
                 self._refused_handover = (peer, ballot)
                 log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
         elif ballot == self.ballot and self.leader == peer and self._takeover is None:
