@@ -423,17 +423,24 @@ def test_a_replica_that_came_to_lead_far_behind_in_applying_its_log_hands_leader
         assert len(led) == 1, c.reps[slow].roles()  # it led first, and only once
 
 
+def _start_and_withdraw_a_follower(c: Cluster) -> tuple[str, str, str]:
+    """(the leader, the follower withdrawn, the other follower), the first follower by name
+    withdrawn."""
+    c.start()
+    lead = c.leader()
+    withdrawn, other = [n for n in c.names if n != lead]
+    cl = Client(c.reps[withdrawn].socket_path)
+    assert cl.call("W 2") == "OK"
+    cl.close()
+    return lead, withdrawn, other
+
+
 def test_a_withdrawn_follower_is_never_counted_ready_nor_handed_leadership() -> None:
     """Up to date, it still could not lead: a hand-over to it would be refused and wait out its
     timeout. The leader's step-down goes to the standing peer, even the one it would choose last
     on a tie (the peer it lists first is the withdrawn one)."""
     with Cluster(3, "shm", "fsync") as c:
-        c.start()
-        lead = c.leader()
-        withdrawn, standing = [n for n in c.names if n != lead]
-        cl = Client(c.reps[withdrawn].socket_path)
-        assert cl.call("W 2") == "OK"
-        cl.close()
+        lead, withdrawn, standing = _start_and_withdraw_a_follower(c)
         deadline = time.monotonic() + 10
         while c.reps[lead].status()["peers"][withdrawn]["ready"]:
             assert time.monotonic() < deadline, c.statuses()
@@ -451,12 +458,7 @@ def test_a_withdrawn_replica_with_the_longest_log_hands_leadership_to_a_peer_tha
     withdrawn replica's log: that replica stands after a while, brings it up to date and hands
     leadership to it, and never leads for longer."""
     with Cluster(3, "shm", "fsync") as c:
-        c.start()
-        lead = c.leader()
-        withdrawn, behind = [n for n in c.names if n != lead]
-        cl = Client(c.reps[withdrawn].socket_path)
-        assert cl.call("W 2") == "OK"
-        cl.close()
+        lead, withdrawn, behind = _start_and_withdraw_a_follower(c)
         c.reps[behind].kill()
         acked = {}
         prop = Proposer(c)
