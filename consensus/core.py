@@ -72,8 +72,8 @@ class Core(Elections, LeadershipTransfer, Proposals):
         self.transferring = False
         self.standing = True  # False: votes, but never stands for election (Replica.withdraw)
         self._refused_handover: tuple[str, int] | None = None
-        self._told_at = 0.0  # leading: when a peer was last sent TIMEOUT_NOW in this hand-over
-        self._takeover: tuple[str, int, int, float] | None = None  # following: transfer.py
+        self._told: str | None = None  # leading: the peer sent TIMEOUT_NOW in this hand-over
+        self._told_at = 0.0  # and when, last
         self._hand_to: str | None = None  # lagging, it stands for this peer (election.py)
         self._granted = 0
         self._votes: set[str] = set()
@@ -103,7 +103,7 @@ class Core(Elections, LeadershipTransfer, Proposals):
         if self.role == LEADER and role != LEADER:
             self._fail_pending(LeadershipLost(leader))
             self.transferring = False
-            self._told_at = 0.0
+            self._told = None
             # A leader stops leading because it lost touch (paused, cut off) or met a higher
             # ballot; either way a leader it does not know of yet may be reaching it now. Until an
             # election timeout has passed it refuses pre-votes, as if it had just heard from one.
@@ -232,6 +232,10 @@ class Core(Elections, LeadershipTransfer, Proposals):
                 self._on_prevote_resp(peer, wire.dec_vote_resp(body))
             elif mtype == wire.TIMEOUT_NOW:
                 self._on_timeout_now(peer, wire.dec_timeout_now(body))
+            elif mtype == wire.TAKEOVER_ASK:
+                self._on_takeover_ask(peer, wire.dec_timeout_now(body))
+            elif mtype == wire.TAKEOVER_GO:
+                self._on_takeover_go(peer, wire.dec_timeout_now(body))
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
         # a withdrawn replica will never lead: it says it lags without end, so that no leader
@@ -279,8 +283,6 @@ class Core(Elections, LeadershipTransfer, Proposals):
         commit = min(m.commit, matched)
         if commit > self.commit_index:
             self._commit_to(commit)
-        if self._takeover is not None:
-            self._take_over_if_due(time.monotonic())
 
     def _on_append_resp(self, peer: str, m: wire.AppendResp) -> None:
         if m.ballot > self.ballot:
@@ -337,7 +339,5 @@ class Core(Elections, LeadershipTransfer, Proposals):
                 if heard < self.majority:
                     log.warning("%s: lost contact with a majority, stepping down", self.name)
                     self._step_down(self.ballot, None)
-            elif self._takeover is not None:
-                self._take_over_if_due(now)
             elif now >= self._deadline:
                 self.election_due(now)

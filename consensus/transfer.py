@@ -1,10 +1,10 @@
 """Handing leadership on, as methods mixed into Core: a leader that leaves (Replica.step_down)
 or withdraws (Replica.withdraw) brings its successor up to its whole log, then sends it
-TIMEOUT_NOW, and that peer starts an election two heartbeats later instead of waiting out its
-timer. Proposals wait meanwhile (proposals.py), so the leader appends nothing until it gives the
-hand-over up; then it appends a no-op, and a successor that finds its log grown by then lets
-leadership be (a peer paused past the hand-over's timeout finds the requests queued, and the
-no-op behind them; Raft's transfer would start an election that deposes the leader).
+TIMEOUT_NOW; that peer asks back whether the hand-over still holds (TAKEOVER_ASK), and once the
+leader says it does (TAKEOVER_GO) it starts an election at once instead of waiting out its
+timer. Proposals wait meanwhile (proposals.py). A leader that gives the hand-over up answers no
+more asks: a successor paused past the hand-over's timeout finds the requests queued when it
+resumes, and lets leadership be (with Raft's transfer it would depose the leader that led on).
 
 The successor is the one named to step_down, or else the live peer that lags least in applying
 the log, as each says in its acknowledgements (under LAGGING_ENTRIES counts as not at all), then
@@ -14,14 +14,11 @@ delivered all of it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
-from consensus import codec, wire
-from consensus.codec import Entry
+from consensus import wire
 from consensus.election import FOLLOWER, LAGGING_ENTRIES, LEADER
-from consensus.errors import LogWriteError
 
 log = logging.getLogger("consensus.core")
 
@@ -53,7 +50,7 @@ class LeadershipTransfer:
             log.info("%s: %s is silent; leading on instead of handing leadership to it", self.name,
                      target)
             self._hand_to = None
-            self._lead_on(now)
+            self._lead_on()
             return
         if not self.transferring:
             log.info("%s: behind in applying its log, handing leadership to %s", self.name, target)
@@ -94,50 +91,37 @@ class LeadershipTransfer:
     def transfer_abort(self) -> None:
         with self.locked():
             if self.role == LEADER and self.transferring:
-                self._lead_on(time.monotonic())
+                self._lead_on()
 
-    def _lead_on(self, now: float) -> None:
-        """Give the hand-over up. A successor told to take over learns it from the no-op."""
+    def _lead_on(self) -> None:
+        """Give the hand-over up: a successor that asks from now on is not told to go."""
         self.transferring = False
-        if not self._told_at:
-            return
-        self._told_at = 0.0
-        with contextlib.suppress(LogWriteError):  # reported; the replica stops
-            self.store.append([Entry(self.store.last_index + 1, self.ballot, codec.KIND_NOOP, b"")])
-            for p in self.peers:
-                self._replicate(p, now)
+        self._told = None
 
     def _hand_over_if_caught_up(self, target: str) -> None:
         """Asked again each heartbeat (a message may be lost), not each poke: a successor that
-        was paused finds fewer requests queued (_on_timeout_now)."""
+        was paused finds fewer requests queued."""
         now = time.monotonic()
-        if self.match[target] == self.store.last_index and now - self._told_at >= self.heartbeat_s:
-            self._told_at = now
+        if self.match[target] == self.store.last_index and (
+                target != self._told or now - self._told_at >= self.heartbeat_s):
+            self._told, self._told_at = target, now
             self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
 
     def _on_timeout_now(self, peer: str, ballot: int) -> None:
-        """The leader hands leadership to this replica (called with the lock held): it takes
-        over two heartbeats later, if its log has not grown meanwhile (_take_over_if_due). Time
-        enough to read a backlog of requests and the no-op behind it."""
+        """The leader hands leadership to this replica (called with the lock held): it asks
+        whether that still holds, and stands once the leader says so (_on_takeover_go)."""
         if not self.standing:
             if self._refused_handover != (peer, ballot):  # a leader asks again every heartbeat
                 self._refused_handover = (peer, ballot)
                 log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
-        elif ballot == self.ballot and self.leader == peer and self._takeover is None:
-            self._takeover = (peer, ballot, self.store.last_index,
-                              time.monotonic() + 2 * self.heartbeat_s)
+        elif ballot == self.ballot and self.leader == peer:
+            self._send(peer, wire.TAKEOVER_ASK, wire.enc_timeout_now(ballot))
 
-    def _take_over_if_due(self, now: float) -> None:
-        assert self._takeover is not None
-        peer, ballot, last, due = self._takeover
-        if now < due:
-            return
-        self._takeover = None
-        if (self.role, self.leader, self.ballot) != (FOLLOWER, peer, ballot):
-            return
-        if self.store.last_index != last:
-            log.info("%s: %s led on after asking this replica to take over: not taking over",
-                     self.name, peer)
-            return
-        log.info("%s: leadership handed over by %s", self.name, peer)
-        self.start_election()
+    def _on_takeover_ask(self, peer: str, ballot: int) -> None:
+        if self.role == LEADER and self.transferring and ballot == self.ballot and self._told == peer:
+            self._send(peer, wire.TAKEOVER_GO, wire.enc_timeout_now(ballot))
+
+    def _on_takeover_go(self, peer: str, ballot: int) -> None:
+        if self.standing and self.role == FOLLOWER and ballot == self.ballot and self.leader == peer:
+            log.info("%s: leadership handed over by %s", self.name, peer)
+            self.start_election()

@@ -27,6 +27,8 @@ VOTE_RESP = 4
 TIMEOUT_NOW = 5
 PREVOTE_REQ = 6  # bodies as VOTE_REQ / VOTE_RESP
 PREVOTE_RESP = 7
+TAKEOVER_ASK = 8  # bodies as TIMEOUT_NOW: the successor asks whether the hand-over still holds
+TAKEOVER_GO = 9  # and the leader says it does (transfer.py)
 
 _APPEND = struct.Struct("<QQQQI4x")
 _APPEND_RESP = struct.Struct("<QQQB3xI")
