@@ -118,7 +118,10 @@ class LeadershipTransfer:
             self._send(peer, wire.TAKEOVER_ASK, wire.enc_timeout_now(ballot))
 
     def _on_takeover_ask(self, peer: str, ballot: int) -> None:
-        if self.role == LEADER and self.transferring and ballot == self.ballot and self._told == peer:
+        """Answered only while handing over to ``peer``, which has the whole log: the question
+        may come late."""
+        if self.role == LEADER and self.transferring and ballot == self.ballot and \
+                self._told == peer and self.match[peer] == self.store.last_index:
             self._send(peer, wire.TAKEOVER_GO, wire.enc_timeout_now(ballot))
 
     def _on_takeover_go(self, peer: str, ballot: int) -> None:
