@@ -154,10 +154,9 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
     def set_mode(self, mode: Mode, *, resume_outputs_held: bool = False) -> None:
         """Start or stop gating. A supervisor that may gate later attaches with exitkill=True,
         since PTRACE_O_EXITKILL can only be set while every thread is stopped. Hold-output mode
-        holds only connections accepted from now on (a new leadership's), unless
-        ``resume_outputs_held``: then also those it held before a spell in gate mode (the same
-        leadership going on). It falls back to gate mode (with a warning) for a process whose
-        output calls cannot be found."""
+        holds connections accepted from now on (a new leadership's), and with
+        ``resume_outputs_held`` those it held before a spell in gate mode too (the same
+        leadership going on); it falls back to gate mode for a process without output calls."""
         if mode.holds and not self.exitkill:
             raise ValueError("gating needs a tracer attached with exitkill")
         with self._mode_lock:  # the tracer thread may be closing the probes as the server exits
