@@ -231,11 +231,11 @@ class Core(Elections, LeadershipTransfer, Proposals):
             elif mtype == wire.PREVOTE_RESP:
                 self._on_prevote_resp(peer, wire.dec_vote_resp(body))
             elif mtype == wire.TIMEOUT_NOW:
-                self._on_timeout_now(peer, wire.dec_timeout_now(body))
+                self._on_timeout_now(peer, wire.dec_ballot(body))
             elif mtype == wire.TAKEOVER_ASK:
-                self._on_takeover_ask(peer, wire.dec_timeout_now(body))
+                self._on_takeover_ask(peer, wire.dec_ballot(body))
             elif mtype == wire.TAKEOVER_GO:
-                self._on_takeover_go(peer, wire.dec_timeout_now(body))
+                self._on_takeover_go(peer, wire.dec_ballot(body))
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
         # a withdrawn replica will never lead: it says it lags without end, so that no leader

@@ -105,7 +105,7 @@ class LeadershipTransfer:
         if self.match[target] == self.store.last_index and (
                 target != self._told or now - self._told_at >= self.heartbeat_s):
             self._told, self._told_at = target, now
-            self._send(target, wire.TIMEOUT_NOW, wire.enc_timeout_now(self.ballot))
+            self._send(target, wire.TIMEOUT_NOW, wire.enc_ballot(self.ballot))
 
     def _on_timeout_now(self, peer: str, ballot: int) -> None:
         """The leader hands leadership to this replica (called with the lock held): it asks
@@ -115,14 +115,14 @@ class LeadershipTransfer:
                 self._refused_handover = (peer, ballot)
                 log.info("%s: withdrawn, so not taking over from %s", self.name, peer)
         elif ballot == self.ballot and self.leader == peer:
-            self._send(peer, wire.TAKEOVER_ASK, wire.enc_timeout_now(ballot))
+            self._send(peer, wire.TAKEOVER_ASK, wire.enc_ballot(ballot))
 
     def _on_takeover_ask(self, peer: str, ballot: int) -> None:
         """Answered only while handing over to ``peer``, which has the whole log: the question
         may come late."""
         if self.role == LEADER and self.transferring and ballot == self.ballot and \
                 self._told == peer and self.match[peer] == self.store.last_index:
-            self._send(peer, wire.TAKEOVER_GO, wire.enc_timeout_now(ballot))
+            self._send(peer, wire.TAKEOVER_GO, wire.enc_ballot(ballot))
 
     def _on_takeover_go(self, peer: str, ballot: int) -> None:
         if self.standing and self.role == FOLLOWER and ballot == self.ballot and self.leader == peer:

@@ -24,17 +24,17 @@ APPEND = 1
 APPEND_RESP = 2
 VOTE_REQ = 3
 VOTE_RESP = 4
-TIMEOUT_NOW = 5
+TIMEOUT_NOW = 5  # body: a ballot (enc_ballot), as TAKEOVER_ASK's and TAKEOVER_GO's
 PREVOTE_REQ = 6  # bodies as VOTE_REQ / VOTE_RESP
 PREVOTE_RESP = 7
-TAKEOVER_ASK = 8  # bodies as TIMEOUT_NOW: the successor asks whether the hand-over still holds
+TAKEOVER_ASK = 8  # the successor asks whether the hand-over still holds
 TAKEOVER_GO = 9  # and the leader says it does (transfer.py)
 
 _APPEND = struct.Struct("<QQQQI4x")
 _APPEND_RESP = struct.Struct("<QQQB3xI")
 _VOTE_REQ = struct.Struct("<QQQ")
 _VOTE_RESP = struct.Struct("<QB7x")
-_TIMEOUT_NOW = struct.Struct("<Q")
+_BALLOT = struct.Struct("<Q")
 
 
 class BadFrame(ValueError):
@@ -141,9 +141,9 @@ def dec_vote_resp(body: bytes) -> VoteResp:
     return VoteResp(ballot, bool(granted))
 
 
-def enc_timeout_now(ballot: int) -> bytes:
-    return _TIMEOUT_NOW.pack(ballot)
+def enc_ballot(ballot: int) -> bytes:
+    return _BALLOT.pack(ballot)
 
 
-def dec_timeout_now(body: bytes) -> int:
-    return _TIMEOUT_NOW.unpack_from(body)[0]
+def dec_ballot(body: bytes) -> int:
+    return _BALLOT.unpack_from(body)[0]

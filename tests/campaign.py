@@ -90,7 +90,7 @@ class Campaign(Faults):
         self.rng = random.Random(self.seed)  # the schedule: kinds, gaps, holds, what to kill
         self.pick_rng = random.Random(self.seed + 1)  # which follower
         self._deck: list[str] = []
-        self._filled: set[str] = set()  # nodes whose disk was filled (or lost power) since their last restart
+        self._filled: set[str] = set()  # nodes whose disk filled or lost power since their last restart
         self.key_names = [f"k{i}" for i in range(self.keys)]
         self._ids = itertools.count()
         self._stop_clients = threading.Event()

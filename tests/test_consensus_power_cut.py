@@ -1,8 +1,8 @@
 """Power cuts: every replica's log on a disk that keeps only what fsync made durable
 (tests/power_cut_fs.py), all three losing power at once mid-load, again and again, or one or
-two at a time while the others go on. With ``durability = "fsync"`` nothing acknowledged is lost and
-every replica starts again from what its disk kept; with ``"memory"`` the same cut loses what
-was acknowledged (what that setting trades away)."""
+two at a time while the others go on. With ``durability = "fsync"`` nothing acknowledged is
+lost and every replica starts again from what its disk kept; with ``"memory"`` the same cut
+loses what was acknowledged (what that setting trades away)."""
 
 from __future__ import annotations
 
