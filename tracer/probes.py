@@ -9,6 +9,7 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from . import ringbuf
 
@@ -131,36 +132,37 @@ class Probes:
     def unsupervise_tgid(self, tgid: int) -> None:
         """Stop capturing the tgid's syscalls. A tgid that waited in the hash for this slot
         moves into it before it leaves the hash, so that its lookups never miss."""
-        self.tgids.pop(ctypes.c_uint32(tgid), None)
+        discard(self.tgids, ctypes.c_uint32(tgid))
         idx = ctypes.c_uint32(tgid % TGID_SLOTS)
         if self.tgid_slots[idx].tgid != tgid:
             return
         waiting = [(k.value, v.value) for k, v in self.tgids.items() if k.value % TGID_SLOTS == idx.value]
         if waiting:
             self.tgid_slots[idx] = self.tgid_slots.Leaf(*waiting[0])
-            self.tgids.pop(ctypes.c_uint32(waiting[0][0]), None)
+            discard(self.tgids, ctypes.c_uint32(waiting[0][0]))
         else:
             self.tgid_slots[idx] = self.tgid_slots.Leaf(0, 0)
             self._slots_held.discard(idx.value)
 
     def forget_tgid(self, tgid: int) -> None:
         self.unsupervise_tgid(tgid)
-        self.bpf[b"last_input"].pop(ctypes.c_uint32(tgid), None)
-        self.top_fd.pop(ctypes.c_uint32(tgid), None)
+        discard(self.bpf[b"last_input"], ctypes.c_uint32(tgid))
+        discard(self.top_fd, ctypes.c_uint32(tgid))
         if self.tallies is not None:
-            self.tallies.pop(ctypes.c_uint32(tgid), None)
+            discard(self.tallies, ctypes.c_uint32(tgid))
         for key, _ in self._socket_entries():
             if key.tgid == tgid:
-                self.socks.pop(key, None)
+                discard(self.socks, key)
 
     def trace_tid(self, tid: int) -> None:
         self.tids[ctypes.c_uint32(tid)] = ctypes.c_uint8(1)
 
     def untrace_tid(self, tid: int) -> None:
-        self.tids.pop(ctypes.c_uint32(tid), None)
-        self.armed.pop(ctypes.c_uint32(tid), None)
+        key = ctypes.c_uint32(tid)
+        discard(self.tids, key)
+        discard(self.armed, key)
         if self.busy is not None:
-            self.busy.pop(ctypes.c_uint32(tid), None)
+            discard(self.busy, key)
 
     def input_tally(self, tgid: int) -> tuple[int, int] | None:
         """Serializing: bytes the process has read from tracked connections, and the thread that
@@ -241,19 +243,17 @@ class Probes:
         """Take ``tgid``'s sockets numbered ``first`` to ``last`` out of the map (close_range
         closed them, beyond what its probe took out); returns the (conn, fd) of each
         connection's descriptor among them."""
-        from bcc import libbcc
-
         closed = []
         for key, leaf in self._socket_entries():
             if key.tgid == tgid and first <= key.fd <= last:
                 # not if a probe took it out meanwhile, and reported its close then
-                gone = libbcc.lib.bpf_delete_elem(self.socks.map_fd, ctypes.byref(key)) == 0
+                gone = discard(self.socks, key)
                 if gone and leaf.kind == SOCK_CONN:
                     closed.append((leaf.conn, key.fd))
         return closed
 
     def drop_socket(self, tgid: int, fd: int) -> None:
-        self.socks.pop(self.socks.Key(tgid, fd), None)
+        discard(self.socks, self.socks.Key(tgid, fd))
 
     def sockets_of(self, tgid: int) -> dict[int, tuple[int, int]]:
         """fd -> (conn, kind) for a tgid."""
@@ -285,6 +285,15 @@ class Probes:
         with ThreadPoolExecutor(len(tracepoints) or 1) as pool:
             list(pool.map(self.bpf.detach_tracepoint, tracepoints))
         self.bpf.cleanup()
+
+
+def discard(table: Any, key: Any) -> bool:
+    """Delete ``key`` from a BPF map if it is there; whether it was. One syscall: a map's
+    ``pop(key, None)`` looks the key up first, and raises KeyError if a probe deletes the entry
+    between the lookup and the delete."""
+    from bcc import libbcc
+
+    return libbcc.lib.bpf_delete_elem(table.map_fd, ctypes.byref(key)) == 0
 
 
 def _ensure_tracefs() -> None:
