@@ -5,6 +5,10 @@ at a byte offset into the log; each node compares its own at the same offset. Th
 the byte stream, so it does not depend on how a copy split its writes. Once a write was captured
 only in part (longer than the snap length, or a writev past its first buffer) the stream's
 digest stops: later offsets are "unverifiable" rather than compared, on every node alike.
+
+A follower keeps the digest at the end of each write only until a check passes it (the leader
+logs a connection's digests in offset order), so what it holds is the output of the last half
+second or so, however long the connection lives. The leader keeps none: it only logs its latest.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 
 log = logging.getLogger("supervise")
+
+MAX_UNCHECKED = 4096  # digests kept per connection ahead of its checks; older ones go unverified
 
 
 @dataclass
@@ -22,7 +29,8 @@ class StreamDigest:
     offset: int = 0
     crc: int = 0
     latest: tuple[int, int] = (0, 0)  # (offset, crc), replaced whole: other threads read it
-    checkpoints: dict[int, int] = field(default_factory=dict)
+    # (offset, crc) at the end of each write not yet passed by a check; None: none kept
+    checkpoints: deque[tuple[int, int]] | None = field(default_factory=deque)
     complete_until: int | None = None  # offset where the first partly captured write began
 
     def add(self, data: bytes, length: int) -> None:
@@ -35,11 +43,20 @@ class StreamDigest:
             return
         self.crc = zlib.crc32(data, self.crc)
         self.offset += length
-        self.checkpoints[self.offset] = self.crc
         self.latest = (self.offset, self.crc)
-        if len(self.checkpoints) > 4096:
-            for key in list(self.checkpoints)[:2048]:
-                del self.checkpoints[key]
+        if self.checkpoints is not None:
+            self.checkpoints.append(self.latest)
+            if len(self.checkpoints) > MAX_UNCHECKED:
+                self.checkpoints.popleft()
+
+    def crc_at(self, offset: int) -> int | None:
+        """The digest up to ``offset`` if a write ended there; those before it are dropped."""
+        kept = self.checkpoints
+        if kept is None:
+            return None
+        while kept and kept[0][0] < offset:
+            kept.popleft()
+        return kept[0][1] if kept and kept[0][0] == offset else None
 
 
 @dataclass
@@ -60,9 +77,12 @@ class OutputChecker:
         self.first_mismatch: str | None = None
         self._lock = threading.Lock()  # outputs come from the tracer thread, expectations from the log
 
-    def output(self, key: object, data: bytes, length: int) -> None:
+    def output(self, key: object, data: bytes, length: int, checked: bool = True) -> None:
+        """``checked=False``: a stream nobody checks here (the leader's own connections)."""
         with self._lock:
-            stream = self.streams.setdefault(key, StreamDigest())
+            stream = self.streams.get(key)
+            if stream is None:
+                stream = self.streams[key] = StreamDigest(checkpoints=deque() if checked else None)
             stream.add(data, length)
             self._settle(key)
 
@@ -89,7 +109,7 @@ class OutputChecker:
         offset = stream.offset if stream else 0
         while checks and checks[0].offset <= offset:
             check = checks.pop(0)
-            mine = stream.checkpoints.get(check.offset) if stream else (0 if check.offset == 0 else None)
+            mine = stream.crc_at(check.offset) if stream else (0 if check.offset == 0 else None)
             if stream and stream.complete_until is not None and check.offset > stream.complete_until:
                 mine = None
             if mine is None:
@@ -117,12 +137,17 @@ class Divergence:
         self.diverged = False
         self.reason: str | None = None
         self._checks_reported = 0
+        self._unverifiable_reported = 0
 
     def check(self) -> None:
         new_checks = self.checker.checks - self._checks_reported
         if new_checks:
             self._checks_reported += new_checks
             self.metrics.digest_checks.inc(new_checks)
+        unverifiable = self.checker.unverifiable - self._unverifiable_reported
+        if unverifiable:
+            self._unverifiable_reported += unverifiable
+            self.metrics.digests_unverifiable.inc(unverifiable)
         if self.checker.mismatches and not self.diverged:
             self.diverged = True
             self.reason = self.checker.first_mismatch or "output digests differ"

@@ -57,6 +57,10 @@ def _family(registry: CollectorRegistry) -> dict:
                          "Clients that connected to a follower's server directly"),
         "digest_checks": counter("supervise_digest_checks", "Output digests compared with the leader's"),
         "divergences": counter("supervise_divergences", "Output digests that differed from the leader's"),
+        "digests_unverifiable": counter(
+            "supervise_digests_unverifiable",
+            "Leader digests this node could not compare: its copy's writes ended elsewhere, or were "
+            "captured only in part"),
         "replayed": counter("supervise_replayed_entries", "Log entries applied to this node's server"),
         "diverged": gauge("supervise_diverged", "1 when this node's server diverged and left the service"),
         "leader": gauge("supervise_is_leader", "1 while this node gates its server's clients"),
@@ -88,6 +92,7 @@ class NodeMetrics:
         self.stray = f["stray"].labels(node)
         self.digest_checks = f["digest_checks"].labels(node)
         self.divergences = f["divergences"].labels(node)
+        self.digests_unverifiable = f["digests_unverifiable"].labels(node)
         self.replayed = f["replayed"].labels(node)
         self.diverged = f["diverged"].labels(node)
         self.leader = f["leader"].labels(node)

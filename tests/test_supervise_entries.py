@@ -81,3 +81,49 @@ def test_after_a_partly_captured_write_later_offsets_are_unverifiable_not_mismat
     follower.expect("c", 2, zlib.crc32(b"ab"))
     follower.expect("c", 6, zlib.crc32(b"abcdef"))
     assert (follower.checks, follower.mismatches, follower.unverifiable) == (1, 0, 1)
+
+
+def _cuts(draw_data, length):
+    """Increasing write boundaries of a stream of ``length`` bytes, ending at ``length``."""
+    return sorted(set(draw_data.draw(st.lists(st.integers(1, length), max_size=12))) | {length})
+
+
+@given(stream=st.binary(min_size=1, max_size=300), data=st.data())
+def test_a_follower_checks_every_leader_digest_at_its_own_write_ends_and_leaves_the_rest_unverified(
+        stream, data):
+    leader_cuts, follower_cuts = _cuts(data, len(stream)), _cuts(data, len(stream))
+    logged = data.draw(st.lists(st.sampled_from(leader_cuts), unique=True).map(sorted))
+    leader, follower = OutputChecker(), OutputChecker()
+    start = 0
+    for cut in leader_cuts:
+        leader.output("c", stream[start:cut], cut - start, checked=False)
+        start = cut
+    assert leader.digest("c") == (len(stream), zlib.crc32(stream))
+    # the follower's writes and the logged digests interleave in any order, each in its own
+    writes = list(zip([0] + follower_cuts[:-1], follower_cuts, strict=True))
+    checks = [(offset, zlib.crc32(stream[:offset])) for offset in logged]
+    while writes or checks:
+        if writes and (not checks or data.draw(st.booleans())):
+            start, cut = writes.pop(0)
+            follower.output("c", stream[start:cut], cut - start)
+        else:
+            follower.expect("c", *checks.pop(0))
+    assert follower.mismatches == 0
+    assert follower.checks == len(set(logged) & set(follower_cuts))
+    assert follower.unverifiable == len(set(logged) - set(follower_cuts))
+
+
+def test_a_long_lived_connection_keeps_only_the_digests_its_checks_have_not_reached():
+    leader, follower = OutputChecker(), OutputChecker()
+    crc = 0
+    for n in range(1, 100_001):
+        reply = b"+OK %d\r\n" % n
+        crc = zlib.crc32(reply, crc)
+        leader.output("c", reply, len(reply), checked=False)
+        follower.output("c", reply, len(reply))
+        if n % 50 == 0:  # the leader logs a digest now and then
+            follower.expect("c", *leader.digest("c"))
+    assert (follower.checks, follower.mismatches, follower.unverifiable) == (2000, 0, 0)
+    assert leader.digest("c")[1] == crc
+    assert len(follower.streams["c"].checkpoints) <= 50
+    assert leader.streams["c"].checkpoints is None
