@@ -97,9 +97,10 @@ class OutputChecker:
         return stream.latest if stream else (0, 0)
 
     def forget(self, key: object) -> None:
+        """The connection ended: checks its output never reached can no longer be made."""
         with self._lock:
             self.streams.pop(key, None)
-            self.pending.pop(key, None)
+            self.unverifiable += len(self.pending.pop(key, ()))
 
     def _settle(self, key: object) -> None:
         checks = self.pending.get(key)

@@ -245,6 +245,8 @@ class Node(Leadership):
             return
         try:
             if self.own.delivered(payload, entry):
+                if entry.kind is Kind.CLOSE:
+                    self.checker.forget(entry.cid)
                 return  # input of this node's own clients: its server consumed it when it committed
         except LostInput as exc:
             if self._stepping_down:
@@ -265,6 +267,9 @@ class Node(Leadership):
         if self.tracer is not None:
             self.tracer.set_batched_wakeups(catching_up)
         self.replayer.apply(entry, catching_up=catching_up)
+        if entry.kind is Kind.CLOSE:  # the replayer saw the server's last output of it
+            self.checker.forget(entry.cid)
+            self.divergence.check()
         self.metrics.replayed.inc()
         if entry.kind is Kind.DATA:
             self.metrics.input_bytes.inc(len(entry.data))

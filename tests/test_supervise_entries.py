@@ -127,3 +127,13 @@ def test_a_long_lived_connection_keeps_only_the_digests_its_checks_have_not_reac
     assert leader.digest("c")[1] == crc
     assert len(follower.streams["c"].checkpoints) <= 50
     assert leader.streams["c"].checkpoints is None
+
+
+def test_a_closed_connections_digests_are_forgotten_and_checks_its_output_never_reached_counted():
+    follower = OutputChecker()
+    follower.output("c", b"abc", 3)
+    follower.expect("c", 3, zlib.crc32(b"abc"))
+    follower.expect("c", 5, zlib.crc32(b"abcde"))  # the leader wrote more than this copy did
+    follower.forget("c")
+    assert (follower.checks, follower.unverifiable) == (1, 1)
+    assert follower.streams == {} and follower.pending == {}
