@@ -76,6 +76,13 @@ def _lock_directory(directory: Path) -> int:
     return fd
 
 
+# What a cached entry takes: its payload twice (the entry and its encoded record) and about 400
+# bytes of objects and dict slots around them (tracemalloc: 335 bytes an entry of 16 payload
+# bytes, 532 of 60). 96 had been assumed, which let the cache take twice its budget.
+def _cached_size(payload: bytes) -> int:
+    return 2 * len(payload) + 400
+
+
 class LogStore:
     def __init__(self, directory: Path, fsync: bool, cache_bytes: int = 16 << 20,
                  segment_bytes: int = 64 << 20,
@@ -179,7 +186,7 @@ class LogStore:
             for e, r in zip(entries, recs, strict=True):
                 self._cache[e.index] = e
                 self._recs[e.index] = r
-                self._cache_bytes += 2 * len(e.payload) + 96
+                self._cache_bytes += _cached_size(e.payload)
             self.last_index = entries[-1].index
             self.last_ballot = entries[-1].ballot
             if not self.fsync:
@@ -192,7 +199,7 @@ class LogStore:
         old = self._cache.pop(index, None)
         self._recs.pop(index, None)
         if old is not None:
-            self._cache_bytes -= 2 * len(old.payload) + 96
+            self._cache_bytes -= _cached_size(old.payload)
 
     def sync(self) -> int:
         """Make everything appended so far durable; return the durable index."""

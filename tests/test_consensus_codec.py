@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,22 @@ def test_missing_segment_is_an_error(tmp_path: Path) -> None:
     os.unlink(paths[1])
     with pytest.raises(SegmentCorruptError, match="expected"):
         SegmentLog(tmp_path, fsync=False)
+
+
+def test_logstore_cache_takes_no_more_memory_than_its_budget(tmp_path: Path) -> None:
+    budget = 2 << 20
+    store = LogStore(tmp_path, fsync=False, cache_bytes=budget)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for first in range(1, 40_001, 20):  # small entries, as a replicated SET's
+            store.append([Entry(first + i, 7, codec.KIND_DATA, os.urandom(60)) for i in range(20)])
+            store.flush()  # as a replica does once per round
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        store.close()
+    assert used <= 1.25 * budget, f"{used / budget:.2f}x its budget"
 
 
 def test_logstore_cache_bounded_and_promise_persisted(tmp_path: Path) -> None:
