@@ -139,21 +139,23 @@ class Divergence:
         self.reason: str | None = None
         self._checks_reported = 0
         self._unverifiable_reported = 0
+        self._lock = threading.Lock()
 
     def check(self) -> None:
-        new_checks = self.checker.checks - self._checks_reported
-        if new_checks:
-            self._checks_reported += new_checks
-            self.metrics.digest_checks.inc(new_checks)
-        unverifiable = self.checker.unverifiable - self._unverifiable_reported
-        if unverifiable:
-            self._unverifiable_reported += unverifiable
-            self.metrics.digests_unverifiable.inc(unverifiable)
-        if self.checker.mismatches and not self.diverged:
-            self.diverged = True
-            self.reason = self.checker.first_mismatch or "output digests differ"
-            self.metrics.divergences.inc(self.checker.mismatches)
-            self.metrics.diverged.set(1)
-            log.error("DIVERGED: %s; this node stops applying the log and is out of service",
-                      self.reason)
-            self.on_diverged()
+        with self._lock:  # called on the tracer thread and on the delivery thread
+            new_checks = self.checker.checks - self._checks_reported
+            if new_checks:
+                self._checks_reported += new_checks
+                self.metrics.digest_checks.inc(new_checks)
+            unverifiable = self.checker.unverifiable - self._unverifiable_reported
+            if unverifiable:
+                self._unverifiable_reported += unverifiable
+                self.metrics.digests_unverifiable.inc(unverifiable)
+            if self.checker.mismatches and not self.diverged:
+                self.diverged = True
+                self.reason = self.checker.first_mismatch or "output digests differ"
+                self.metrics.divergences.inc(self.checker.mismatches)
+                self.metrics.diverged.set(1)
+                log.error("DIVERGED: %s; this node stops applying the log and is out of service",
+                          self.reason)
+                self.on_diverged()
