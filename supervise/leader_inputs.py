@@ -80,8 +80,7 @@ class LeaderInputs:
         offset, crc = self.checker.digest(cid)
         if offset and self._digested.get(cid) != offset:
             self.replica.propose(Entry(Kind.DIGEST, *cid, offset=offset, crc=crc).encode())
-        self._digested.pop(cid, None)
-        self.checker.forget(cid)
+        self._digested.pop(cid, None)  # the stream itself goes when the CLOSE commits (node.py)
 
     def _propose(self, own: OwnConn, entry: Entry, ev: SocketEvent | None) -> None:
         """Propose an entry of an own connection; the commit of ``ev``'s entry releases it."""

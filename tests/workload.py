@@ -6,7 +6,6 @@ import random
 import signal
 import threading
 import time
-import urllib.request
 
 import redis as redis_py
 
@@ -133,11 +132,12 @@ def assert_mixed_writes_leave_identical_copies(cluster) -> None:
             digests[node.name] = direct.execute_command("DEBUG", "DIGEST")
             direct.close()
     assert len(set(digests.values())) == 1, digests
+    from .observability import scrape  # observability.py imports this module
+
     for node in cluster.nodes:  # the followers compared their replies with the leader's
         if node is not leader:
-            with urllib.request.urlopen(f"http://127.0.0.1:{node.status_port}/metrics", timeout=10) as r:
-                checks = [line for line in r.read().decode().splitlines()
-                          if line.startswith("supervise_digest_checks_total{")]
+            checks = [line for line in scrape(node.status_port).splitlines()
+                      if line.startswith("supervise_digest_checks_total{")]
             assert checks and float(checks[0].split()[-1]) > 0, (node.name, checks)
     # key by key on the followers, read directly (SCAN order and TTLs are no replicated output)
     followers = [n for n in cluster.nodes if n is not leader]
