@@ -47,7 +47,10 @@ demo: setup
 
 test: setup
 	@$(VENV)/bin/ruff check .
-	@$(PY) -m pytest -q --durations=15 tests
+	@rc=0; \
+	$(PY) -m pytest -q --durations=15 -n 2 -m 'not serial' tests || rc=$$?; \
+	$(PY) -m pytest -q --durations=5 -m serial tests || rc=$$?; \
+	exit $$rc
 
 lint: setup
 	@$(VENV)/bin/ruff check .
