@@ -70,7 +70,7 @@ class OutputChecker:
 
     def __init__(self) -> None:
         self.streams: dict[object, StreamDigest] = {}
-        self.pending: dict[object, list[PendingCheck]] = {}
+        self.pending: dict[object, deque[PendingCheck]] = {}
         self.checks = 0
         self.mismatches = 0
         self.unverifiable = 0
@@ -88,7 +88,7 @@ class OutputChecker:
 
     def expect(self, key: object, offset: int, crc: int) -> None:
         with self._lock:
-            self.pending.setdefault(key, []).append(PendingCheck(offset, crc))
+            self.pending.setdefault(key, deque()).append(PendingCheck(offset, crc))
             self._settle(key)
 
     def digest(self, key: object) -> tuple[int, int]:
@@ -109,7 +109,7 @@ class OutputChecker:
             return
         offset = stream.offset if stream else 0
         while checks and checks[0].offset <= offset:
-            check = checks.pop(0)
+            check = checks.popleft()
             mine = stream.crc_at(check.offset) if stream else (0 if check.offset == 0 else None)
             if stream and stream.complete_until is not None and check.offset > stream.complete_until:
                 mine = None
