@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="data_dirs on disks that keep only what was synced, and power-leader / "
                         "power-follower faults (tests/power_cut_fs.py)")
     args = p.parse_args(argv)
+    if STORES[args.server].serialize and args.hold == "outputs":
+        p.error(f"--server {args.server} is served serialized, which holding outputs cannot be "
+                "(cluster.serialize needs hold = \"inputs\"): drop --hold outputs")
     from tracer.signalfd import block_sigchld
 
     block_sigchld()
