@@ -47,7 +47,7 @@ def test_inputs_released_back_to_back_take_effect_in_release_order_across_worker
         for r in range(ROUNDS):
             assert _request(c, f"set k{r} 0 0 1\r\nx\r\n".encode()) == b"STORED\r\n"
             a.sendall(f"append k{r} 0 0 1\r\na\r\n".encode())
-            time.sleep(0.002)  # a's input is held first
+            time.sleep(0.002)  # a's input is usually held first
             b.sendall(f"append k{r} 0 0 1\r\nb\r\n".encode())
             assert a.recv(100) == b"STORED\r\n" and b.recv(100) == b"STORED\r\n"
             values.append(_request(c, f"get k{r}\r\n".encode()).split(b"\r\n")[1])
