@@ -11,6 +11,8 @@ import redis as redis_py
 
 from supervise.localcluster import SERVERS, LocalCluster, wait_port
 
+from .procs import wait_until
+
 
 def _launch(cluster: LocalCluster, node) -> subprocess.Popen:
     workdir = cluster.workdir / f"{node.name}-server"
@@ -47,6 +49,9 @@ def test_a_launched_copy_replicates_keeps_the_usual_scheduling_and_dies_with_its
         assert pid != launched.supervisor.pid
         # the supervisor's threads give up wake-up preemption; the server it started does not
         assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        for node in (launched, attached[0]):  # two nodes can elect a leader while one still attaches
+            wait_until(lambda n=node: (n.status() or {}).get("role", "starting") != "starting",
+                       60, f"{node.name} to finish attaching")
         for sup in (launched.supervisor.pid, attached[0].supervisor.pid):
             policies = {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{sup}/task")}
             assert policies == {os.SCHED_BATCH}
