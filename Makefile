@@ -47,10 +47,7 @@ demo: setup
 
 test: setup
 	@$(VENV)/bin/ruff check .
-	@rc=0; \
-	$(PY) -m pytest -q --durations=15 -n 2 -m 'not serial' tests || rc=$$?; \
-	$(PY) -m pytest -q --durations=5 -m serial tests || rc=$$?; \
-	exit $$rc
+	@$(PY) -m pytest -q --durations=15 tests
 
 lint: setup
 	@$(VENV)/bin/ruff check .

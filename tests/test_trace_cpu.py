@@ -9,13 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import redis as redis_py
 
 from .procs import wait_until
 from .tracing import start_trace_cli, stop_trace_cli
-
-pytestmark = pytest.mark.serial  # where the reader runs depends on what else keeps the CPUs busy
 
 
 def _pinned_cpus(pid: int) -> set[int]:
