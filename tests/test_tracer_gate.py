@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ import redis as redis_py
 
 from tracer.events import ACCEPTS, Direction
 from tracer.idle_poll import current_limit_us
-from tracer.procfs import socket_fds
+from tracer.procfs import pending_signals, socket_fds, status_field
 from tracer.tracer import Mode, Tracer
 
 from .procs import alive, python_server, wait_until
@@ -151,29 +151,44 @@ def test_a_refused_accept_leaves_no_descriptor_open_in_the_server(kind, request_
             sock.close()
 
 
+_syscall = ctypes.CDLL(None, use_errno=True).syscall
+
+
 def _tgkill(pid: int, tid: int, sig: int) -> None:
-    if ctypes.CDLL(None, use_errno=True).syscall(234, pid, tid, sig) != 0:  # SYS_tgkill
+    if _syscall(234, pid, tid, sig) != 0:  # SYS_tgkill
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
-@contextlib.contextmanager
-def _keeping_off_the_cpu(pid: int, tid: int, blocked_in: int) -> Iterator[None]:
-    """Once thread ``tid`` of ``pid`` sleeps in syscall number ``blocked_in``, it cannot run while
-    the body does: both are put on one CPU and the calling thread runs there at real-time
-    priority. (A thread that is still on its way to that syscall would take a signal the body
-    queues before it gets there.)"""
+def _wake_with_signals_queued(pid: int, tid: int, blocked_in: int, wake: Callable[[], object],
+                              signals: Iterable[int]) -> None:
+    """Once thread ``tid`` of ``pid`` sleeps in syscall number ``blocked_in``, ``wake`` wakes it
+    and ``signals`` are queued for it before it can run: a forked child does both on the thread's
+    only CPU at real-time priority. A child, because this process has other threads: waiting for
+    Python's lock after ``wake`` would let the woken thread run first. (A thread that is still on
+    its way to that syscall would take the signals before it gets there.)"""
     wait_until(lambda: Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0]
                == str(blocked_in), 5, f"thread {tid} to block in syscall {blocked_in}")
     cpu = min(os.sched_getaffinity(0))
-    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(tid)
+    theirs = os.sched_getaffinity(tid)
     os.sched_setaffinity(tid, {cpu})
-    os.sched_setaffinity(0, {cpu})
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
     try:
-        yield
+        done_r, done_w = os.pipe()
+        with open(done_r, "rb", buffering=0) as done:
+            try:
+                if os.fork() == 0:  # the tracer's wait for any child reaps it: it reports here
+                    try:
+                        os.sched_setaffinity(0, {cpu})
+                        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+                        wake()
+                        for sig in signals:
+                            _tgkill(pid, tid, sig)
+                        os.write(done_w, b"k")
+                    finally:
+                        os._exit(0)
+            finally:
+                os.close(done_w)
+            assert done.read(1) == b"k", "the child that wakes the thread failed"
     finally:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        os.sched_setaffinity(0, mine)
         os.sched_setaffinity(tid, theirs)
 
 
@@ -195,10 +210,8 @@ def test_an_input_refused_after_a_signal_handler_was_entered_still_fails_in_the_
             tracer.release(warm)
             client.settimeout(5)
             assert client.recv(100) == b"WARM"  # its thread is blocked in recv again
-            with _keeping_off_the_cpu(server.pid, warm.tid, SYS_RECVFROM):
-                client.sendall(b"hello")  # the thread wakes with the bytes there to read...
-                for sig in signals:  # ...and these signals queued
-                    _tgkill(server.pid, warm.tid, sig)
+            _wake_with_signals_queued(server.pid, warm.tid, SYS_RECVFROM,
+                                      lambda: client.sendall(b"hello"), signals)
             held = rec.next_input()
             assert (held.data, held.tid) == (b"hello", warm.tid)
             tracer.refuse(held)
@@ -218,9 +231,10 @@ def test_an_accept_refused_after_a_signal_handler_was_entered_is_closed_in_the_s
     try:
         with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
             before = set(socket_fds(server.pid))
-            with _keeping_off_the_cpu(server.pid, server.pid, SYS_ACCEPT4):
-                refused = socket.create_connection(("127.0.0.1", server.port))
-                _tgkill(server.pid, server.pid, signal.SIGUSR1)
+            refused = socket.socket()
+            _wake_with_signals_queued(server.pid, server.pid, SYS_ACCEPT4,
+                                      lambda: refused.connect(("127.0.0.1", server.port)),
+                                      [signal.SIGUSR1])
             accept = rec.next_input()
             tracer.refuse(accept, errno.EAGAIN)
             refused.settimeout(5)
@@ -228,6 +242,34 @@ def test_an_accept_refused_after_a_signal_handler_was_entered_is_closed_in_the_s
             assert set(socket_fds(server.pid)) == before
             assert _served(tracer, rec, server.port, b"after") == b"AFTER", "the next client"
         assert "accept4 on connection" in caplog.text and "from a signal handler's frame" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_an_accept_refused_while_a_signal_waits_for_its_held_thread_is_closed_in_the_server(
+        caplog):
+    """The signal stays queued while the thread closes the refused descriptor (it would
+    otherwise be taken first and the descriptor left open), then reaches the thread, whose
+    signal mask is as it was."""
+    server = python_server("threaded_echo.py")
+    caplog.set_level(logging.INFO, logger="tracer")
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    try:
+        with traced(server.pid, Mode.GATE, auto_release=False) as (tracer, rec):
+            before = set(socket_fds(server.pid))
+            blocked = status_field(server.pid, "SigBlk")
+            refused = socket.create_connection(("127.0.0.1", server.port))
+            accept = rec.next_input()
+            _tgkill(server.pid, accept.tid, signal.SIGUSR1)
+            assert pending_signals(accept.tid) & usr1, "queued while the thread is held"
+            tracer.refuse(accept, errno.EAGAIN)
+            refused.settimeout(5)
+            assert refused.recv(100) == b"", "the connection should end with its only descriptor"
+            assert set(socket_fds(server.pid)) == before
+            assert _served(tracer, rec, server.port, b"after") == b"AFTER", "the next client"
+            assert not pending_signals(accept.tid) & usr1, "the signal reached the thread"
+            assert status_field(server.pid, "SigBlk") == blocked
+        assert "stays open" not in caplog.text
     finally:
         server.stop()
 

@@ -19,6 +19,8 @@ from ptrace.error import PtraceError
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 
 O_TRACESYSGOOD = 0x01
 O_TRACEFORK = 0x02
@@ -85,6 +87,19 @@ def event_msg(tid: int) -> int:
     msg = ctypes.c_ulong()
     request(pt.PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(msg))
     return msg.value
+
+
+def get_sigmask(tid: int) -> int:
+    """The signals a stopped thread blocks, as a bit mask (bit n-1 for signal n)."""
+    mask = ctypes.c_uint64()
+    request(PTRACE_GETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
+    return mask.value
+
+
+def set_sigmask(tid: int, blocked: int) -> None:
+    """Set a stopped thread's blocked signals (SIGKILL and SIGSTOP cannot be blocked)."""
+    mask = ctypes.c_uint64(blocked)
+    request(PTRACE_SETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
 
 
 def siginfo_code(tid: int) -> tuple[int, int]:

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 from ptrace.binding import func as pt
 
-from .ptrace_ops import esrch_means_gone, read_memory, request, wait_tid, write_memory
+from .ptrace_ops import (
+    esrch_means_gone,
+    get_sigmask,
+    read_memory,
+    request,
+    set_sigmask,
+    wait_tid,
+    write_memory,
+)
 
 SYSCALL_INSN = b"\x0f\x05"
 SYS_CLOSE = 3
@@ -31,6 +39,7 @@ _WORD = 0xFFFFFFFFFFFFFFFF
 _UC_MCONTEXT = 40
 _SC_RDX, _SC_RAX, _SC_RSP, _SC_RIP = 12 * 8, 13 * 8, 15 * 8, 16 * 8
 MAX_FRAMES = 8
+_ALL_BUT_SIGTRAP = _WORD & ~(1 << (signal.SIGTRAP - 1))
 
 
 class InjectFailed(Exception):
@@ -90,7 +99,13 @@ def set_result(tid: int, pid: int, held: HeldSyscall, value: int) -> None:
 def run_syscall(tid: int, held: HeldSyscall, nr: int, arg0: int) -> int:
     """Make the stopped thread run ``nr(arg0)`` through the instruction its held syscall ran,
     single-stepped, then put its registers back as they were. Returns what the syscall returned.
-    Raises InjectFailed if another stop comes first (the registers are put back then too)."""
+
+    Every signal but SIGTRAP is blocked for the step: one queued meanwhile (a handler's signal
+    sent in the same instant as the input, say) waits until the thread goes on, instead of being
+    taken before the step. SIGTRAP stays unblocked because the step's own trap is forced: the
+    kernel would reset a blocked SIGTRAP's handler to the default. Raises InjectFailed if another
+    stop comes first all the same (SIGSTOP cannot be blocked); the registers and the signal mask
+    are put back then too."""
     with esrch_means_gone(tid):
         regs = pt.ptrace_getregs(tid)
     saved = type(regs).from_buffer_copy(regs)
@@ -98,8 +113,10 @@ def run_syscall(tid: int, held: HeldSyscall, nr: int, arg0: int) -> int:
     regs.orig_rax = _WORD  # not in a syscall: no restart logic on resuming
     regs.rdi = arg0 & _WORD
     regs.rip = held.insn
+    blocked = get_sigmask(tid)
     with esrch_means_gone(tid):
         pt.ptrace_setregs(tid, regs)
+        set_sigmask(tid, _ALL_BUT_SIGTRAP)
         request(pt.PTRACE_SINGLESTEP, tid)
         _, status = wait_tid(tid, nohang=False)
         if not os.WIFSTOPPED(status):
@@ -107,6 +124,7 @@ def run_syscall(tid: int, held: HeldSyscall, nr: int, arg0: int) -> int:
         stepped = os.WSTOPSIG(status) == signal.SIGTRAP and status >> 16 == 0
         got = pt.ptrace_getregs(tid).rax if stepped else 0
         pt.ptrace_setregs(tid, saved)
+        set_sigmask(tid, blocked)
     if not stepped:
         raise InjectFailed(f"another stop came first (wait status {status:#x})", status)
     return got - (1 << 64) if got >= 1 << 63 else got
