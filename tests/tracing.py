@@ -10,8 +10,26 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from tracer import probes
 from tracer.events import SocketEvent
+from tracer.probes import Probes
 from tracer.tracer import Mode, Tracer
+
+_compiled: dict[tuple[int, bool, int], Probes] = {}
+
+
+def compiled_probes(snaplen: int = 4096, serialize: bool = False) -> Probes:
+    """Probes compiled once for the whole run and handed from one test's tracer to the next,
+    which resets them when it detaches: compiling takes seconds, most of a tracer test."""
+    key = (snaplen, serialize, probes.TGID_SLOTS)
+    if key not in _compiled:
+        _compiled[key] = Probes(snaplen, serialize)
+    return _compiled[key]
+
+
+def close_compiled_probes() -> None:
+    while _compiled:
+        _compiled.popitem()[1].close()
 
 
 class Recorder:
@@ -49,6 +67,8 @@ class Recorder:
 def traced(pid: int, mode: Mode, auto_release: bool = True,
            **options: Any) -> Iterator[tuple[Tracer, Recorder]]:
     recorder = Recorder(auto_release)
+    options.setdefault("probes", compiled_probes(options.get("snaplen", 4096),
+                                                 options.get("serialize", False)))
     tracer = Tracer(mode, recorder, **options)
     recorder.tracer = tracer
     tracer.attach(pid)

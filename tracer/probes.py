@@ -64,6 +64,8 @@ class Probes:
                 f"could not compile or load {BPF_SOURCE.name}: {exc}; run 'supervise doctor'"
             ) from None
         self.snaplen = snaplen
+        self.serialize = serialize
+        self.tgid_slot_count = TGID_SLOTS  # as compiled
         self.tgid_slots = self.bpf[b"tgid_slots"]
         self.tgids = self.bpf[b"tgids"]
         self.tids = self.bpf[b"tids"]
@@ -76,6 +78,8 @@ class Probes:
         self._prefill_next = PREFILL_CONN_BASE + 1
         self._slots_held: set[int] = set()
         self._reader: ringbuf.RingReader | None = None
+        self._events_fd: int | None = None
+        self._callback: Callable[[tuple, bytes], None] = _drop_record
 
     def open_events(self, callback: Callable[[tuple, bytes], None], mapped: bool = False) -> int:
         """Route ring-buffer records to ``callback(header, payload)``: the fields of EVENT_HEADER
@@ -83,31 +87,37 @@ class Probes:
         ``mapped``: read the ring from its memory mapping (tracer/ringbuf.py) where it can be.
 
         A record is copied out whole and unpacked at once: reading a ctypes structure field by
-        field cost more than everything else done with an event."""
+        field cost more than everything else done with an event. Opened again (probes used by
+        one tracer after another), it routes them to the new ``callback``."""
+        self._callback = callback
+        if self._events_fd is not None:
+            return self._events_fd
         unpack, start = EVENT_HEADER.unpack_from, EVENT_HEADER.size
         ring = self.bpf[b"events"]
         if mapped and ringbuf.supported():
             def on_view(record: memoryview) -> None:
                 header = unpack(record)
-                callback(header, record[start:start + header[10]].tobytes())
+                self._callback(header, record[start:start + header[10]].tobytes())
 
             self._reader = ringbuf.RingReader(ring.map_fd, RINGBUF_PAGES * mmap.PAGESIZE)
             self._on_view = on_view
-            return self._reader.fd
+            self._events_fd = self._reader.fd
+            return self._events_fd
 
         string_at = ctypes.string_at
 
         def on_record(_ctx: object, data: int, size: int) -> int:
             record = string_at(data, size)
             header = unpack(record)
-            callback(header, record[start:start + header[10]])
+            self._callback(header, record[start:start + header[10]])
             return 0
 
         ring.open_ring_buffer(on_record)
         libbpf = ctypes.CDLL("libbpf.so.1")
         libbpf.ring_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
         libbpf.ring_buffer__epoll_fd.restype = ctypes.c_int
-        return libbpf.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
+        self._events_fd = libbpf.ring_buffer__epoll_fd(self.bpf._ringbuf_manager)
+        return self._events_fd
 
     def consume(self) -> None:
         if self._reader is not None:
@@ -121,7 +131,7 @@ class Probes:
 
     def supervise_tgid(self, tgid: int, mode: int) -> None:
         """Capture the tgid's syscalls in ``mode`` (MODE_*), or change its mode."""
-        idx = ctypes.c_uint32(tgid % TGID_SLOTS)
+        idx = ctypes.c_uint32(tgid % self.tgid_slot_count)
         holder = self.tgid_slots[idx].tgid
         if holder in (0, tgid):
             self.tgid_slots[idx] = self.tgid_slots.Leaf(tgid, mode)
@@ -133,10 +143,11 @@ class Probes:
         """Stop capturing the tgid's syscalls. A tgid that waited in the hash for this slot
         moves into it before it leaves the hash, so that its lookups never miss."""
         discard(self.tgids, ctypes.c_uint32(tgid))
-        idx = ctypes.c_uint32(tgid % TGID_SLOTS)
+        idx = ctypes.c_uint32(tgid % self.tgid_slot_count)
         if self.tgid_slots[idx].tgid != tgid:
             return
-        waiting = [(k.value, v.value) for k, v in self.tgids.items() if k.value % TGID_SLOTS == idx.value]
+        waiting = [(k.value, v.value) for k, v in self.tgids.items()
+                   if k.value % self.tgid_slot_count == idx.value]
         if waiting:
             self.tgid_slots[idx] = self.tgid_slots.Leaf(*waiting[0])
             discard(self.tgids, ctypes.c_uint32(waiting[0][0]))
@@ -271,6 +282,22 @@ class Probes:
     def lost_events(self) -> int:
         return int(self.counters[ctypes.c_int(2)].value)
 
+    def reset(self) -> None:
+        """Back to as loaded, for another tracer: every process, thread and socket forgotten,
+        the counters at zero, and records not read yet dropped. (Compiling takes seconds: a
+        caller that attaches one tracer after another compiles once.)"""
+        for idx in self._slots_held:
+            self.tgid_slots[ctypes.c_uint32(idx)] = self.tgid_slots.Leaf(0, 0)
+        self._slots_held.clear()
+        maps = [b"tgids", b"tids", b"socks", b"armed", b"last_input", b"top_fd", b"counters",
+                b"unwoken"] + ([b"busy", b"tallies"] if self.serialize else [])
+        for name in maps:
+            self.bpf[name].clear()
+        self._prefill_next = PREFILL_CONN_BASE + 1
+        self._callback = _drop_record
+        if self._events_fd is not None:
+            self.consume()
+
     def close(self) -> None:
         for idx in self._slots_held:
             self.tgid_slots[ctypes.c_uint32(idx)] = self.tgid_slots.Leaf(0, 0)
@@ -285,6 +312,10 @@ class Probes:
         with ThreadPoolExecutor(len(tracepoints) or 1) as pool:
             list(pool.map(self.bpf.detach_tracepoint, tracepoints))
         self.bpf.cleanup()
+
+
+def _drop_record(_header: tuple, _payload: bytes) -> None:
+    pass
 
 
 def discard(table: Any, key: Any) -> bool:

@@ -67,6 +67,7 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
         idle_poll: bool = True,
         resume_spin: float = GATE_SPIN_SECONDS,
         serialize: bool = False,
+        probes: Probes | None = None,
     ) -> None:
         """``on_batch``: called on the tracer thread after each batch of events read at once
         (one for each trap in hold-output mode), for a caller that acts on them together.
@@ -77,7 +78,9 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
         next input comes soon; 0 where other processes need the CPU more (a supervisor's
         followers). ``serialize``: let released threads go one at a time, each once the one
         before it has finished with its input (tracer/serial.py); SLEEP events, which say a
-        thread did, go to ``on_event`` too."""
+        thread did, go to ``on_event`` too. ``probes``: loaded probes (of this ``snaplen`` and
+        ``serialize``) to use instead of compiling them, which takes seconds; the tracer resets
+        them when it lets go, and the caller closes them."""
         self.mode = mode
         self.exitkill = mode.holds if exitkill is None else exitkill
         self.background = background
@@ -105,6 +108,9 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
         self._batch_before: list[SocketEvent] = []  # the last read's events
         self._clock_offset = time.time() - time.monotonic()
         self.probes: Probes | None = None
+        if probes is not None and (probes.snaplen, probes.serialize) != (snaplen, serialize):
+            raise ValueError("the probes given were compiled for another snap length or serializing")
+        self._given_probes = probes
         self._idle_poll = IdlePolling() if idle_poll else None
         self._resume_spin = resume_spin
         self._init_output_hold()
@@ -253,7 +259,7 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
             self._follower = CpuFollower()
         sigchld = SigchldFd()
         try:
-            self.probes = Probes(self.snaplen, self.serialize)
+            self.probes = self._given_probes or Probes(self.snaplen, self.serialize)
             # the mapped reader only where nothing is replicated: it is newer than libbpf's
             ring_fd = self.probes.open_events(self._on_raw_event, mapped=self.background)
             setup()
@@ -339,7 +345,10 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
             if probes is not None:
                 self.stats.bpf_lost = probes.lost_events()
                 self.probes = None  # before closing: other threads read lost_events meanwhile
-                probes.close()
+                if probes is self._given_probes:
+                    probes.reset()
+                else:
+                    probes.close()
             self._sync_idle_poll()
 
     def _drain_wake(self) -> None:
