@@ -193,16 +193,17 @@ class LocalCluster:
         raise TimeoutError("followers did not catch up")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            for proc in (node.supervisor, node.server):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
-            for proc in (node.supervisor, node.server):
-                if proc is not None:
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        pass
+        """Kill every process first, then wait: a killed supervisor takes about a second to
+        end (the kernel detaches its probes), and theirs overlap."""
+        procs = [p for node in self.nodes for p in (node.supervisor, node.server) if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs(self) -> str:
