@@ -17,7 +17,7 @@ from tracer.events import ACCEPTS, CLOSES, Call, Direction
 from tracer.tracer import Mode
 
 from .procs import free_port, memcached_server, python_server, recv_exactly, wait_port, wait_until
-from .tracing import start_trace_cli, stop_trace_cli, traced
+from .tracing import compiled_probes, start_trace_cli, stop_trace_cli, traced
 
 
 def _stop_cli(proc) -> list[dict]:
@@ -494,3 +494,24 @@ def test_inputs_read_into_several_buffers_by_readv_and_recvmsg_are_gathered_whol
         server.stop()
     assert {call for call, _ in inputs} == {Call.READV, Call.RECVMSG}
     assert [data for _, data in inputs] == messages
+
+
+def test_probes_handed_from_one_tracer_to_the_next_report_only_the_new_servers_events(redis):
+    shared = compiled_probes()
+    with traced(redis.pid, Mode.OBSERVE, probes=shared) as (_tracer, rec):
+        assert redis_py.Redis(port=redis.port, socket_timeout=5).ping()
+        first = rec.next_input()
+    server = python_server("threaded_echo.py")
+    try:
+        with traced(server.pid, Mode.OBSERVE, probes=shared) as (_tracer, rec):
+            assert redis_py.Redis(port=redis.port, socket_timeout=5).ping(), "the last one's server"
+            with socket.create_connection(("127.0.0.1", server.port)) as client:
+                client.sendall(b"x")
+                assert recv_exactly(client, 1) == b"X"
+            accept = rec.next_input()
+            assert (accept.pid, accept.call in ACCEPTS) == (server.pid, True)
+            assert accept.conn == first.conn, "connection ids start afresh"
+            assert rec.next_input().data == b"x"
+            assert {e.pid for e in rec.seen} == {server.pid}
+    finally:
+        server.stop()
