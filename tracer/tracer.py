@@ -252,11 +252,6 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
 
     def _main(self, setup: Callable[[], None]) -> None:
         self._thread_ident = threading.get_ident()
-        if self.background:
-            # an observer must never slow the server: it runs on idle CPU (the server's own, where
-            # it can: cpu_follow.py) and counts what it lost
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            self._follower = CpuFollower()
         sigchld = SigchldFd()
         try:
             self.probes = self._given_probes or Probes(self.snaplen, self.serialize)
@@ -269,6 +264,12 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
             sigchld.close()
             self._ready.set()
             return
+        if self.background:
+            # an observer must never slow the server: it runs on idle CPU (the server's own, where
+            # it can: cpu_follow.py) and counts what it lost. Only once attached: on a busy
+            # machine, compiling the probes at SCHED_IDLE could take minutes
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            self._follower = CpuFollower()
         self._sync_idle_poll()
         self._ready.set()
         poller = select.epoll()
