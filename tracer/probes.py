@@ -299,10 +299,7 @@ class Probes:
             self.consume()
 
     def close(self) -> None:
-        for idx in self._slots_held:
-            self.tgid_slots[ctypes.c_uint32(idx)] = self.tgid_slots.Leaf(0, 0)
-        for table in (self.tgids, self.tids):
-            table.clear()
+        self.reset()  # first: no probe reports or stops anything while they detach
         if self._reader is not None:
             self._reader.close()
             self._reader = None
