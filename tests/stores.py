@@ -3,7 +3,7 @@ and adds to one set (Jepsen's set workload), for the fault campaign (tests/campa
 failover workloads (tests/workload.py). A connection does not reconnect by itself: it would
 reconnect to the same copy, even one that no longer leads (a stray client there).
 
-Redis: GET, SET, a Lua compare-and-set (EVAL) and SADD. memcached (four worker threads, with
+Redis: GET, SET, a Lua compare-and-set (EVAL), SADD and SORT. memcached (four worker threads, with
 ``cluster.serialize``, since every client shares the keys): get, set, ``gets`` then ``cas`` and
 ``append`` of `` element`` to one key. memcached's compare-and-set is two requests: a value other
 than the expected one at the ``gets`` fails it there, and a ``cas`` answered EXISTS fails it at
@@ -64,7 +64,10 @@ class RedisStore:
         self._call(conn, "SADD", ADDED, element)
 
     def members(self, conn: redis_py.Connection) -> set[str]:
-        return {m.decode() for m in self._call(conn, "SMEMBERS", ADDED)}
+        """Sorted by the server: SMEMBERS lists a set in its hash table's order, and Redis seeds
+        its hash function at random in each process, so the copies' replies, compared by output
+        checking, would differ."""
+        return {m.decode() for m in self._call(conn, "SORT", ADDED, "ALPHA")}
 
     def start_set(self, conn: redis_py.Connection) -> None:
         """Nothing: SADD makes the set."""
