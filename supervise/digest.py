@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger("supervise")
 
 MAX_UNCHECKED = 4096  # digests kept per connection ahead of its checks; older ones go unverified
+SHOWN = 48  # bytes of the last input and reply that a divergence report quotes
 
 
 @dataclass
@@ -32,8 +33,13 @@ class StreamDigest:
     # (offset, crc) at the end of each write not yet passed by a check; None: none kept
     checkpoints: deque[tuple[int, int]] | None = field(default_factory=deque)
     complete_until: int | None = None  # offset where the first partly captured write began
+    # for the report of a divergence: how the last input and the last write began
+    last_input: bytes = b""
+    last_write: tuple[int, bytes] = (0, b"")  # (offset where it ended, its first bytes)
 
     def add(self, data: bytes, length: int) -> None:
+        if self.checkpoints is not None:
+            self.last_write = (self.offset + length, data[:SHOWN + 1])
         if self.complete_until is not None:
             self.offset += length
             return
@@ -86,6 +92,14 @@ class OutputChecker:
             stream.add(data, length)
             self._settle(key)
 
+    def input(self, key: object, data: bytes) -> None:
+        """An input replayed on the connection: quoted should its next output differ."""
+        with self._lock:
+            stream = self.streams.get(key)
+            if stream is None:
+                stream = self.streams[key] = StreamDigest()
+            stream.last_input = data[:SHOWN + 1]
+
     def expect(self, key: object, offset: int, crc: int) -> None:
         with self._lock:
             self.pending.setdefault(key, deque()).append(PendingCheck(offset, crc))
@@ -121,10 +135,28 @@ class OutputChecker:
                 if self.first_mismatch is None:
                     self.first_mismatch = (
                         f"connection {key}: output up to byte {check.offset} has crc32 {mine:08x} "
-                        f"here but {check.crc:08x} on the leader"
+                        f"here but {check.crc:08x} on the leader" + _quoted(stream, check.offset)
                     )
                 self.checks += 1
                 self.mismatches += 1
+
+
+def _quoted(stream: StreamDigest | None, offset: int) -> str:
+    """How the last input and the write that ended at ``offset`` began, as far as known: a reply
+    that lists a hash table, or tells the time, shows for what it is."""
+    if stream is None:
+        return ""
+    quoted = []
+    if stream.last_input:
+        quoted.append(f"the last input on it began {_show(stream.last_input)}")
+    ended, head = stream.last_write
+    if ended == offset and head:
+        quoted.append(f"the write of this copy that ended at that byte began {_show(head)}")
+    return f" ({'; '.join(quoted)})" if quoted else ""
+
+
+def _show(head: bytes) -> str:
+    return repr(head[:SHOWN])[1:] + ("..." if len(head) > SHOWN else "")
 
 
 class Divergence:

@@ -266,6 +266,8 @@ class Node(Leadership):
         catching_up = self.replica.commit_index - index >= CATCH_UP_BACKLOG
         if self.tracer is not None:
             self.tracer.set_batched_wakeups(catching_up)
+        if entry.kind is Kind.DATA:
+            self.checker.input(entry.cid, entry.data)
         self.replayer.apply(entry, catching_up=catching_up)
         if entry.kind is Kind.CLOSE:  # the replayer saw the server's last output of it
             self.checker.forget(entry.cid)

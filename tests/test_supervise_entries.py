@@ -61,6 +61,19 @@ def test_a_differing_byte_is_a_mismatch_and_a_match_is_a_check():
     assert "byte 10" in follower.first_mismatch
 
 
+def test_a_mismatch_report_quotes_the_last_input_and_the_write_that_differed():
+    """The operator sees which request's reply differed: here a set listed in another order."""
+    smembers = b"*2\r\n$8\r\nSMEMBERS\r\n$5\r\nadded\r\n"
+    leader_reply = b"*3\r\n$2\r\nc1\r\n$2\r\nc2\r\n$2\r\nc3\r\n"
+    follower = OutputChecker()
+    follower.input("c", smembers)
+    follower.output("c", b"*3\r\n$2\r\nc3\r\n$2\r\nc1\r\n$2\r\nc2\r\n", len(leader_reply))
+    follower.expect("c", len(leader_reply), zlib.crc32(leader_reply))
+    assert follower.mismatches == 1
+    assert "the last input on it began '*2\\r\\n$8\\r\\nSMEMBERS" in follower.first_mismatch
+    assert "ended at that byte began '*3\\r\\n$2\\r\\nc3\\r\\n" in follower.first_mismatch
+
+
 def test_a_check_waits_until_the_output_reaches_its_offset():
     follower = OutputChecker()
     follower.expect("c", 4, zlib.crc32(b"abcd"))
