@@ -131,7 +131,7 @@ def test_a_follower_fed_an_extra_write_out_of_band_is_marked_diverged(cluster):
     doc = follower.status()
     assert doc["diverged"] is True
     assert "crc32" in doc["diverged_reason"]
-    assert "the last input on it began '*2\\r\\n$4\\r\\nINCR" in doc["diverged_reason"]
+    assert "the last input on it began '*3\\r\\n$6\\r\\nINCRBY" in doc["diverged_reason"]
     assert doc["stray_connections"] >= 1
     assert cluster.wait_leader().status()["diverged"] is False
     assert "DIVERGED" in follower.log_path.read_text()
