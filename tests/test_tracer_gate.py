@@ -385,16 +385,21 @@ def test_observe_mode_never_kills_the_server_with_its_tracer(redis):
 
 
 def test_sigcont_sent_to_a_gated_server_is_detected_as_an_escape(redis):
+    """SIGCONTs in bursts, with pauses: each one traps every thread of a seized process once
+    (PTRACE_EVENT_STOP) until its tracer lets it go on, so a SIGCONT sent without pause could
+    keep the server from getting anywhere for seconds."""
     escapes = []
     with traced(redis.pid, Mode.GATE) as (tracer, _rec):
         tracer.on_escape = escapes.append
         spammer = subprocess.Popen([
             sys.executable, "-c",
-            f"import os, signal\nwhile True: os.kill({redis.pid}, signal.SIGCONT)",
+            "import os, signal, time\nwhile True:\n"
+            f"    for _ in range(200): os.kill({redis.pid}, signal.SIGCONT)\n"
+            "    time.sleep(0.001)",
         ])
         try:
             client = socket.create_connection(("127.0.0.1", redis.port))
-            client.settimeout(5)
+            client.settimeout(20)
             deadline = time.monotonic() + 60
             while tracer.stats.escapes == 0 and time.monotonic() < deadline:
                 client.sendall(PING)
