@@ -86,19 +86,13 @@ class OutputChecker:
     def output(self, key: object, data: bytes, length: int, checked: bool = True) -> None:
         """``checked=False``: a stream nobody checks here (the leader's own connections)."""
         with self._lock:
-            stream = self.streams.get(key)
-            if stream is None:
-                stream = self.streams[key] = StreamDigest(checkpoints=deque() if checked else None)
-            stream.add(data, length)
+            self._stream(key, checked).add(data, length)
             self._settle(key)
 
     def input(self, key: object, data: bytes) -> None:
         """An input replayed on the connection: quoted should its next output differ."""
         with self._lock:
-            stream = self.streams.get(key)
-            if stream is None:
-                stream = self.streams[key] = StreamDigest()
-            stream.last_input = data[:SHOWN + 1]
+            self._stream(key).last_input = data[:SHOWN + 1]
 
     def expect(self, key: object, offset: int, crc: int) -> None:
         with self._lock:
@@ -115,6 +109,12 @@ class OutputChecker:
         with self._lock:
             self.streams.pop(key, None)
             self.unverifiable += len(self.pending.pop(key, ()))
+
+    def _stream(self, key: object, checked: bool = True) -> StreamDigest:
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = self.streams[key] = StreamDigest(checkpoints=deque() if checked else None)
+        return stream
 
     def _settle(self, key: object) -> None:
         checks = self.pending.get(key)
