@@ -119,7 +119,7 @@ class Transport:
     # ---- sending ------------------------------------------------------------------------------
     def connected(self, peer: str) -> bool:
         o = self.out.get(peer)
-        return o is not None and not o.broken
+        return o is not None and not o.broken and o.qp.state != QPState.ERR
 
     def max_body(self) -> int:
         return (self.area_bytes - SLOT) // 4
@@ -244,7 +244,7 @@ class Transport:
         wake = self._wake[peer]
         while not self._stop.is_set():
             o = self.out[peer]
-            if o is None or o.broken:
+            if o is None or o.broken or o.qp.state == QPState.ERR:  # ERR: the peer died or closed
                 if o is not None:
                     self.out[peer] = None
                     _quiet(o.qp.close)
@@ -316,6 +316,7 @@ class Transport:
                     self.inc.pop(old.conn.qp.qp_num, None)
             if old is not None:
                 _quiet(old.conn.qp.close)
+            self._wake[peer].set()  # a restarted peer: our connection to it is to be rebuilt too
             log.info("%s <- %s: connected (epoch %x)", self.name, peer, epoch)
 
     # ---- receiving ----------------------------------------------------------------------------

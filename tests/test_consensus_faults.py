@@ -113,3 +113,31 @@ def test_torn_tail_on_disk_is_truncated_and_corrupt_segment_is_refused() -> None
             load2.wait_acks(100)
         settle(c, load2, names=[lead, a])
         check_history(c, {**load.acked, **load2.acked}, require_all=[lead, a])
+
+
+def test_a_follower_sees_a_dead_peer_unreachable_and_reconnects_once_it_restarts() -> None:
+    """Followers send each other nothing until an election, so a connection to a dead peer must
+    be found dead and rebuilt without a send: else the first vote sent to the restarted peer
+    is lost."""
+    with Cluster(3, "shm", "fsync") as c:
+        c.start()
+        lead = c.leader()
+        dead, watcher = sorted(n for n in c.names if n != lead)
+
+        def reachable() -> bool:
+            return c.reps[watcher].status()["peers"][dead]["reachable"]
+
+        assert _within(10, reachable), c.statuses()
+        c.reps[dead].kill()
+        assert _within(10, lambda: not reachable()), c.statuses()
+        c.reps[dead].start()
+        assert _within(10, reachable), c.statuses()
+
+
+def _within(seconds: float, cond) -> bool:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
