@@ -71,6 +71,7 @@ class Core(Elections, LeadershipTransfer, Proposals):
         self.applied_index = 0  # delivered to the application; the replica's delivery thread sets it
         self.transferring = False
         self.standing = True  # False: votes, but never stands for election (Replica.withdraw)
+        self.deferring = False  # True: stands only once no other replica has (Replica.defer_candidacy)
         self._refused_handover: tuple[str, int] | None = None
         self._told: str | None = None  # leading: the peer sent TIMEOUT_NOW in this hand-over
         self._told_at = 0.0  # and when, last

@@ -11,6 +11,7 @@ candidate whose log is at least as up to date (last ballot, then last index), as
 from __future__ import annotations
 
 import logging
+import random
 import time
 
 from consensus import wire
@@ -21,6 +22,7 @@ LEADER, FOLLOWER, CANDIDATE = "leader", "follower", "candidate"
 LAGGING_ENTRIES = 1000
 CANDIDACY_DEFER_TIMEOUTS = 100
 WITHDRAWN_DEFER_TIMEOUTS = 10
+DEFERRING_TIMEOUTS = 3
 
 
 class Elections:
@@ -40,7 +42,15 @@ class Elections:
         a leader, and then only to hand leadership on (Core.tick): a peer whose log is shorter
         than a majority's cannot win without it, and its vote alone would never let it. For the
         same reason a lagging replica that refused a standing peer its vote, its own log being
-        longer, stands at once, and only to hand leadership to that peer (_on_prevote_req)."""
+        longer, stands at once, and only to hand leadership to that peer (_on_prevote_req).
+
+        A deferring replica stands only once DEFERRING_TIMEOUTS election timeouts have passed
+        without a leader: past the longest any peer waits (two), so a peer that does not defer
+        stands first, and wins unless its log is behind."""
+        deferred_until = self._leader_contact + DEFERRING_TIMEOUTS * self.election_s
+        if self.deferring and self._hand_to is None and now < deferred_until:
+            self._deadline = deferred_until + random.random() * self.election_s
+            return
         if not self.standing and now - self._leader_contact < WITHDRAWN_DEFER_TIMEOUTS * self.election_s:
             self._deadline = now + self._random_timeout()
             return

@@ -257,6 +257,19 @@ class Replica:
         if self.core.role == LEADER:
             self.step_down(timeout)
 
+    def defer_candidacy(self) -> bool:
+        """Stand for election only when no other replica has for a while (election.py): for an
+        application that may no longer match the log but has not been found to differ (a
+        supervisor whose copy a client reached directly). It still leads if no peer does. True
+        the first time."""
+        first = not self.core.deferring
+        self.core.deferring = True
+        return first
+
+    @property
+    def deferring(self) -> bool:
+        return self.core.deferring
+
     def step_down(self, timeout: float, to: str | None = None) -> bool:
         """Hand leadership to peer ``to``, or to a reachable peer (LeadershipTransfer._successor);
         True once another leads. Proposals made meanwhile wait: if the hand-over does not happen

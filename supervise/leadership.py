@@ -66,6 +66,12 @@ class Leadership:
             threading.Thread(target=self.replica.withdraw, args=(2.0,), name="withdraw",
                              daemon=True).start()
 
+    def _defer_candidacy(self) -> None:
+        """A copy a stray client reached may no longer match the log (Redis numbers even a
+        connection that sends nothing), so it should lead only if no untouched copy can."""
+        if self.replica is not None and self.replica.defer_candidacy():
+            log.warning("this node now stands for election only when no other node does")
+
     def _start_takeover(self) -> None:
         with self._takeover_lock:
             if self._taking_over:

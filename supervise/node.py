@@ -213,6 +213,7 @@ class Node(Leadership):
             "server": self.me.server,
             "stray_connections": self.stray,
             "stray_input_bytes": self.stray_input,
+            "defers_candidacy": r.deferring if r else False,
             "escapes": self.tracer.stats.escapes if self.tracer else 0,
             "serial_timeouts": self._serial_timeouts(),
             "held": self.tracer.threads_held if self.tracer else 0,
@@ -343,6 +344,7 @@ class Node(Leadership):
                     self._stray_inputs_seen.add(ev.conn)
                     log.warning("the server read %d bytes on connection %d (%s), which is not in the log: "
                                 "this copy no longer matches the log", ev.ret, ev.conn, ev.peer or "?")
+                    self._defer_candidacy()
             return
         if ev.fd not in self.listen_fds:
             return
@@ -350,6 +352,7 @@ class Node(Leadership):
         self.metrics.stray.inc()
         log.warning("stray client %s connected to this follower's server directly (connection %d); "
                     "clients must use the leader", ev.peer, ev.conn)
+        self._defer_candidacy()
 
     def _on_escape(self, ev: SocketEvent) -> None:
         self.metrics.escapes.inc()

@@ -112,7 +112,8 @@ def _child(cfg_path: str) -> None:
                 st = {"rss": _rss(), "name": rep.config.name, "role": rep.role, "ballot": rep.ballot,
                       "leader": rep.leader,
                       "commit": rep.commit_index, "applied": rep.applied_index, "durable": rep.durable_index,
-                      "last": rep.last_index, "peers": rep.peer_status(), "pid": os.getpid()}
+                      "last": rep.last_index, "peers": rep.peer_status(), "pid": os.getpid(),
+                      "deferring": rep.deferring}
                 reply(json.dumps(st))
             elif op == "M":
                 from prometheus_client import generate_latest
@@ -129,6 +130,9 @@ def _child(cfg_path: str) -> None:
                 reply(f"OK {int(rep.step_down(float(parts[1]), to))}")
             elif op == "W":
                 rep.withdraw(float(parts[1]))
+                reply("OK")
+            elif op == "R":
+                rep.defer_candidacy()
                 reply("OK")
             elif op == "Q":
                 stop.set()

@@ -477,3 +477,41 @@ def test_a_withdrawn_replica_with_the_longest_log_hands_leadership_to_a_peer_tha
         roles = c.reps[withdrawn].roles()
         led = [b for r, b, _ in roles if r == "leader"]
         assert len(led) <= 1, roles
+
+
+def _wait_caught_up(c: Cluster, follower: str, lead: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        f, ld = c.reps[follower].status(), c.reps[lead].status()
+        if f and ld and f["leader"] == lead and f["last"] == ld["last"] == ld["commit"] == f["applied"]:
+            return
+        assert time.monotonic() < deadline, c.statuses()
+        time.sleep(0.05)
+
+
+def test_a_deferring_replica_lets_a_peer_that_does_not_defer_take_over_and_leads_when_none_does() -> None:
+    """A supervisor whose copy a client reached directly defers: at each of three failovers the
+    peer that does not defer takes over (either would win about half the time otherwise), and
+    when both live replicas defer, one of them leads all the same."""
+    with Cluster(3, "shm", "fsync") as c:
+        c.start()
+        lead = c.leader()
+        deferring = min(n for n in c.names if n != lead)
+        cl = Client(c.reps[deferring].socket_path)
+        assert cl.call("R") == "OK"
+        cl.close()
+        assert c.reps[deferring].status()["deferring"]
+        for _ in range(3):
+            clean = next(n for n in c.names if n not in (lead, deferring))
+            c.reps[lead].kill()
+            assert c.leader(exclude={lead}) == clean, c.statuses()
+            c.reps[lead].start()
+            _wait_caught_up(c, lead, clean)  # else only the deferring replica's log could win
+            lead = clean
+        assert not [b for r, b, _ in c.reps[deferring].roles() if r == "leader"], c.reps[deferring].roles()
+        other = next(n for n in c.names if n not in (lead, deferring))
+        cl = Client(c.reps[other].socket_path)
+        assert cl.call("R") == "OK"
+        cl.close()
+        c.reps[lead].kill()
+        assert c.leader(exclude={lead}) in (deferring, other)

@@ -84,8 +84,10 @@ def test_leader_refuses_nothing_and_followers_count_stray_clients(cluster):
         time.sleep(0.1)
     assert follower.status()["stray_connections"] == before + 1
     assert follower.status()["stray_input_bytes"] >= len(b"*1\r\n$4\r\nPING\r\n")
+    assert follower.status()["defers_candidacy"]  # its copy may differ: an untouched one leads first
     assert leader.status()["stray_connections"] == 0
     assert leader.status()["stray_input_bytes"] == 0
+    assert not leader.status()["defers_candidacy"]
 
 
 def test_status_json_reports_leader_ballot_and_every_node(cluster):
