@@ -95,6 +95,16 @@ class HandoverEndpoint:
         return None
 
 
+def untouched_successor(nodes: dict[str, dict], leader: str) -> str | None:
+    """The follower furthest along among those that do not defer their candidacy (no stray
+    client reached their copy), when some do; else None: the leader picks the best placed."""
+    followers = {n: d for n, d in nodes.items() if n != leader and d["role"] == "follower"}
+    untouched = [n for n, d in followers.items() if not d["defers_candidacy"] and not d["diverged"]]
+    if not untouched or len(untouched) == len(followers):
+        return None
+    return max(untouched, key=lambda n: followers[n]["applied"])
+
+
 def run_handover(cluster: ClusterConfig, to: str | None) -> int:
     if to is not None:
         cluster.node(to)  # ConfigError naming the nodes there are
@@ -105,6 +115,8 @@ def run_handover(cluster: ClusterConfig, to: str | None) -> int:
     if leader == to:
         print(f"{leader} leads already (ballot {before['ballot']})")
         return 0
+    if to is None:
+        to = untouched_successor(before["nodes"], leader)
     endpoint = cluster.node(leader).status
     ballot = before["nodes"][leader]["ballot"]
     req = urllib.request.Request(f"http://{endpoint}{PATH}", method="POST",

@@ -24,8 +24,8 @@ def group_status(cluster: ClusterConfig) -> dict:
         doc = fetch(node.status)
         if doc is None:
             nodes[node.name] = {"role": "down", "ballot": None, "committed": None, "applied": None,
-                                "diverged": False, "log_bytes": None, "log_disk_free_bytes": None,
-                                "status": node.status}
+                                "diverged": False, "defers_candidacy": False, "log_bytes": None,
+                                "log_disk_free_bytes": None, "status": node.status}
             continue
         role = doc["role"] if doc["role"] in ("leader", "follower", "candidate") else "candidate"
         if role == "leader" and doc.get("gating"):
@@ -34,6 +34,7 @@ def group_status(cluster: ClusterConfig) -> dict:
         nodes[node.name] = {"role": role, "ballot": doc["ballot"],
                             "committed": doc["committed"], "applied": doc["applied"],
                             "diverged": doc["diverged"], "gating": doc.get("gating", False),
+                            "defers_candidacy": doc.get("defers_candidacy", False),
                             "log_bytes": doc.get("log_bytes"),
                             "log_disk_free_bytes": doc.get("log_disk_free_bytes"),
                             "status": node.status}

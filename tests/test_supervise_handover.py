@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,10 +56,21 @@ def test_handover_moves_leadership_under_writers_and_the_old_leader_keeps_its_se
             assert docs[old.name]["role"] == "follower" and not docs[old.name]["gating"], docs
             assert "went on past this node's leadership" in old.log_path.read_text()
 
-            # without --to, to the peer best placed; to the leader itself, nothing to do
+            # without --to, to the peer best placed, passing over one a stray client reached
+            # (it sends nothing: Redis numbers the connection, and no reply shows the number);
+            # to the leader itself, nothing to do
+            followers = [n for n in cluster.nodes if n is not new]
+            reached = next((n for n in followers if n.status()["defers_candidacy"]), followers[0])
+            socket.create_connection(("127.0.0.1", reached.server_port)).close()
+            deadline = time.monotonic() + 10
+            while not reached.status()["defers_candidacy"]:
+                assert time.monotonic() < deadline, reached.status()
+                time.sleep(0.05)
+            untouched = next(n for n in followers if n is not reached)
+            assert not untouched.status()["defers_candidacy"], untouched.status()
             result = _supervise("handover", "--config", str(cluster.config))
             assert result.returncode == 0, result.stderr
-            assert cluster.wait_leader(timeout=30, exclude=new.name) is not new
+            assert cluster.wait_leader(timeout=30, exclude=new.name) is untouched
             leader = cluster.wait_leader()
             result = _supervise("handover", "--config", str(cluster.config), "--to", leader.name)
             assert (result.returncode, result.stdout.split(" (")[0]) == (0, f"{leader.name} leads already")
