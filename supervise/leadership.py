@@ -70,6 +70,7 @@ class Leadership:
         """A copy a stray client reached may no longer match the log (Redis numbers even a
         connection that sends nothing), so it should lead only if no untouched copy can."""
         if self.replica is not None and self.replica.defer_candidacy():
+            self.metrics.deferred.set(1)
             log.warning("this node now stands for election only when no other node does")
 
     def _start_takeover(self) -> None:

@@ -63,6 +63,9 @@ def _family(registry: CollectorRegistry) -> dict:
             "captured only in part"),
         "replayed": counter("supervise_replayed_entries", "Log entries applied to this node's server"),
         "diverged": gauge("supervise_diverged", "1 when this node's server diverged and left the service"),
+        "deferred": gauge("supervise_candidacy_deferred",
+                          "1 once a stray client reached this node's server: the node stands for "
+                          "election only when no other does"),
         "leader": gauge("supervise_is_leader", "1 while this node gates its server's clients"),
         "open_connections": gauge("supervise_open_connections",
                                   "Replicated client connections open on this node's server"),
@@ -95,6 +98,7 @@ class NodeMetrics:
         self.digests_unverifiable = f["digests_unverifiable"].labels(node)
         self.replayed = f["replayed"].labels(node)
         self.diverged = f["diverged"].labels(node)
+        self.deferred = f["deferred"].labels(node)
         self.leader = f["leader"].labels(node)
         self.open_connections = f["open_connections"].labels(node)
         self.cluster_nodes = f["cluster_nodes"].labels(node)

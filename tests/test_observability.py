@@ -119,6 +119,7 @@ def test_metric_values_describe_the_cluster(cluster: LocalCluster, load: Load) -
         assert values[f"supervise_is_leader{{{n}}}"] == (1 if is_leader else 0)
         assert values[f"supervise_cluster_nodes{{{n}}}"] == 3
         assert values[f"supervise_diverged{{{n}}}"] == 0
+        assert values[f"supervise_candidacy_deferred{{{n}}}"] == 0
         assert values[f"supervise_escapes_total{{{n}}}"] == 0
         assert values[f"supervise_tracer_lost_events{{{n}}}"] == 0
         assert values[f"supervise_serial_timeouts{{{n}}}"] == 0

@@ -11,6 +11,7 @@ import redis as redis_py
 
 from supervise.localcluster import LocalCluster
 
+from .observability import scrape
 from .workload import assert_copies_answer_alike, assert_mixed_writes_leave_identical_copies, run_clients
 
 
@@ -85,6 +86,7 @@ def test_leader_refuses_nothing_and_followers_count_stray_clients(cluster):
     assert follower.status()["stray_connections"] == before + 1
     assert follower.status()["stray_input_bytes"] >= len(b"*1\r\n$4\r\nPING\r\n")
     assert follower.status()["defers_candidacy"]  # its copy may differ: an untouched one leads first
+    assert f'supervise_candidacy_deferred{{node="{follower.name}"}} 1.0' in scrape(follower.status_port)
     assert leader.status()["stray_connections"] == 0
     assert leader.status()["stray_input_bytes"] == 0
     assert not leader.status()["defers_candidacy"]
