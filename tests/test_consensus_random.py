@@ -2,7 +2,7 @@
 a concurrent propose load, for a bounded time; then the history checker.
 
 Replay a failure with ``CONSENSUS_SEED=<seed printed below>``; ``CONSENSUS_RANDOM_SECONDS`` sets
-the duration (default 60).
+the duration (default 40).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _call(c: Cluster, name: str, line: str) -> str | None:
 
 def test_random_fault_schedule() -> None:
     seed = int(os.environ.get("CONSENSUS_SEED") or random.randrange(1 << 32))
-    duration = float(os.environ.get("CONSENSUS_RANDOM_SECONDS", "60"))
+    duration = float(os.environ.get("CONSENSUS_RANDOM_SECONDS", "40"))
     print(f"CONSENSUS_SEED={seed}")
     rng = random.Random(seed)
     log: list[str] = []

@@ -48,6 +48,7 @@ from .workload import redis_snapshot
 pytestmark = pytest.mark.timeout(240)
 
 LOAD_CLIENTS = 4
+SCRAPES_PER_THREAD = 25  # by each of 8 threads, a fifth of them /status
 RATE_WINDOW = "15s"  # what $__rate_interval stands for here (scrapes every second)
 
 @pytest.fixture(scope="module")
@@ -301,7 +302,7 @@ def test_metrics_endpoint_under_concurrent_scraping_while_loaded(cluster: LocalC
 
     def scraper(i: int) -> None:
         ports = [n.status_port for n in cluster.nodes]
-        for k in range(50):
+        for k in range(SCRAPES_PER_THREAD):
             path = "/metrics" if k % 5 else "/status"
             try:
                 status, body = http_get(f"http://127.0.0.1:{ports[(i + k) % len(ports)]}{path}", timeout=30)
@@ -318,7 +319,7 @@ def test_metrics_endpoint_under_concurrent_scraping_while_loaded(cluster: LocalC
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert len(results) == 8 * 50
+    assert len(results) == 8 * SCRAPES_PER_THREAD
     failed = [r for r in results if not (isinstance(r, tuple) and r == (200, 1))]
     assert not failed, (f"{len(failed)} of {len(results)} scrapes failed, e.g. {failed[0]!r}; "
                         f"{supervisors(cluster)}\n{cluster.logs()}")
