@@ -161,7 +161,8 @@ def test_prometheus_config_is_accepted_by_promtool(cluster: LocalCluster, tmp_pa
     assert doc["rule_files"] == [str(ALERTS)]
     check = subprocess.run([PROMTOOL, "check", "config", str(path)], capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
-    assert "SUCCESS: 8 rules found" in check.stdout.decode()
+    rules = sum(len(g["rules"]) for g in yaml.safe_load(ALERTS.read_text())["groups"])
+    assert f"SUCCESS: {rules} rules found" in check.stdout.decode()
 
 
 def test_each_alert_fires_when_its_unit_test_says() -> None:
