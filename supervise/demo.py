@@ -132,7 +132,8 @@ def run_demo(argv: list[str]) -> int:
         print(f"   done in {took:.1f}s ({CLIENTS * OPS_PER_CLIENT / took:.0f} writes/s, each "
               f"committed on a majority before Redis saw it)")
         cluster.wait_applied()
-        print("3. the three copies (DEBUG DIGEST of each whole dataset):")
+        print("3. the three copies (DEBUG DIGEST of each whole dataset, read from each Redis directly:\n"
+              "   the followers count a stray client and defer their candidacy from now on):")
         ok = _show_digests(cluster, leader)
 
         to = next(n for n in cluster.nodes if n is not leader)

@@ -48,15 +48,22 @@ def run_status(cluster: ClusterConfig, as_json: bool) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"leader: {doc['leader'] or 'none'}   ballot: {doc['ballot']}")
-    print(f"{'node':<10} {'role':<10} {'committed':>10} {'applied':>10}  diverged  "
+    print(f"{'node':<10} {'role':<10} {'committed':>10} {'applied':>10}  {'copy':<8}  "
           f"{'log':>7} {'free':>7}  status")
     for name, n in doc["nodes"].items():
         committed = "-" if n["committed"] is None else n["committed"]
         applied = "-" if n["applied"] is None else n["applied"]
-        print(f"{name:<10} {n['role']:<10} {committed!s:>10} {applied!s:>10}  "
-              f"{'YES' if n['diverged'] else 'no':<8}  {_size(n['log_bytes']):>7} "
-              f"{_size(n['log_disk_free_bytes']):>7}  http://{n['status']}/status")
+        print(f"{name:<10} {n['role']:<10} {committed!s:>10} {applied!s:>10}  {_copy(n):<8}  "
+              f"{_size(n['log_bytes']):>7} {_size(n['log_disk_free_bytes']):>7}  "
+              f"http://{n['status']}/status")
+    if any(n["defers_candidacy"] and not n["diverged"] for n in doc["nodes"].values()):
+        print("stray: a client reached that copy directly; its node stands for election only when no "
+              "other does")
     return 0
+
+
+def _copy(node: dict) -> str:
+    return "DIVERGED" if node["diverged"] else "stray" if node["defers_candidacy"] else "ok"
 
 
 def _size(n: int | None) -> str:

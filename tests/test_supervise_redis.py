@@ -111,7 +111,12 @@ def test_status_json_reports_leader_ballot_and_every_node(cluster):
                             str(cluster.config)], capture_output=True, text=True, timeout=30)
     lines = table.stdout.splitlines()
     assert lines[0].startswith(f"leader: {leader.name}") and "log" in lines[1] and "free" in lines[1]
-    assert len(lines) == 2 + len(cluster.nodes), table.stdout
+    copies = {ln.split()[0]: ln.split()[4] for ln in lines[2:2 + len(cluster.nodes)]}
+    assert copies == {name: "stray" if node["defers_candidacy"] else "ok"
+                      for name, node in doc["nodes"].items()}, table.stdout
+    legend = lines[2 + len(cluster.nodes):]  # the stray-client test above reached a follower
+    assert [ln.split(";")[0] for ln in legend] == (
+        ["stray: a client reached that copy directly"] if "stray" in copies.values() else []), table.stdout
 
 
 def _spoil(cluster, leader, follower) -> None:
