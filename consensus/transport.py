@@ -118,8 +118,7 @@ class Transport:
 
     # ---- sending ------------------------------------------------------------------------------
     def connected(self, peer: str) -> bool:
-        o = self.out.get(peer)
-        return o is not None and not o.broken and o.qp.state != QPState.ERR
+        return _usable(self.out.get(peer))
 
     def max_body(self) -> int:
         return (self.area_bytes - SLOT) // 4
@@ -244,7 +243,7 @@ class Transport:
         wake = self._wake[peer]
         while not self._stop.is_set():
             o = self.out[peer]
-            if o is None or o.broken or o.qp.state == QPState.ERR:  # ERR: the peer died or closed
+            if not _usable(o):
                 if o is not None:
                     self.out[peer] = None
                     _quiet(o.qp.close)
@@ -373,6 +372,13 @@ class Transport:
                 except Exception:  # noqa: BLE001 - one bad message must not stop the replica
                     log.exception("%s <- %s: frame type %d", self.name, inc.peer, mtype)
                 self._report(inc)
+
+
+def _usable(o: Outgoing | None) -> bool:
+    """False for a connection to rebuild: none yet, broken by a failed send, or its queue pair in
+    ERR (the peer died or closed it: found without a send, since followers send each other
+    nothing until an election)."""
+    return o is not None and not o.broken and o.qp.state != QPState.ERR
 
 
 def _quiet(fn: Callable[[], object]) -> None:

@@ -56,7 +56,7 @@ def run_status(cluster: ClusterConfig, as_json: bool) -> int:
         print(f"{name:<10} {n['role']:<10} {committed!s:>10} {applied!s:>10}  {_copy(n):<8}  "
               f"{_size(n['log_bytes']):>7} {_size(n['log_disk_free_bytes']):>7}  "
               f"http://{n['status']}/status")
-    if any(n["defers_candidacy"] and not n["diverged"] for n in doc["nodes"].values()):
+    if any(_copy(n) == "stray" for n in doc["nodes"].values()):
         print("stray: a client reached that copy directly; its node stands for election only when no "
               "other does")
     return 0

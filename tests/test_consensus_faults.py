@@ -6,6 +6,7 @@ import time
 
 from consensus import codec
 from tests.consensus_cluster import Cluster, Load, check_history, settle
+from tests.procs import wait_until
 
 
 def test_kill_leader() -> None:
@@ -127,17 +128,8 @@ def test_a_follower_sees_a_dead_peer_unreachable_and_reconnects_once_it_restarts
         def reachable() -> bool:
             return c.reps[watcher].status()["peers"][dead]["reachable"]
 
-        assert _within(10, reachable), c.statuses()
+        wait_until(reachable, 10, f"{watcher} to reach {dead}")
         c.reps[dead].kill()
-        assert _within(10, lambda: not reachable()), c.statuses()
+        wait_until(lambda: not reachable(), 10, f"{watcher} to see {dead} unreachable once killed")
         c.reps[dead].start()
-        assert _within(10, reachable), c.statuses()
-
-
-def _within(seconds: float, cond) -> bool:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+        wait_until(reachable, 10, f"{watcher} to reach {dead} again once restarted")
