@@ -78,7 +78,8 @@ class LocalNode:
     def status_url(self) -> str:
         return f"http://127.0.0.1:{self.status_port}/status"
 
-    def status(self, timeout: float = 1.0) -> dict | None:
+    def status(self, timeout: float = 5.0) -> dict | None:
+        """The node's status document; None when it does not answer within ``timeout``."""
         try:
             with urllib.request.urlopen(self.status_url, timeout=timeout) as resp:
                 return json.loads(resp.read())
@@ -157,7 +158,7 @@ class LocalCluster:
             if not running:
                 raise RuntimeError(f"every supervisor has exited; logs in {self.workdir}:\n{self.logs()}")
             for node in running:
-                doc = node.status()
+                doc = node.status(timeout=1.0)  # a stopped supervisor answers nothing
                 if doc and doc["role"] == "leader" and doc["gating"]:
                     return node
             time.sleep(0.05)
@@ -184,7 +185,8 @@ class LocalCluster:
         """Wait until every live node has applied what the leader committed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            docs = [n.status() for n in self.nodes if n.supervisor and n.supervisor.poll() is None]
+            docs = [n.status(timeout=1.0) for n in self.nodes
+                    if n.supervisor and n.supervisor.poll() is None]
             if docs and all(docs):
                 committed = max(d["committed"] for d in docs)
                 if all(d["applied"] >= committed for d in docs):

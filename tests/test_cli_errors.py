@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from supervise.doctor import check_idle_cpus
 from tracer.idle_poll import HALT_POLL_NS, halt_poll_ns
 
@@ -92,6 +94,7 @@ def test_doctor_reports_a_ready_machine():
     assert any(line.split()[:3] == ["output", "breakpoints", "ok"] for line in result.stdout.splitlines())
 
 
+@pytest.mark.serial  # reads the machine's idle-CPU latency, which a gating tracer changes
 def test_doctor_says_whether_idle_cpus_poll_before_they_halt():
     window = Path(HALT_POLL_NS)
     if halt_poll_ns() is None:

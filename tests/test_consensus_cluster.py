@@ -503,10 +503,10 @@ def test_a_deferring_replica_lets_a_peer_that_does_not_defer_take_over_and_leads
         assert c.reps[deferring].status()["deferring"]
         for _ in range(3):
             clean = next(n for n in c.names if n not in (lead, deferring))
+            _wait_caught_up(c, clean, lead)  # else only the deferring replica's log could win
             c.reps[lead].kill()
             assert c.leader(exclude={lead}) == clean, c.statuses()
             c.reps[lead].start()
-            _wait_caught_up(c, lead, clean)  # else only the deferring replica's log could win
             lead = clean
         assert not [b for r, b, _ in c.reps[deferring].roles() if r == "leader"], c.reps[deferring].roles()
         other = next(n for n in c.names if n not in (lead, deferring))

@@ -127,7 +127,7 @@ def _spoil(cluster, leader, follower) -> None:
     cluster.wait_applied()
     redis_py.Redis(port=follower.server_port).set("counter", 100)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not follower.status()["diverged"]:
+    while time.monotonic() < deadline and not (follower.status() or {}).get("diverged"):
         client.incr("counter")
         time.sleep(0.1)
     client.close()

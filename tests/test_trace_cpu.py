@@ -9,10 +9,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis as redis_py
 
 from .procs import wait_until
 from .tracing import start_trace_cli, stop_trace_cli
+
+pytestmark = pytest.mark.serial  # where the reader runs, and how much CPU it takes
 
 
 def _pinned_cpus(pid: int) -> set[int]:

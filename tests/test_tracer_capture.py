@@ -60,6 +60,7 @@ def test_redis_client_bytes_appear_exactly_and_in_order_on_their_connection(redi
         assert all(isinstance(e["t"], float) and e["fd"] >= 0 for e in mine)
 
 
+@pytest.mark.serial  # the reader drops events rather than slow the server: it needs a free CPU
 def test_trace_cli_prints_every_event_that_happened_before_it_was_stopped(redis):
     proc = start_trace_cli("--pid", str(redis.pid), "--json")
     ping = b"*1\r\n$4\r\nPING\r\n"
@@ -113,6 +114,7 @@ def test_gated_inputs_stay_whole_and_in_order_across_wraps_of_the_ring_buffer():
         server.stop()
 
 
+@pytest.mark.serial  # the reader drops events rather than slow the server: it needs a free CPU
 def test_trace_cli_reads_every_event_whole_and_in_order_across_wraps_of_the_ring_buffer(tmp_path):
     server = python_server("threaded_echo.py")
     messages = _messages_past_two_wraps()

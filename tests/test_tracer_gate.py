@@ -433,6 +433,7 @@ def _cpus_halt_as_usual() -> int:
     return limit
 
 
+@pytest.mark.serial  # the machine's idle-CPU latency, which any gating tracer changes
 def test_idle_cpus_poll_while_held_inputs_flow_and_halt_again_once_they_stop(redis):
     unheld = _cpus_halt_as_usual()
     with traced(redis.pid, Mode.GATE) as (tracer, _rec):
@@ -452,6 +453,7 @@ def test_idle_cpus_poll_while_held_inputs_flow_and_halt_again_once_they_stop(red
     assert current_limit_us() == unheld
 
 
+@pytest.mark.serial  # the machine's idle-CPU latency, which any gating tracer changes
 def test_idle_cpus_keep_halting_under_a_gate_told_not_to_poll(redis):
     unheld = _cpus_halt_as_usual()
     with traced(redis.pid, Mode.GATE, idle_poll=False):
