@@ -46,6 +46,9 @@ def _raise_fd_limit() -> None:
 
 
 def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[str]) -> int:
+    # First: a SIGTERM while the node attaches would otherwise kill it there, and with it a server
+    # it already gates (EXITKILL). One received now stops the node once it has started.
+    signals = catch_stop_signals()
     me = cluster.node(name)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
@@ -84,7 +87,6 @@ def run_node(cluster: ClusterConfig, name: str, pid: int | None, command: list[s
     if failpoints is not None and node.replica is not None and node.replica.transport.ctx.provider != "tcp":
         log.warning("failpoints in %s are ignored: only the tcp transport has them", failpoints.path)
         failpoints = None
-    signals = catch_stop_signals()
     while not signals and not node.fatal.wait(0.2):
         if failpoints is not None and node.replica is not None:
             failpoints.poll(node.replica.transport)

@@ -510,6 +510,7 @@ def test_a_deferring_replica_lets_a_peer_that_does_not_defer_take_over_and_leads
             lead = clean
         assert not [b for r, b, _ in c.reps[deferring].roles() if r == "leader"], c.reps[deferring].roles()
         other = next(n for n in c.names if n not in (lead, deferring))
+        _wait_caught_up(c, other, lead)  # the old leader restarted last
         cl = Client(c.reps[other].socket_path)
         assert cl.call("R") == "OK"
         cl.close()

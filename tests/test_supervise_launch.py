@@ -76,6 +76,9 @@ def test_a_follower_stopped_by_a_burst_of_signals_exits_cleanly_and_leaves_its_s
         cluster.start(timeout=120)
         leader = cluster.wait_leader(timeout=120)
         follower = next(n for n in cluster.nodes if n is not leader)
+        # two nodes can elect a leader while the third is still starting: before its status
+        # answers, a supervisor may not have its handlers yet
+        wait_until(lambda: follower.status(timeout=1.0) is not None, 120, f"{follower.name} to answer")
         for i in range(50):
             follower.supervisor.send_signal(signal.SIGINT if i % 2 else signal.SIGTERM)
         assert follower.supervisor.wait(30) == 0, cluster.logs()
