@@ -125,11 +125,13 @@ def test_a_follower_sees_a_dead_peer_unreachable_and_reconnects_once_it_restarts
         lead = c.leader()
         dead, watcher = sorted(n for n in c.names if n != lead)
 
-        def reachable() -> bool:
-            return c.reps[watcher].status()["peers"][dead]["reachable"]
+        def reachable() -> bool | None:
+            """None while the watcher's status does not answer (a busy machine)."""
+            doc = c.reps[watcher].status()
+            return None if doc is None else doc["peers"][dead]["reachable"]
 
-        wait_until(reachable, 10, f"{watcher} to reach {dead}")
+        wait_until(lambda: reachable() is True, 10, f"{watcher} to reach {dead}")
         c.reps[dead].kill()
-        wait_until(lambda: not reachable(), 10, f"{watcher} to see {dead} unreachable once killed")
+        wait_until(lambda: reachable() is False, 10, f"{watcher} to see {dead} unreachable once killed")
         c.reps[dead].start()
-        wait_until(reachable, 10, f"{watcher} to reach {dead} again once restarted")
+        wait_until(lambda: reachable() is True, 10, f"{watcher} to reach {dead} again once restarted")
