@@ -3,9 +3,18 @@ import pytest
 from tracer.signalfd import block_sigchld
 
 from .procs import memcached_server, redis_server
+from .tracepoints_held import probe_syscall_tracepoints, tracepoints_held
 from .tracing import close_compiled_probes
 
 block_sigchld()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _probe_tracepoints_kept_in_use():
+    """A killed supervisor is reaped without waiting on the kernel for each tracepoint
+    (tests/tracepoints_held.py)."""
+    with tracepoints_held(probe_syscall_tracepoints()):
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)

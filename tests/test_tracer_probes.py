@@ -6,6 +6,9 @@ import time
 
 from tracer import probes
 
+from .tracepoints_held import probe_syscall_tracepoints
+from .tracing import compiled_probes
+
 CLOSER = """
 import socket
 s = socket.socket(); print(s.fileno(), flush=True); s.close()
@@ -36,3 +39,8 @@ def test_a_socket_the_close_probe_takes_out_meanwhile_is_dropped_without_error()
         closer.wait()
         if tracked is not None:
             tracked.close()
+
+
+def test_the_tracepoints_a_test_run_keeps_in_use_are_the_syscall_tracepoints_the_probes_attach_to():
+    attached = {tp.decode() for tp in compiled_probes().bpf.tracepoint_fds}
+    assert set(probe_syscall_tracepoints()) == {tp for tp in attached if tp.startswith("syscalls:")}
