@@ -4,7 +4,9 @@ When the last user of a tracepoint leaves it, the kernel waits for its grace per
 detach returns, one tracepoint after another under its event mutex. A supervisor killed at the
 end of a test took up to 1.2 s to be reaped, about half of it there. A disabled perf event of the
 test process on each of those tracepoints keeps them in use, so a detach pays only its own part.
-Disabled, it counts nothing and costs no syscall anything; it changes no behaviour under test.
+Disabled, they count nothing. The price: while a syscall tracepoint is in use, every syscall on
+the machine takes the kernel's slower path (about 85 ns more here), as it does whenever any
+tracer or supervisor runs. Nothing under test behaves otherwise.
 """
 
 from __future__ import annotations
