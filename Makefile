@@ -53,9 +53,9 @@ demo: setup bytecode
 	@$(VENV)/bin/supervise demo
 
 # WORKERS=2 runs two test modules at a time, then the tests marked `serial` by themselves (those
-# run even when the first part failed): about 12 minutes against 16 on one worker. Under that
-# contention some tests' timing assumptions still fail now and then (bench/NOTES.md, "The test
-# suite's time"), so one worker is the default.
+# run even when the first part failed): about 12 minutes when one worker took 16 (one now takes
+# about 13). Under that contention some tests' timing assumptions still fail now and then
+# (bench/NOTES.md, "The test suite's time"), so one worker is the default.
 WORKERS ?= 1
 test: setup bytecode
 	@$(VENV)/bin/ruff check .
