@@ -68,6 +68,7 @@ class Core(Elections, LeadershipTransfer, Proposals):
         self.leader: str | None = None
         self._notified: tuple = (FOLLOWER, None, store.promised)
         self.commit_index = 0
+        self.commit_heard = 0  # the highest commit index a leader sent, which the log may not reach yet
         self.applied_index = 0  # delivered to the application; the replica's delivery thread sets it
         self.transferring = False
         self.standing = True  # False: votes, but never stands for election (Replica.withdraw)
@@ -240,8 +241,13 @@ class Core(Elections, LeadershipTransfer, Proposals):
 
     def _reply(self, peer: str, ok: bool, index: int) -> None:
         # a withdrawn replica will never lead: it says it lags without end, so that no leader
-        # counts it ready to, nor hands leadership to it while a standing peer could take it
-        lag = self._lag() if self.standing else UNKNOWN_LAG
+        # counts it ready to, nor hands leadership to it while a standing peer could take it.
+        # It counts what it would have to apply before it could serve as leader: its whole log
+        # and what the leader said is committed beyond it. Not what it knows to be committed: a
+        # replica restarted with its log and a fresh application (as a leader restarted with
+        # its log) knows of no commit until a leader tells, and would say it had applied it all
+        lag = max(self.commit_heard, self.store.last_index) - self.applied_index \
+            if self.standing else UNKNOWN_LAG
         m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, lag)
         self._send(peer, wire.APPEND_RESP, wire.enc_append_resp(m))
 
@@ -254,6 +260,8 @@ class Core(Elections, LeadershipTransfer, Proposals):
             self._step_down(m.ballot, peer)
         self._leader_contact = time.monotonic()
         self._hand_to = None  # a leader leads: no peer needs this replica to stand for it
+        if m.commit > self.commit_heard:
+            self.commit_heard = m.commit
         self._deadline = self._leader_contact + self._random_timeout()
         if m.prev_index > st.last_index:
             self._reply(peer, False, st.last_index)

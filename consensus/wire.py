@@ -81,7 +81,7 @@ class AppendResp(NamedTuple):
     index: int  # match index when ok, else the follower's hint (retry after this index)
     last_index: int
     ok: bool
-    lag: int = 0  # entries committed that the follower has not applied (at most 2**32 - 1)
+    lag: int = 0  # entries the follower would apply before it could lead (at most 2**32 - 1)
 
 
 class VoteReq(NamedTuple):

@@ -423,6 +423,41 @@ def test_a_replica_that_came_to_lead_far_behind_in_applying_its_log_hands_leader
         assert len(led) == 1, c.reps[slow].roles()  # it led first, and only once
 
 
+def test_a_peer_restarted_with_its_log_is_not_handed_leadership_before_it_has_applied_it() -> None:
+    """A replica restarted with its log and a fresh application learns how far the log was
+    committed only from a leader; until then it has applied nothing of nothing known. Its
+    acknowledgements say how far it lags against what the leader told it, so a leader far behind
+    in applying the log does not take it for a peer that could serve at once and hand leadership
+    to one just as far behind. Here both run with slow applications, the third is down."""
+    from consensus.election import LAGGING_ENTRIES
+
+    with Cluster(3, "shm", "fsync", record=False) as c:
+        c.start()
+        c.leader()
+        with Load(c, threads=8) as load:
+            load.wait_acks(LAGGING_ENTRIES + 500)
+        leading, restarted, _ = c.names
+        for name in c.names:
+            c.reps[name].kill()
+        c.reps[leading].spec.update(apply_delay_s=0.05, election_timeout_ms=100)
+        c.reps[restarted].spec.update(apply_delay_s=0.05, election_timeout_ms=1500)
+        c.reps[leading].start()
+        c.reps[restarted].start()
+        assert c.leader(timeout=10) == leading
+        deadline = time.monotonic() + 10
+        while (st := c.reps[leading].status())["peers"][restarted]["match_index"] != st["last"]:
+            assert time.monotonic() < deadline, c.statuses()
+            time.sleep(0.05)
+        time.sleep(2)  # a hand-over, once decided, takes a heartbeat or two
+        peer = c.reps[leading].status()["peers"][restarted]
+        assert peer["reachable"] and not peer["ready"], peer
+        st = c.reps[restarted].status()
+        assert st["commit"] - st["applied"] >= LAGGING_ENTRIES, "it had applied the log meanwhile"
+        assert not [b for r, b, _ in c.reps[restarted].roles() if r == "leader"], \
+            c.reps[restarted].roles()
+        assert c.leader(timeout=1) == leading
+
+
 def _start_and_withdraw_a_follower(c: Cluster) -> tuple[str, str, str]:
     """(the leader, the follower withdrawn, the other follower), the first follower by name
     withdrawn."""
