@@ -425,10 +425,10 @@ def test_a_replica_that_came_to_lead_far_behind_in_applying_its_log_hands_leader
 
 def test_a_peer_restarted_with_its_log_is_not_handed_leadership_before_it_has_applied_it() -> None:
     """A replica restarted with its log and a fresh application learns how far the log was
-    committed only from a leader; until then it has applied nothing of nothing known. Its
-    acknowledgements say how far it lags against what the leader told it, so a leader far behind
-    in applying the log does not take it for a peer that could serve at once and hand leadership
-    to one just as far behind. Here both run with slow applications, the third is down."""
+    committed only from a leader, after its first acknowledgement. It counts its whole log as
+    still to apply, so a leader far behind in applying the log does not take it for a peer that
+    could serve at once and hand leadership to one just as far behind. Here both restart with
+    slow applications (neither knows how far the log was committed), and the third is down."""
     from consensus.election import LAGGING_ENTRIES
 
     with Cluster(3, "shm", "fsync", record=False) as c:
