@@ -242,10 +242,9 @@ class Core(Elections, LeadershipTransfer, Proposals):
     def _reply(self, peer: str, ok: bool, index: int) -> None:
         # a withdrawn replica will never lead: it says it lags without end, so that no leader
         # counts it ready to, nor hands leadership to it while a standing peer could take it.
-        # It counts what it would have to apply before it could serve as leader: its whole log
-        # and what the leader said is committed beyond it. Not what it knows to be committed: a
-        # replica restarted with its log and a fresh application (as a leader restarted with
-        # its log) knows of no commit until a leader tells, and would say it had applied it all
+        # The lag is what it would apply before it could lead: its whole log, and what a leader
+        # said is committed beyond it. (Not its own commit index, which a replica restarted with
+        # its log learns only after its first answer: it would say it had applied everything.)
         lag = max(self.commit_heard, self.store.last_index) - self.applied_index \
             if self.standing else UNKNOWN_LAG
         m = wire.AppendResp(self.ballot, index, self.store.last_index, ok, lag)
