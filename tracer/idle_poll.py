@@ -1,12 +1,15 @@
-"""Idle CPUs that poll instead of halting, while a tracer's held inputs flow.
+"""Idle CPUs that poll instead of halting, while a tracer's held inputs flow, or a follower
+catches up (its tracer's batched wake-ups).
 
 Each held input costs two cross-CPU wake-ups: the held thread's stop wakes the tracer, its
-continue wakes the thread. On a VM whose idle CPUs halt, waking a halted CPU is an exit to the
-hypervisor and back, tens of microseconds. A PM QoS request of 0 µs on /dev/cpu_dma_latency keeps
-idle CPUs in their polling state while the file stays open; the kernel drops the request when its
-holder exits, however it exits. The price: the machine's idle CPUs spin while it is held, so it is
-held only from a held input until LINGER_SECONDS pass without one (each change of the request
-wakes every idle CPU, so it is not dropped between the inputs of a busy spell).
+continue wakes the thread. A follower catching up wakes its server with each input it replays,
+and the server wakes it back by reading it. On a VM whose idle CPUs halt, waking a halted CPU is
+an exit to the hypervisor and back, tens of microseconds. A PM QoS request of 0 µs on
+/dev/cpu_dma_latency keeps idle CPUs in their polling state while the file stays open; the
+kernel drops the request when its holder exits, however it exits. The price: the machine's idle
+CPUs spin while it is held, so it is held only from a held input (or a batch of a catch-up's
+events) until LINGER_SECONDS pass without one (each change of the request wakes every idle CPU,
+so it is not dropped between the inputs of a busy spell).
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ class IdlePolling:
                 if fd >= 0:
                     os.close(fd)
                 self._unavailable = True
-                log.warning("cannot keep idle CPUs polling (%s: %s); gating goes on with halting "
-                            "CPUs", self.device, exc.strerror)
+                log.warning("cannot keep idle CPUs polling (%s: %s); going on with halting CPUs",
+                            self.device, exc.strerror)
                 return
             self._fd = fd

@@ -71,9 +71,9 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
     ) -> None:
         """``on_batch``: called on the tracer thread after each batch of events read at once
         (one for each trap in hold-output mode), for a caller that acts on them together.
-        ``idle_poll``: while held inputs flow, keep the machine's idle CPUs polling instead of
-        halting (see tracer/idle_poll.py): faster gating, at the price of idle cores that spin
-        for as long as inputs are held and a moment after. ``resume_spin``:
+        ``idle_poll``: while held inputs flow, or events flow with batched wake-ups, keep the
+        machine's idle CPUs polling instead of halting (see tracer/idle_poll.py): faster gating
+        and catch-up, at the price of idle cores that spin meanwhile and a moment after. ``resume_spin``:
         seconds the tracer thread polls without sleeping after it resumes a held thread, whose
         next input comes soon; 0 where other processes need the CPU more (a supervisor's
         followers). ``serialize``: let released threads go one at a time, each once the one
@@ -189,6 +189,7 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
         self.batched_wakeups = on
         self._poll_seconds = BATCHED_POLL_SECONDS if on else BACKSTOP_SECONDS
         self._apply_bpf_mode()
+        self._sync_idle_poll()
         os.eventfd_write(self._wake_fd, 1)  # read what waits now: behind it, the ring wakes nobody
 
     def _apply_bpf_mode(self) -> None:
@@ -201,8 +202,9 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
     def _sync_idle_poll(self) -> None:
         if self._idle_poll is None:
             return
-        if self.mode.holds and self.probes is not None and not self._stopping.is_set():
-            self._idle_poll.allow()  # held from the next held input on (holding.py)
+        if (self.mode.holds or self.batched_wakeups) and self.probes is not None and \
+                not self._stopping.is_set():
+            self._idle_poll.allow()  # held from the next held input (holding.py) or batch on
         else:
             self._idle_poll.forbid()
 
@@ -379,6 +381,8 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
             self._gone = []
         self.probes.consume()
         batch, self._batch = self._batch, []
+        if batch and self.batched_wakeups and self._idle_poll is not None:
+            self._idle_poll.busy(time.monotonic())
         for event in batch:
             self._handle(event)
         if gone:
