@@ -73,10 +73,10 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
         (one for each trap in hold-output mode), for a caller that acts on them together.
         ``idle_poll``: while held inputs flow, or events flow with batched wake-ups, keep the
         machine's idle CPUs polling instead of halting (see tracer/idle_poll.py): faster gating
-        and catch-up, at the price of idle cores that spin meanwhile and a moment after. ``resume_spin``:
-        seconds the tracer thread polls without sleeping after it resumes a held thread, whose
-        next input comes soon; 0 where other processes need the CPU more (a supervisor's
-        followers). ``serialize``: let released threads go one at a time, each once the one
+        and catch-up, at the price of idle cores that spin meanwhile and a moment after.
+        ``resume_spin``: seconds the tracer thread polls without sleeping after it resumes a
+        held thread, whose next input comes soon; 0 where other processes need the CPU more (a
+        supervisor's followers). ``serialize``: let released threads go one at a time, each once the one
         before it has finished with its input (tracer/serial.py); SLEEP events, which say a
         thread did, go to ``on_event`` too. ``probes``: loaded probes (of this ``snaplen`` and
         ``serialize``) to use instead of compiling them, which takes seconds; the tracer resets
@@ -186,10 +186,11 @@ class Tracer(TaskControl, ConnectionTracking, Holding, OutputHolding, Serializin
         VM exit, and the tracer thread a switch and the GIL."""
         if self.batched_wakeups == on:
             return
-        self.batched_wakeups = on
-        self._poll_seconds = BATCHED_POLL_SECONDS if on else BACKSTOP_SECONDS
-        self._apply_bpf_mode()
-        self._sync_idle_poll()
+        with self._mode_lock:  # the mode and this decide the idle-polling request together
+            self.batched_wakeups = on
+            self._poll_seconds = BATCHED_POLL_SECONDS if on else BACKSTOP_SECONDS
+            self._apply_bpf_mode()
+            self._sync_idle_poll()
         os.eventfd_write(self._wake_fd, 1)  # read what waits now: behind it, the ring wakes nobody
 
     def _apply_bpf_mode(self) -> None:
